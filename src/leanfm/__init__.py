@@ -1,0 +1,22 @@
+"""leanfm: make foundation models small, fast and adaptable on the hardware you have.
+
+Library entry points mirror the CLI::
+
+    import leanfm
+    model, tokenizer = leanfm.load_model("smollm2-135m")
+    result = leanfm.evaluate(model, tokenizer, seqlen=512, windows=40)
+    print(result.perplexity)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("leanfm")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0"
+
+from leanfm.errors import LeanfmError  # noqa: E402
+from leanfm.eval.harness import EvalResult, evaluate  # noqa: E402
+from leanfm.models import list_models, load_model  # noqa: E402
+
+__all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_models", "load_model"]

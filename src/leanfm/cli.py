@@ -1,0 +1,187 @@
+"""The ``leanfm`` command: thin argument parsing over the library; all logic lives in the library.
+
+Bad input exits with code 2 and one line on stderr (``leanfm: error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from leanfm.errors import LeanfmError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is available with ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"leanfm: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer; accepted: an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="perplexity, cloze accuracy and speed of a causal LM")
+    p.add_argument("model", help="registered name (see 'leanfm models'), checkpoint folder or hub id")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=_positive_int, default=40, help="non-overlapping windows scored (default 40)")
+    p.add_argument("--corpus", default="austen", help="corpus name: austen (default) or pydocs")
+    p.add_argument("--split", default="eval", help="corpus split: eval (default), calib, train, novel:<name>")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--cloze", type=_nonnegative_int, default=100, help="cloze items to score, 0 to skip (default 100)")
+    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode throughput measurement")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-' = stdout, JSON only)")
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="render results JSON files as markdown with PNG plots")
+    p.add_argument("results", nargs="+", help="JSON files written by leanfm commands")
+    p.add_argument("--out", default="report", help="output folder (default ./report)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``leanfm`` argument parser."""
+    parser = _Parser(prog="leanfm", description="Make foundation models small, fast and adaptable.")
+    parser.add_argument("--quiet", action="store_true", help="hide progress bars and info logs")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.add_parser("models", help="list the model registry")
+    sub.add_parser("setup", help="prepare caches: convert SmolLM2, extract corpora, check offline data")
+    _add_eval(sub)
+    _add_report(sub)
+    return parser
+
+
+def _print_table(rows: list[tuple[str, str]], stream: Any = sys.stdout) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}", file=stream)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _emit_json(data: dict[str, Any], target: str | None) -> None:
+    from leanfm.paths import atomic_write_json
+
+    if target == "-":
+        print(json.dumps(data, indent=2))
+    elif target:
+        atomic_write_json(target, data)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from leanfm.models import list_models
+
+    rows = [(s.name, f"{s.kind:16s} {s.source:6s}  {s.description}") for s in list_models()]
+    _print_table(rows)
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from leanfm.setup import prepare_caches
+
+    _print_table([(k, v) for k, v in prepare_caches().items()])
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import leanfm
+    from leanfm.data.corpus import corpus
+    from leanfm.paths import check_writable_file
+
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    corpus(args.corpus, args.split)  # validates corpus and split before the (slower) model load
+    model, tokenizer = leanfm.load_model(args.model, dtype=args.dtype)
+    result = leanfm.evaluate(
+        model, tokenizer, name=args.model, corpus_name=args.corpus, split=args.split, seqlen=args.seqlen,
+        windows=args.windows, batch_size=args.batch_size, cloze=args.cloze, speed=not args.no_speed,
+    )
+    data = result.to_dict()
+    if args.json != "-":
+        keys = ("model", "params", "perplexity", "cloze_accuracy", "seqlen", "windows", "dtype",
+                "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "seconds")
+        _print_table([(k, _fmt(data[k])) for k in keys])
+    _emit_json(data, args.json)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from leanfm.report.report import write_report
+
+    path = write_report([Path(p) for p in args.results], Path(args.out))
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report}
+
+
+def _configure(args: argparse.Namespace) -> None:
+    import torch
+
+    from leanfm.progress import set_quiet
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    set_quiet(args.quiet)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="leanfm: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``leanfm`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from leanfm import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _configure(args)
+        return COMMANDS[args.command](args)
+    except LeanfmError as err:
+        print(f"leanfm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanfm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

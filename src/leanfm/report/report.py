@@ -1,0 +1,100 @@
+"""``leanfm report``: turn result JSON files into a markdown table and PNG plots.
+
+Accepts any JSON written by leanfm (an object, or a list of objects, e.g. a benchmark's rows). Rows are
+shown with the columns they share; the plot is perplexity against parameter count, the trade-off every
+compression method is judged on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from leanfm.errors import LeanfmError
+from leanfm.paths import atomic_write_bytes, atomic_write_text
+
+COLUMNS = (
+    "model", "method", "ratio", "params", "perplexity", "cloze_accuracy", "prefill_tokens_per_s",
+    "decode_tokens_per_s", "peak_rss_mb", "seconds",
+)
+
+
+def load_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """Read result rows from JSON files (objects or lists of objects); one-line errors on bad files."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if not path.is_file():
+            raise LeanfmError(f"results file '{path}' does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LeanfmError(f"results file '{path}' is not valid JSON ({err.__class__.__name__})") from None
+        items = data if isinstance(data, list) else [data]
+        if not all(isinstance(item, dict) for item in items):
+            raise LeanfmError(f"results file '{path}' must hold a JSON object or a list of objects")
+        rows.extend({"source": path.name, **item} for item in items)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows`` over the known columns any row has."""
+    columns = [c for c in COLUMNS if any(c in row for row in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_perplexity_vs_params(rows: list[dict[str, Any]]) -> bytes | None:
+    """PNG bytes of perplexity against parameter count (None when no row has both)."""
+    points = [r for r in rows if isinstance(r.get("params"), int) and isinstance(r.get("perplexity"), float)]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for row in points:
+        label = str(row.get("method") or row.get("model"))
+        ax.scatter(row["params"] / 1e6, row["perplexity"], label=label)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(paths: list[Path], out: Path) -> Path:
+    """Write ``out/REPORT.md`` (and ``out/perplexity_vs_params.png``); returns the markdown path."""
+    rows = load_results(paths)
+    if out.exists() and not out.is_dir():
+        raise LeanfmError(f"report folder '{out}' exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# leanfm report", "", markdown_table(rows), ""]
+    png = plot_perplexity_vs_params(rows)
+    if png is not None:
+        atomic_write_bytes(out / "perplexity_vs_params.png", png)
+        parts += ["![perplexity vs parameters](perplexity_vs_params.png)", ""]
+    report = out / "REPORT.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report

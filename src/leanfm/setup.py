@@ -1,0 +1,41 @@
+"""``leanfm setup``: prepare every offline cache once, so the first real job does not pay for it.
+
+Converts SmolLM2's GGUF to a float checkpoint, extracts the Austen corpus and checks the other offline
+resources (MiniLM, espeak-ng, Fashion-MNIST, Python docs). Missing optional resources are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from leanfm.data.corpus import corpus
+from leanfm.errors import LeanfmError
+from leanfm.models import smollm2
+from leanfm.models.registry import minilm_folder
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _status(check: object) -> str:
+    try:
+        result = check() if callable(check) else check
+    except LeanfmError as err:
+        return f"missing ({err})"
+    return f"ok ({result})"
+
+
+def prepare_caches() -> dict[str, str]:
+    """Build the caches and return a ``{resource: status}`` table."""
+    return {
+        "smollm2-135m": _status(smollm2.ensure_checkpoint),
+        "austen corpus": _status(lambda: f"{len(corpus('austen', 'train')) + len(corpus('austen', 'eval')):,} chars"),
+        "minilm-l6": _status(minilm_folder),
+        "python docs": _status(lambda: f"{len(corpus('pydocs', 'eval')):,} chars in eval"),
+        "espeak-ng": _status(lambda: shutil.which("espeak-ng") or _missing("espeak-ng", "espeak-ng")),
+        "fashion-mnist": _status(lambda: FASHION_MNIST if FASHION_MNIST.is_dir() else _missing("fashion-mnist", "dataset-fashion-mnist")),
+    }
+
+
+def _missing(what: str, package: str) -> str:
+    raise LeanfmError(f"{what} not found; install with 'apt-get install {package}'")
