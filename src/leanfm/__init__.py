@@ -15,8 +15,8 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-from leanfm.errors import LeanfmError  # noqa: E402
-from leanfm.eval.harness import EvalResult, evaluate  # noqa: E402
-from leanfm.models import list_models, load_model  # noqa: E402
+from leanfm.errors import LeanfmError
+from leanfm.eval.harness import EvalResult, evaluate
+from leanfm.models import list_models, load_model
 
 __all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_models", "load_model"]

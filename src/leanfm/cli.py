@@ -58,6 +58,15 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--out", default="report", help="output folder (default ./report)")
 
 
+def _add_lm_eval(sub: Any) -> None:
+    p = sub.add_parser("lm-eval", help="run the offline Austen cloze task through lm-evaluation-harness")
+    p.add_argument("model", help="registered name, checkpoint folder or hub id")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N items")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--task-dir", default=None, help="where to write the task files (default $LEANFM_HOME/lm_eval)")
+    p.add_argument("--json", metavar="PATH", help="write the metrics as JSON to PATH ('-' = stdout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``leanfm`` argument parser."""
     parser = _Parser(prog="leanfm", description="Make foundation models small, fast and adaptable.")
@@ -69,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("setup", help="prepare caches: convert SmolLM2, extract corpora, check offline data")
     _add_eval(sub)
     _add_report(sub)
+    _add_lm_eval(sub)
     return parser
 
 
-def _print_table(rows: list[tuple[str, str]], stream: Any = sys.stdout) -> None:
+def _print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {value}", file=stream)
+        print(f"{key.ljust(width)}  {value}")
 
 
 def _fmt(value: Any) -> str:
@@ -142,7 +152,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report}
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from leanfm.eval.lm_eval_adapter import run_cloze
+    from leanfm.paths import check_writable_file, leanfm_home
+
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    folder = Path(args.task_dir) if args.task_dir else leanfm_home() / "lm_eval"
+    metrics = {"model": args.model, **run_cloze(args.model, folder, limit=args.limit, batch_size=args.batch_size)}
+    if args.json != "-":
+        _print_table([(k, _fmt(v)) for k, v in metrics.items()])
+    _emit_json(metrics, args.json)
+    return 0
+
+
+COMMANDS = {
+    "models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report, "lm-eval": cmd_lm_eval,
+}
 
 
 def _configure(args: argparse.Namespace) -> None:

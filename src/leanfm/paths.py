@@ -33,8 +33,14 @@ def check_writable_file(path: str | Path) -> Path:
         raise LeanfmError(f"output path '{path}' is a directory; expected a file path")
     if not parent.is_dir():
         raise LeanfmError(f"output path '{path}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    if target.exists() and not os.access(target, os.W_OK):
         raise LeanfmError(f"output path '{path}' is not writable")
+    try:  # permission bits do not tell the whole story (root, read-only or virtual file systems): try it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".probe")
+    except OSError as err:
+        raise LeanfmError(f"output path '{path}' is not writable ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
     return target
 
 

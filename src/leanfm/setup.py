@@ -33,7 +33,9 @@ def prepare_caches() -> dict[str, str]:
         "minilm-l6": _status(minilm_folder),
         "python docs": _status(lambda: f"{len(corpus('pydocs', 'eval')):,} chars in eval"),
         "espeak-ng": _status(lambda: shutil.which("espeak-ng") or _missing("espeak-ng", "espeak-ng")),
-        "fashion-mnist": _status(lambda: FASHION_MNIST if FASHION_MNIST.is_dir() else _missing("fashion-mnist", "dataset-fashion-mnist")),
+        "fashion-mnist": _status(
+            lambda: FASHION_MNIST if FASHION_MNIST.is_dir() else _missing("fashion-mnist", "dataset-fashion-mnist")
+        ),
     }
 
 

@@ -68,7 +68,8 @@ class EvalResult:
 
 
 def _validate(seqlen: int, windows: int, batch_size: int, cloze: int) -> None:
-    for name, value, low in (("seqlen", seqlen, 2), ("windows", windows, 1), ("batch_size", batch_size, 1), ("cloze", cloze, 0)):
+    checks = (("seqlen", seqlen, 2), ("windows", windows, 1), ("batch_size", batch_size, 1), ("cloze", cloze, 0))
+    for name, value, low in checks:
         if not isinstance(value, int) or value < low:
             raise LeanfmError(f"{name} {value!r} is invalid; accepted: an integer >= {low}")
 
@@ -110,7 +111,8 @@ def evaluate(
         decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=decode_tokens)
     return EvalResult(
         model=name, params=count_parameters(model), perplexity=ppl.perplexity, seqlen=seqlen, windows=ppl.windows,
-        tokens=ppl.tokens, corpus=corpus_name, split=split, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        tokens=ppl.tokens, corpus=corpus_name, split=split,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         cloze_accuracy=accuracy, cloze_items=n_items, prefill_tokens_per_s=prefill, decode_tokens_per_s=decode,
         peak_rss_mb=peak_rss_mb(), seconds=time.perf_counter() - start,
     )

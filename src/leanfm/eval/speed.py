@@ -54,7 +54,8 @@ def decode_tokens_per_s(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: 
     kwargs = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
 
     def run(n: int) -> object:
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        mask = torch.ones_like(ids)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
     full = median_seconds(lambda: run(new_tokens), repeats=repeats)
     first = median_seconds(lambda: run(1), repeats=repeats)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from conftest import TINY
+from leanfm import load_model
+from leanfm.errors import LeanfmError
+from leanfm.models import ModelSpec, list_models, register_model, unregister_model
+from leanfm.models.tiny import build_tiny
+
+
+def test_registry_lists_real_and_tiny_models():
+    specs = {s.name: s for s in list_models()}
+    assert {"smollm2-135m", "minilm-l6", *TINY} <= set(specs)
+    assert specs["smollm2-135m"].source == "real" and specs["tiny-llama"].source == "random"
+
+
+def test_registry_round_trip():
+    spec = ModelSpec("test-model", "causal-lm", "random", "for the test", lambda: (build_tiny("tiny-opt"), None))
+    register_model(spec)
+    try:
+        assert "test-model" in {s.name for s in list_models()}
+        with pytest.raises(LeanfmError, match="already registered"):
+            register_model(spec)
+        model, _ = load_model("test-model")
+        assert model.config.model_type == "opt"
+    finally:
+        assert unregister_model("test-model") is spec
+    assert "test-model" not in {s.name for s in list_models()}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_are_deterministic(name):
+    a, b, c = build_tiny(name), build_tiny(name), build_tiny(name, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_saved_model_reloads_to_identical_logits(name, tmp_path):
+    model, _ = load_model(name)
+    model.save_pretrained(tmp_path / name)
+    again, tokenizer = load_model(str(tmp_path / name))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert tokenizer is not None
+
+
+def test_load_model_dtype():
+    model, _ = load_model("tiny-llama", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(LeanfmError, match="accepted: float32, bfloat16, float16"):
+        load_model("tiny-llama", dtype="int3")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("gpt-17", "unknown model 'gpt-17'"), ("./no/such/dir", "does not exist"), ("/tmp", "no config.json")],
+)
+def test_bad_model_names(name, message):
+    with pytest.raises(LeanfmError, match=message):
+        load_model(name)
+
+
+def test_minilm_loads_and_embeds():
+    model, tokenizer = load_model("minilm-l6")
+    sentences = ["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # [3, T, 384]
+    mask = batch["attention_mask"].unsqueeze(-1)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert emb.shape == (3, 384)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2  # a real sentence encoder, not random weights
