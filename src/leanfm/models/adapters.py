@@ -79,6 +79,7 @@ class ArchAdapter:
     mlp_in: tuple[str, ...]
     mlp_out: str
     norm_kind: str  # "rmsnorm" or "layernorm"
+    attn: str = "self_attn"  # the attention module inside a block
     post_norm: bool = False
 
     def _resolve(self, model: nn.Module, path: str) -> nn.Module:
@@ -108,10 +109,14 @@ class ArchAdapter:
         def opt(path: str | None) -> nn.Module | None:
             return get(path)(block) if path else None
 
+        attention = get(self.attn)(block)
+        if getattr(attention, "is_leanfm_compressed", False):  # leanfm's own attention: uniform names, no fusion
+            q, k, v, qkv, o = attention.q_proj, attention.k_proj, attention.v_proj, None, attention.o_proj
+        else:
+            q, k, v, qkv, o = opt(self.q), opt(self.k), opt(self.v), opt(self.qkv), get(self.o)(block)
         return BlockParts(
             attn_norm=opt(self.attn_norm), mlp_norm=opt(self.mlp_norm),
-            q=opt(self.q), k=opt(self.k), v=opt(self.v), qkv=opt(self.qkv),  # type: ignore[arg-type]
-            o=get(self.o)(block), mlp_in=tuple(get(p)(block) for p in self.mlp_in),
+            q=q, k=k, v=v, qkv=qkv, o=o, mlp_in=tuple(get(p)(block) for p in self.mlp_in),  # type: ignore[arg-type]
             mlp_out=get(self.mlp_out)(block), mlp_act=_activation_name(block),
         )
 
@@ -175,12 +180,13 @@ ADAPTERS: dict[str, ArchAdapter] = {
         "gpt_neox", ("gpt_neox.", ""), "layers", "embed_in", "final_layer_norm",
         "input_layernorm", "post_attention_layernorm", None, None, None,
         "attention.query_key_value", "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "layernorm",
+        attn="attention",
     ),
     "bert": ArchAdapter(
         "bert", ("bert.encoder.", "encoder."), "layer", "", "",
         "attention.output.LayerNorm", "output.LayerNorm", "attention.self.query", "attention.self.key",
         "attention.self.value", None, "attention.output.dense", ("intermediate.dense",), "output.dense", "layernorm",
-        post_norm=True,
+        attn="attention", post_norm=True,
     ),
 }
 

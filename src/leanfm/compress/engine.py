@@ -1,0 +1,131 @@
+"""The layer-by-layer engine shared by the training-free compressors (MoDeGPT and the baselines).
+
+Calibration activations are captured at the input of block 0, then each block in turn: its statistics are
+accumulated (Gram matrices in float64, one block at a time), the method rewrites the block, and the
+*compressed* block's outputs become the next block's inputs, so later layers correct for earlier errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanfm.models.adapters import ArchAdapter, get_adapter
+from leanfm.progress import progress
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockStats:
+    """Calibration statistics of one block (float64; ``[in, in]`` Gram matrices summed over tokens)."""
+
+    attn_in: torch.Tensor  # Gram of the attention input (after the input norm)
+    mlp_mid: torch.Tensor  # Gram of the MLP's intermediate activations (input of the down projection)
+    o_in_sq: torch.Tensor  # sum of squares of each o_proj input channel
+    tokens: int
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering block 0 for each calibration batch, and the keyword arguments blocks receive."""
+    adapter = get_adapter(model)
+    first = adapter.blocks(model)[0]
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kw: dict) -> None:
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden)
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calib.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    for key in ("cache", "past_key_values", "layer_past"):
+        kwargs.pop(key, None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """Outputs of ``block`` for every input batch."""
+    outputs = []
+    with torch.no_grad():
+        for hidden in inputs:
+            out = block(hidden, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> tuple:
+    """Run ``block`` on ``inputs`` while accumulating :class:`BlockStats`; returns ``(stats, outputs)``."""
+    parts = adapter.parts(block)
+    first_proj = parts.q or parts.qkv
+    acc: dict[str, torch.Tensor] = {}
+
+    def gram(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, features]
+            update = (x.T @ x).double()
+            acc[name] = acc[name] + update if name in acc else update
+
+        return hook
+
+    def sq(_m: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        acc["o_in_sq"] = acc.get("o_in_sq", 0) + (x * x).sum(0)
+
+    handles = [
+        first_proj.register_forward_pre_hook(gram("attn_in")),
+        parts.mlp_out.register_forward_pre_hook(gram("mlp_mid")),
+        parts.o.register_forward_pre_hook(sq),
+    ]
+    try:
+        outputs = run_block(block, inputs, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs)
+    return BlockStats(acc["attn_in"], acc["mlp_mid"], acc["o_in_sq"], tokens), outputs  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-block importance s_i = mean over tokens of 1 - cos(block input, block output) (MoDeGPT sec. 3.4)."""
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(_m: nn.Module, args: tuple, kw: dict, out: Any, i: int = i) -> None:
+            x = args[0] if args else kw["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            sums[i] += (1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum()
+
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        for batch in progress(calib.split(batch_size), desc="importance"):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / calib.numel()).float()
+
+
+def block_parameter_count(model: nn.Module) -> int:
+    """Parameters inside the transformer blocks (what a compression ratio refers to)."""
+    return sum(p.numel() for block in get_adapter(model).blocks(model) for p in block.parameters())

@@ -1,0 +1,286 @@
+"""MoDeGPT: training-free modular decomposition of a causal LM (METHODS.md section 1).
+
+Each block is three *modules*, each a pair of matrices with at most a nonlinearity between them, and each is
+shrunk inside so that its output on calibration data is reconstructed as well as possible:
+
+- Type I, MLP (Nyström): keep the ``k`` intermediate channels ``J`` with the largest ridge leverage
+  ``diag(C (C + λI)^-1)`` of the intermediate Gram ``C``; rows ``J`` of gate/up (fc1) survive and the down
+  projection is solved in closed form, ``W_D' = W_D C[:, J] C[J, J]^-1``.
+- Type II, query/key (CR decomposition per head): dim ``j`` of a head scores ``sqrt((W_q^T C W_q)_jj (W_k^T C W_k)_jj)``
+  (``C`` = Gram of the attention input, i.e. before RoPE); scores are summed over the query heads sharing a KV
+  head (GQA) and over rotary partners ``(j, j + R/2)``, which are kept or dropped together and keep their
+  original frequency (``LayerSpec.rope_index``).
+- Type III, value/output (SVD per KV group): the rank-``k`` minimiser of ``||X (W_V [W_O^h..] - W_V' [W_O'^h..])||``
+  via ``C^1/2 W_V = U1 S1 V1^T`` then the SVD of the small ``S1 V1^T [W_O^h..] = U2 S2 V2^T``; with
+  ``R = V1 S1^-1 U2_k``: ``W_V' = W_V R`` (stays in W_V's span, no ``C^-1/2`` needed), ``W_O' = S2_k V2_k^T``.
+
+Global sparsity allocation: ``φ_i = L φ softmax(-s/ε)_i`` from the layer importance ``s_i = 1 - cos(in, out)``,
+capped at ``max_sparsity`` with the excess redistributed; ``allocation="uniform"`` gives every layer ``φ``.
+Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanfm.compress.engine import (
+    BlockStats,
+    block_parameter_count,
+    capture_block_inputs,
+    collect_stats,
+    layer_importance,
+    run_block,
+)
+from leanfm.compress.structure import LayerSpec, finalize, restructure_block
+from leanfm.errors import LeanfmError
+from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
+from leanfm.progress import progress
+
+log = logging.getLogger(__name__)
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class ModegptConfig:
+    """Settings of a MoDeGPT run. ``ratio`` is the fraction of transformer-block parameters removed."""
+
+    ratio: float
+    allocation: str = "global"
+    epsilon: float = 0.1  # softmax temperature of the global allocation (METHODS.md: 0.05-0.15, unsure)
+    max_sparsity: float = 0.8  # no layer loses more than this (excess goes to the others)
+    ridge: float = 1e-2  # λ of the ridge leverage scores, relative to the mean diagonal of C
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise LeanfmError(f"ratio {self.ratio} is out of range; accepted: 0 < ratio < 1")
+        if self.allocation not in ALLOCATIONS:
+            raise LeanfmError(f"unknown allocation '{self.allocation}'; accepted: {', '.join(ALLOCATIONS)}")
+        if not 0 < self.max_sparsity <= 1 or self.epsilon <= 0:
+            raise LeanfmError("max_sparsity must be in (0, 1] and epsilon > 0")
+
+
+def allocate_sparsity(importance: torch.Tensor, ratio: float, epsilon: float, cap: float) -> torch.Tensor:
+    """Per-layer sparsity φ_i = L φ softmax(-s/ε)_i, capped at ``cap`` with the excess redistributed."""
+    n = importance.numel()
+    phi = n * ratio * torch.softmax(-importance.double() / epsilon, dim=0)
+    for _ in range(n):
+        over = phi > cap
+        if not over.any():
+            break
+        excess = float((phi[over] - cap).sum())
+        phi[over] = cap
+        free = phi < cap
+        phi[free] += excess * phi[free] / phi[free].sum()
+    return phi.float()
+
+
+def _cholesky_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix X = rhs`` for SPD ``matrix``, adding a growing ridge when Cholesky fails."""
+    scale = matrix.diagonal().mean().clamp_min(1e-12)
+    for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
+        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * torch.eye(len(matrix), dtype=matrix.dtype))
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, factor)
+    raise FloatingPointError("Gram matrix is not positive definite even with ridge 1e-2")
+
+
+def mlp_nystrom(gram: torch.Tensor, down: torch.Tensor, keep: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Type I. Returns kept channels ``J`` (sorted) and the new down weight ``[out, keep]``.
+
+    ``gram`` is ``[m, m]`` (float64), ``down`` the torch weight ``[out, m]``.
+    """
+    m = gram.shape[0]
+    if keep >= m:
+        return torch.arange(m), down
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    leverage = torch.linalg.solve(gram + lam * torch.eye(m, dtype=gram.dtype), gram).diagonal()  # diag(C(C+λI)^-1)
+    kept = leverage.topk(keep).indices.sort().values
+    solved = _cholesky_solve(gram[kept][:, kept], gram[kept])  # C[J,J]^-1 C[J,:]  [keep, m]
+    return kept, (down.double() @ solved.T).to(down.dtype)  # W_D^T C[:,J] C[J,J]^-1
+
+
+def _row_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """diag(W C W^T) for a torch weight ``[rows, in]``: the energy of each output row on calibration data."""
+    w = weight.double()
+    return ((w @ gram) * w).sum(-1).clamp_min(0)
+
+
+def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
+    """Type II. Per KV group, the kept head dims in compressed order and the kept rotary frequency indices.
+
+    Returns ``(dims [kv_heads, qk_dim], rope_index [kv_heads][pairs])``.
+    """
+    hd, rot = layout.head_dim, layout.rotary_dim
+    eq = _row_energy(wq, gram).view(layout.num_heads, hd)  # [H, hd]
+    ek = _row_energy(wk, gram).view(layout.num_kv_heads, hd)  # [KV, hd]
+    eq_grouped = eq.view(layout.num_kv_heads, layout.group_size, hd)
+    score = (eq_grouped * ek[:, None]).sqrt().sum(1)  # [KV, hd], summed over the group's query heads
+    pairs_total, half = rot // 2, rot // 2
+    n_pairs = min(pairs_total, max(1 if pairs_total else 0, round(keep * pairs_total)))
+    n_pass = min(hd - rot, max(0 if pairs_total else 1, round(keep * (hd - rot))))
+    dims, rope_index = [], []
+    for g in range(layout.num_kv_heads):
+        pair_score = score[g, :half] + score[g, half:rot]
+        pairs = pair_score.topk(n_pairs).indices.sort().values
+        rest = (score[g, rot:].topk(n_pass).indices.sort().values + rot) if n_pass else torch.empty(0, dtype=torch.long)
+        dims.append(torch.cat((pairs, pairs + half, rest)))
+        rope_index.append(pairs.tolist())
+    return torch.stack(dims), (rope_index if pairs_total else [])
+
+
+def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: torch.Tensor,
+           layout: AttentionLayout, keep: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Type III. New v weight ``[KV*keep, in]`` (+ bias) and o weight ``[out, H*keep]`` by per-group SVD.
+
+    ``wv`` is the torch weight ``[KV*hd, in]``, ``wo`` ``[out, H*hd]``, ``gram`` ``[in, in]`` float64.
+    """
+    hd, group = layout.head_dim, layout.group_size
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    sqrt_gram = (eigvecs * eigvals.clamp_min(0).sqrt()) @ eigvecs.T  # C^1/2
+    new_v, new_b, new_o = [], [], []
+    for g in range(layout.num_kv_heads):
+        w_v = wv[g * hd : (g + 1) * hd].double().T  # [in, hd]
+        heads = range(g * group, (g + 1) * group)
+        w_o = torch.cat([wo[:, h * hd : (h + 1) * hd].double().T for h in heads], dim=1)  # [hd, group*out]
+        u1, s1, v1t = torch.linalg.svd(sqrt_gram @ w_v, full_matrices=False)  # s1: [hd]
+        u2, s2, v2t = torch.linalg.svd(s1[:, None] * v1t @ w_o, full_matrices=False)
+        s1_inv = torch.where(s1 > s1.max() * 1e-10, 1.0 / s1, torch.zeros_like(s1))
+        transform = v1t.T @ (s1_inv[:, None] * u2[:, :keep])  # R = V1 S1^-1 U2_k  [hd, keep]
+        new_v.append((w_v @ transform).T)  # [keep, in]
+        if bv is not None:
+            new_b.append(bv[g * hd : (g + 1) * hd].double() @ transform)
+        o_small = s2[:keep, None] * v2t[:keep]  # [keep, group*out]
+        new_o.extend(o_small.view(keep, group, -1).unbind(1))  # per head [keep, out]
+    v_weight = torch.cat(new_v).to(wv.dtype)
+    v_bias = torch.cat(new_b).to(wv.dtype) if bv is not None else None
+    o_weight = torch.cat([o.T for o in new_o], dim=1).to(wo.dtype)  # [out, H*keep]
+    return v_weight, v_bias, o_weight
+
+
+def qkv_params(adapter: ArchAdapter, block: nn.Module, layout: AttentionLayout) -> dict[str, torch.Tensor | None]:
+    """q/k/v weights ``[rows, in]`` and biases of a block, splitting a fused projection when needed."""
+    parts = adapter.parts(block)
+    wq, wk, wv = adapter.split_qkv(block, layout)
+    if parts.qkv is not None:
+        bias = parts.qkv.bias
+        split = bias.view(layout.num_heads, 3, layout.head_dim) if bias is not None else None
+        biases = [split[:, i].reshape(-1) if split is not None else None for i in range(3)]
+    else:
+        biases = [getattr(parts, n).bias for n in "qkv"]
+    return {"wq": wq, "wk": wk, "wv": wv, "bq": biases[0], "bk": biases[1], "bv": biases[2]}
+
+
+def _gather_heads(weight: torch.Tensor, bias: torch.Tensor | None, dims: torch.Tensor, hd: int, heads: int) -> tuple:
+    """Rows of ``weight`` for each head's kept ``dims`` (``dims[g]`` used by all heads of group g)."""
+    group = heads // dims.shape[0]
+    rows = torch.cat([h * hd + dims[h // group] for h in range(heads)])
+    return weight[rows], (bias[rows] if bias is not None else None)
+
+
+def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float) -> LayerSpec:
+    """Rewrite block ``index`` in place with MoDeGPT at keep fraction ``keep``; returns its spec."""
+    adapter = get_adapter(model)
+    layout = adapter.layout(model)
+    block = adapter.blocks(model)[index]
+    parts = adapter.parts(block)
+    m = parts.mlp_out.in_features
+    kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, max(1, round(keep * m)), ridge)
+    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
+    p = qkv_params(adapter, block, layout)
+    dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep)
+    q = _gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
+    k = _gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
+    v_dim = min(layout.head_dim, max(1, round(keep * layout.head_dim)))
+    v = vo_svd(p["wv"], p["bv"], parts.o.weight.data, stats.attn_in, layout, v_dim)
+    spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, layout.num_heads, layout.num_kv_heads, layout.head_dim)
+    down_bias, o_bias = parts.mlp_out.bias, parts.o.bias
+    restructure_block(model, index, spec)
+    load_block_weights(model, index, mlp_in, (down, down_bias), q, k, (v[0], v[1]), (v[2], o_bias))
+    return spec
+
+
+def load_block_weights(model: nn.Module, index: int, mlp_in: list, down: tuple, q: tuple, k: tuple, v: tuple,
+                       o: tuple) -> None:
+    """Copy ``(weight, bias)`` pairs into a restructured block (biases may be None)."""
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[index]
+    parts = adapter.parts(block)
+    attention = block.get_submodule(adapter.attn)
+    targets = [*zip(parts.mlp_in, mlp_in, strict=True), (parts.mlp_out, down), (attention.q_proj, q),
+               (attention.k_proj, k), (attention.v_proj, v), (attention.o_proj, o)]
+    with torch.no_grad():
+        for linear, (weight, bias) in targets:
+            linear.weight.copy_(weight)
+            if linear.bias is not None and bias is not None:
+                linear.bias.copy_(bias)
+
+
+@dataclass
+class CompressionReport:
+    """What ``leanfm compress`` reports (``--json``)."""
+
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    block_params_before: int
+    block_params_after: int
+    achieved_ratio: float
+    layer_sparsity: list[float]
+    seconds: float
+    peak_rss_mb: float
+    calibration: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@torch.no_grad()
+def compress(model: nn.Module, calib: torch.Tensor, config: ModegptConfig, method: str = "modegpt",
+             block_fn: Any = None) -> CompressionReport:
+    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]``.
+
+    ``block_fn(model, index, stats, keep, ridge) -> LayerSpec`` rewrites one block (MoDeGPT's
+    :func:`compress_block` by default; the baselines pass their own).
+    """
+    from leanfm.eval.harness import count_parameters
+    from leanfm.eval.speed import peak_rss_mb
+
+    start = time.perf_counter()
+    block_fn = block_fn or compress_block
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    params_before, block_before = count_parameters(model), block_parameter_count(model)
+    if config.allocation == "global":
+        importance = layer_importance(model, calib, config.batch_size)
+        sparsity = allocate_sparsity(importance, config.ratio, config.epsilon, config.max_sparsity)
+    else:
+        sparsity = torch.full((len(blocks),), config.ratio)
+    inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
+    specs = []
+    for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
+        stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
+        specs.append(block_fn(model, index, stats, 1.0 - float(sparsity[index]), config.ridge))
+        inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
+        del stats
+    finalize(model, specs, {"method": method, **asdict(config)})
+    block_after = block_parameter_count(model)
+    return CompressionReport(
+        method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
+        block_params_before=block_before, block_params_after=block_after,
+        achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
+        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+        calibration={"corpus": "austen", "split": "calib", "samples": int(calib.shape[0]),
+                     "seqlen": int(calib.shape[1]), "seed": config.seed},
+    )
