@@ -67,6 +67,33 @@ def _add_lm_eval(sub: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="write the metrics as JSON to PATH ('-' = stdout)")
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number; accepted: 0 < ratio < 1") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; accepted: 0 < ratio < 1")
+    return value
+
+
+def _add_compress(sub: Any) -> None:
+    from leanfm.compress.modegpt import ALLOCATIONS
+
+    p = sub.add_parser("compress", help="structured compression without training (modegpt, wanda-sp)")
+    p.add_argument("model", help="registered name, checkpoint folder or hub id")
+    p.add_argument("--method", default="modegpt", help="modegpt (default) or wanda-sp")
+    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of block parameters to remove, 0 < R < 1")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="per-layer sparsity rule")
+    p.add_argument("--epsilon", type=float, default=0.1, help="softmax temperature of the global allocation")
+    p.add_argument("--dtype", default="float32", help="dtype of the saved checkpoint (compression runs in float32)")
+    p.add_argument("--json", metavar="PATH", help="write the compression report as JSON ('-' = stdout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``leanfm`` argument parser."""
     parser = _Parser(prog="leanfm", description="Make foundation models small, fast and adaptable.")
@@ -79,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_lm_eval(sub)
+    _add_compress(sub)
     return parser
 
 
@@ -166,8 +194,35 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    import leanfm
+    from leanfm.compress.api import check_method, check_output_dir, compress_model, save_compressed
+    from leanfm.models import resolve_dtype
+    from leanfm.paths import check_writable_file
+
+    check_method(args.method)
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    dtype = resolve_dtype(args.dtype)
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    model, tokenizer = leanfm.load_model(args.model)
+    report = compress_model(
+        model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation, epsilon=args.epsilon,
+        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+    )
+    save_compressed(model.to(dtype), tokenizer, out, report, overwrite=args.overwrite)
+    data = {"model": args.model, "out": str(out), **report.to_dict()}
+    if args.json != "-":
+        keys = ("method", "ratio", "achieved_ratio", "params_before", "params_after", "seconds", "peak_rss_mb", "out")
+        _print_table([(k, _fmt(data[k])) for k in keys])
+    _emit_json(data, args.json)
+    return 0
+
+
 COMMANDS = {
     "models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report, "lm-eval": cmd_lm_eval,
+    "compress": cmd_compress,
 }
 
 

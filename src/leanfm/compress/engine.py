@@ -18,7 +18,7 @@ from leanfm.models.adapters import ArchAdapter, get_adapter
 from leanfm.progress import progress
 
 
-class _Captured(Exception):
+class _CapturedError(Exception):
     pass
 
 
@@ -44,14 +44,14 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int)
         hidden = args[0] if args else kw.pop("hidden_states")
         inputs.append(hidden)
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+        raise _CapturedError
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in calib.split(batch_size):
             try:
                 model(input_ids=batch, use_cache=False)
-            except _Captured:
+            except _CapturedError:
                 pass
     finally:
         handle.remove()

@@ -115,27 +115,31 @@ def _row_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((w @ gram) * w).sum(-1).clamp_min(0)
 
 
-def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
-    """Type II. Per KV group, the kept head dims in compressed order and the kept rotary frequency indices.
+def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
+    """Kept q/k dims per KV group from per-dim scores ``[KV, hd]``, rotary partners kept together.
 
-    Returns ``(dims [kv_heads, qk_dim], rope_index [kv_heads][pairs])``.
+    Returns ``(dims [KV, qk_dim], rope_index [KV][pairs])`` with dims ordered
+    ``[kept pair firsts | their partners | kept non-rotary dims]`` (the :class:`CompressedAttention` layout).
     """
     hd, rot = layout.head_dim, layout.rotary_dim
-    eq = _row_energy(wq, gram).view(layout.num_heads, hd)  # [H, hd]
-    ek = _row_energy(wk, gram).view(layout.num_kv_heads, hd)  # [KV, hd]
-    eq_grouped = eq.view(layout.num_kv_heads, layout.group_size, hd)
-    score = (eq_grouped * ek[:, None]).sqrt().sum(1)  # [KV, hd], summed over the group's query heads
-    pairs_total, half = rot // 2, rot // 2
-    n_pairs = min(pairs_total, max(1 if pairs_total else 0, round(keep * pairs_total)))
-    n_pass = min(hd - rot, max(0 if pairs_total else 1, round(keep * (hd - rot))))
+    half = rot // 2
+    n_pairs = min(half, max(1 if half else 0, round(keep * half)))
+    n_pass = min(hd - rot, max(0 if half else 1, round(keep * (hd - rot))))
     dims, rope_index = [], []
     for g in range(layout.num_kv_heads):
-        pair_score = score[g, :half] + score[g, half:rot]
-        pairs = pair_score.topk(n_pairs).indices.sort().values
+        pairs = (score[g, :half] + score[g, half:rot]).topk(n_pairs).indices.sort().values
         rest = (score[g, rot:].topk(n_pass).indices.sort().values + rot) if n_pass else torch.empty(0, dtype=torch.long)
         dims.append(torch.cat((pairs, pairs + half, rest)))
         rope_index.append(pairs.tolist())
-    return torch.stack(dims), (rope_index if pairs_total else [])
+    return torch.stack(dims), (rope_index if half else [])
+
+
+def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
+    """Type II. Scores ``sqrt(E_q[j] E_k[j])`` summed over each KV group's query heads, then selection."""
+    hd = layout.head_dim
+    eq = _row_energy(wq, gram).view(layout.num_kv_heads, layout.group_size, hd)  # [KV, group, hd]
+    ek = _row_energy(wk, gram).view(layout.num_kv_heads, 1, hd)  # [KV, 1, hd]
+    return select_head_dims((eq * ek).sqrt().sum(1), layout, keep)
 
 
 def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: torch.Tensor,
@@ -152,7 +156,7 @@ def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: to
         w_v = wv[g * hd : (g + 1) * hd].double().T  # [in, hd]
         heads = range(g * group, (g + 1) * group)
         w_o = torch.cat([wo[:, h * hd : (h + 1) * hd].double().T for h in heads], dim=1)  # [hd, group*out]
-        u1, s1, v1t = torch.linalg.svd(sqrt_gram @ w_v, full_matrices=False)  # s1: [hd]
+        _, s1, v1t = torch.linalg.svd(sqrt_gram @ w_v, full_matrices=False)  # s1: [hd]
         u2, s2, v2t = torch.linalg.svd(s1[:, None] * v1t @ w_o, full_matrices=False)
         s1_inv = torch.where(s1 > s1.max() * 1e-10, 1.0 / s1, torch.zeros_like(s1))
         transform = v1t.T @ (s1_inv[:, None] * u2[:, :keep])  # R = V1 S1^-1 U2_k  [hd, keep]
@@ -202,7 +206,8 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     k = _gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
     v_dim = min(layout.head_dim, max(1, round(keep * layout.head_dim)))
     v = vo_svd(p["wv"], p["bv"], parts.o.weight.data, stats.attn_in, layout, v_dim)
-    spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, layout.num_heads, layout.num_kv_heads, layout.head_dim)
+    heads = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
+    spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, *heads)
     down_bias, o_bias = parts.mlp_out.bias, parts.o.bias
     restructure_block(model, index, spec)
     load_block_weights(model, index, mlp_in, (down, down_bias), q, k, (v[0], v[1]), (v[2], o_bias))

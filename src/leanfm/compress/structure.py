@@ -77,13 +77,15 @@ class CompressedAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, spec.num_kv_heads * spec.qk_dim, bias=bias["k"])
         self.v_proj = nn.Linear(hidden, spec.num_kv_heads * spec.v_dim, bias=bias["v"])
         self.o_proj = nn.Linear(spec.num_heads * spec.v_dim, hidden, bias=bias["o"])
-        self.register_buffer("rope_index", torch.tensor(spec.rope_index or [[]], dtype=torch.long), persistent=False)
+        self._rope_index: dict[torch.device, torch.Tensor] = {}  # built lazily: __init__ may run on the meta device
 
     def _rotate(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
         """Rotate the first ``2P`` dims of ``states`` ``[B, heads, T, D]`` with each group's kept frequencies."""
         pairs = self.spec.rope_pairs
         half = cos.shape[-1] // 2
-        index = self.rope_index.repeat_interleave(heads // self.spec.num_kv_heads, dim=0)  # [heads, P]
+        if cos.device not in self._rope_index:
+            self._rope_index[cos.device] = torch.tensor(self.spec.rope_index, dtype=torch.long, device=cos.device)
+        index = self._rope_index[cos.device].repeat_interleave(heads // self.spec.num_kv_heads, dim=0)  # [heads, P]
         cos_kept = cos[..., :half][:, :, index].transpose(1, 2)  # [B, T, heads, P] -> [B, heads, T, P]
         sin_kept = sin[..., :half][:, :, index].transpose(1, 2)
         cos_kept, sin_kept = torch.cat((cos_kept, cos_kept), -1), torch.cat((sin_kept, sin_kept), -1)  # [B,h,T,2P]

@@ -103,7 +103,7 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
 
 
 def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
-    import leanfm.models  # noqa: F401  (registers leanfm's own config classes with the Auto* factories)
+    import leanfm.compress.structure  # noqa: F401  (registers compressed-checkpoint classes with Auto*)
 
     config = AutoConfig.from_pretrained(source)
     causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))

@@ -1,0 +1,171 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY
+from leanfm import load_model
+from leanfm.cli import main
+from leanfm.compress import ModegptConfig, compress_model, save_compressed
+from leanfm.compress.modegpt import _gather_heads, allocate_sparsity, load_block_weights, qkv_params
+from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
+from leanfm.errors import LeanfmError
+from leanfm.eval.harness import count_parameters
+from leanfm.models import get_adapter
+
+SMALL = {"calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
+
+
+def _ids(n=2, t=24):
+    return torch.randint(0, 5000, (n, t), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("method", ["modegpt", "wanda-sp"])
+def test_keep_everything_reproduces_dense_logits(name, method):
+    model, tokenizer = load_model(name)
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    report = compress_model(model, tokenizer, method=method, ratio=1e-4, allocation="uniform", **SMALL)
+    assert report.achieved_ratio == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense, atol=2e-5, rtol=1e-4)
+
+
+ALLOCATIONS = [("modegpt", "global"), ("modegpt", "uniform"), ("wanda-sp", "uniform")]
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize(("method", "allocation"), ALLOCATIONS)
+def test_achieved_ratio_matches_request(name, method, allocation):
+    model, tokenizer = load_model(name)
+    report = compress_model(model, tokenizer, method=method, ratio=0.3, allocation=allocation, **SMALL)
+    assert report.achieved_ratio == pytest.approx(0.3, abs=0.02)
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids()).logits).all()
+
+
+def test_global_allocation_rule():
+    importance = torch.tensor([0.01, 0.02, 0.5, 0.03])
+    phi = allocate_sparsity(importance, ratio=0.4, epsilon=0.1, cap=0.8)
+    assert phi.mean().item() == pytest.approx(0.4, abs=1e-5)
+    assert phi.max() <= 0.8 + 1e-6 and phi[2] == phi.min()  # the most important layer loses the least
+    assert allocate_sparsity(importance, 0.4, 1e6, 0.8).allclose(torch.full((4,), 0.4))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_save_reload_identical_and_generate(name, tmp_path):
+    import leanfm  # noqa: F401  (registers the compressed classes with AutoModelForCausalLM)
+
+    model, tokenizer = load_model(name)
+    report = compress_model(model, tokenizer, ratio=0.4, **SMALL)
+    save_compressed(model, tokenizer, tmp_path / "c", report)
+    ours, _ = load_model(str(tmp_path / "c"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert torch.equal(ours(ids).logits, reference) and torch.equal(hf(ids).logits, reference)
+    out = hf.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():  # greedy decoding with the KV cache agrees with step-by-step full forwards
+        step = ids[:1, :5]
+        for _ in range(6):
+            step = torch.cat([step, model(step).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, step)
+    saved = json.loads((tmp_path / "c" / "compression.json").read_text())
+    assert saved["method"] == "modegpt" and saved["params_after"] == count_parameters(hf) < saved["params_before"]
+
+
+def _restrict_to_pairs(name: str, rope_index: list[list[int]]):
+    """tiny model whose q/k use only rotary pairs {1, 3}, and its compressed twin keeping ``rope_index``."""
+    dense, _ = load_model(name)
+    adapter = get_adapter(dense)
+    layout = adapter.layout(dense)
+    half = layout.rotary_dim // 2
+    keep_dims = torch.tensor([1, 3, 1 + half, 3 + half])
+    mask = torch.zeros(layout.head_dim, dtype=torch.bool)
+    mask[keep_dims] = True
+    for block in adapter.blocks(dense):  # zero every q/k row outside the kept dims: scores use only those pairs
+        parts = adapter.parts(block)
+        with torch.no_grad():
+            if parts.qkv is not None:  # fused [heads, (q, k, v), head_dim, in]
+                parts.qkv.weight.view(layout.num_heads, 3, layout.head_dim, -1)[:, :2, ~mask] = 0
+            else:
+                for linear in (parts.q, parts.k):
+                    linear.weight.view(-1, layout.head_dim, linear.in_features)[:, ~mask] = 0
+    compressed, _ = load_model(name)
+    compressed.load_state_dict(dense.state_dict())
+    dims = torch.stack([keep_dims] * layout.num_kv_heads)
+    for i, block in enumerate(adapter.blocks(compressed)):
+        parts, p = adapter.parts(block), qkv_params(adapter, block, layout)
+        full = dense_spec(compressed, adapter, i)
+        spec = LayerSpec(full.intermediate, 4, layout.head_dim, rope_index, layout.num_heads,
+                         layout.num_kv_heads, layout.head_dim)
+        q = _gather_heads(p["wq"].clone(), p["bq"], dims, layout.head_dim, layout.num_heads)
+        k = _gather_heads(p["wk"].clone(), p["bk"], dims, layout.head_dim, layout.num_kv_heads)
+        mlp_in = [(lin.weight.data.clone(), None if lin.bias is None else lin.bias.data) for lin in parts.mlp_in]
+        down, v = (parts.mlp_out.weight.data.clone(), parts.mlp_out.bias), (p["wv"].clone(), p["bv"])
+        o = (parts.o.weight.data.clone(), parts.o.bias)
+        restructure_block(compressed, i, spec)
+        load_block_weights(compressed, i, mlp_in, down, q, k, v, o)
+    return dense, compressed
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-phi", "tiny-neox"])
+def test_kept_rotary_pairs_rotate_with_their_original_frequencies(name):
+    kv_heads = get_adapter(load_model(name)[0]).layout(load_model(name)[0]).num_kv_heads
+    dense, right = _restrict_to_pairs(name, [[1, 3]] * kv_heads)
+    _, wrong = _restrict_to_pairs(name, [[0, 1]] * kv_heads)  # as if frequencies were rebuilt for 4 dims
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        reference = dense(ids).logits
+        torch.testing.assert_close(right(ids).logits, reference, atol=2e-5, rtol=1e-4)
+        assert not torch.allclose(wrong(ids).logits, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--ratio", "0"], "argument --ratio: 0.0 is out of range; accepted: 0 < ratio < 1"),
+        (["--ratio", "1"], "argument --ratio: 1.0 is out of range"),
+        (["--ratio", "-0.1"], "argument --ratio: -0.1 is out of range"),
+        (["--ratio", "0.3", "--method", "sparsegpt"], "unknown method 'sparsegpt'; accepted: modegpt, wanda-sp"),
+    ],
+)
+def test_compress_bad_input(capsys, tmp_path, argv, fragment):
+    try:
+        code = main(["--quiet", "compress", "tiny-llama", "--out", str(tmp_path / "o"), *argv])
+    except SystemExit as exit_:  # argparse-level errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err and not (tmp_path / "o").exists()
+
+
+def test_compress_refuses_encoder_and_non_empty_out(capsys, tmp_path):
+    assert main(["--quiet", "compress", "minilm-l6", "--ratio", "0.3", "--out", str(tmp_path / "m")]) == 2
+    assert "unsupported architecture 'bert' for compression; supported: llama" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["--quiet", "compress", "tiny-llama", "--ratio", "0.3", "--out", str(tmp_path / "full")]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(LeanfmError, match=r"ratio 1\.5 is out of range"):
+        ModegptConfig(ratio=1.5)
+
+
+def test_compress_cli_end_to_end(capsys, tmp_path):
+    out = tmp_path / "tiny-mg"
+    code = main(["--quiet", "compress", "tiny-llama", "--ratio", "0.3", "--out", str(out), "--calib-samples", "4",
+                 "--calib-seqlen", "32", "--json", str(tmp_path / "c.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["method"] == "modegpt" and abs(report["achieved_ratio"] - 0.3) < 0.02
+    for key in ("params_before", "params_after", "seconds", "peak_rss_mb", "calibration"):
+        assert key in report
+    capsys.readouterr()
+    assert main(["--quiet", "eval", str(out), "--seqlen", "32", "--windows", "2", "--cloze", "0", "--no-speed",
+                 "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == report["params_after"]
