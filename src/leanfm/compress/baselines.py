@@ -48,7 +48,7 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
 
     o_score = (stats.o_in_sq.clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0))  # [H*hd]
     o_score = o_score.view(layout.num_kv_heads, group, hd).sum(1)  # [KV, hd]
-    v_dim = min(hd, max(1, round(keep * hd)))
+    v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v_dims = o_score.topk(v_dim, dim=1).indices.sort(dim=1).values  # [KV, v_dim]
     v = _gather_heads(p["wv"], p["bv"], v_dims, hd, layout.num_kv_heads)
     o_cols = torch.cat([h * hd + v_dims[h // group] for h in range(layout.num_heads)])

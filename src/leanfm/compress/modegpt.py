@@ -204,7 +204,7 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep)
     q = _gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
     k = _gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
-    v_dim = min(layout.head_dim, max(1, round(keep * layout.head_dim)))
+    v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v = vo_svd(p["wv"], p["bv"], parts.o.weight.data, stats.attn_in, layout, v_dim)
     heads = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
     spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, *heads)

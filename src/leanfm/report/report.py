@@ -98,3 +98,19 @@ def write_report(paths: list[Path], out: Path) -> Path:
     report = out / "REPORT.md"
     atomic_write_text(report, "\n".join(parts))
     return report
+
+
+def write_section(markdown_file: Path, name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` atomically.
+
+    Each benchmark owns one section of BENCHMARKS.md, so re-running one never disturbs the others.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = markdown_file.read_text(encoding="utf-8") if markdown_file.is_file() else "# leanfm benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(markdown_file, text)

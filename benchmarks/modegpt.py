@@ -1,0 +1,172 @@
+"""MoDeGPT vs structured-pruning baselines on SmolLM2-135M: quality, cost and speed in one run.
+
+    python benchmarks/modegpt.py                      # full sweep (~1 h on 2 cores; resumes where it stopped)
+    python benchmarks/modegpt.py --ratios 0.3 --windows 4 --cloze 10 --out /tmp/mg   # quick look
+
+Every row compresses a fresh copy of the dense model with the same calibration windows (calib split, seed 0)
+and evaluates it with the same harness (Austen eval split). Rows are cached under ``OUT/rows`` so an
+interrupted run continues; delete that folder to re-measure. Speed (prefill batch 8 x 512, greedy decode
+batch 1) compares dense and MoDeGPT at 0.3, measured alternately in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from leanfm import evaluate, load_model
+from leanfm.compress import compress_model
+from leanfm.data.calibration import split_token_ids, token_windows
+from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
+from leanfm.paths import atomic_write_bytes, atomic_write_json
+from leanfm.progress import set_quiet
+from leanfm.report.report import write_section
+
+MODEL = "smollm2-135m"
+VARIANTS = {  # label -> (method, allocation)
+    "modegpt": ("modegpt", "global"),
+    "modegpt-uniform": ("modegpt", "uniform"),
+    "wanda-sp": ("wanda-sp", "uniform"),
+}
+
+
+def run_row(label: str, ratio: float, args: argparse.Namespace) -> dict:
+    """Compress a fresh dense model with one variant at one ratio and evaluate it (cached)."""
+    path = args.out / "rows" / f"{label}-{ratio:.2f}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model(MODEL)
+    row: dict = {"label": label, "ratio": ratio}
+    if label != "dense":
+        method, allocation = VARIANTS[label]
+        report = compress_model(model, tokenizer, method=method, ratio=ratio, allocation=allocation,
+                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+        row.update(method=method, allocation=allocation, achieved_ratio=report.achieved_ratio,
+                   compress_seconds=report.seconds, compress_peak_rss_mb=report.peak_rss_mb,
+                   layer_sparsity=report.layer_sparsity)
+    result = evaluate(model, tokenizer, name=label, seqlen=512, windows=args.windows, cloze=args.cloze, speed=False)
+    row.update(params=result.params, perplexity=result.perplexity, cloze_accuracy=result.cloze_accuracy,
+               windows=result.windows, tokens=result.tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, row)
+    print(json.dumps({k: row[k] for k in ("label", "ratio", "perplexity", "cloze_accuracy")}), flush=True)
+    return row
+
+
+def measure_speed(args: argparse.Namespace) -> dict:
+    """Dense vs MoDeGPT-0.3 prefill (8 x 512) and decode (batch 1) tokens/s, alternating, medians of rounds."""
+    dense, tokenizer = load_model(MODEL)
+    compressed, _ = load_model(MODEL)
+    compress_model(compressed, tokenizer, ratio=0.3, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+    windows = token_windows(split_token_ids(tokenizer, "austen", "eval"), 512, 8)
+    samples: dict[str, list[float]] = {k: [] for k in ("dense_prefill", "mg_prefill", "dense_decode", "mg_decode")}
+    for _ in range(args.speed_rounds):
+        samples["dense_prefill"].append(prefill_tokens_per_s(dense, windows, repeats=1))
+        samples["mg_prefill"].append(prefill_tokens_per_s(compressed, windows, repeats=1))
+        samples["dense_decode"].append(decode_tokens_per_s(dense, windows[:1, :32], new_tokens=32, repeats=1))
+        samples["mg_decode"].append(decode_tokens_per_s(compressed, windows[:1, :32], new_tokens=32, repeats=1))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"rounds": args.speed_rounds, "threads": torch.get_num_threads(), "samples": samples, "median": med,
+            "prefill_speedup": med["mg_prefill"] / med["dense_prefill"],
+            "decode_speedup": med["mg_decode"] / med["dense_decode"]}
+
+
+def plot(rows: list[dict], dense: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for label in VARIANTS:
+        pts = sorted((r["ratio"], r["perplexity"], r["cloze_accuracy"]) for r in rows if r["label"] == label)
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    axes[0].axhline(dense["perplexity"], color="gray", ls="--", label="dense")
+    axes[1].axhline(dense["cloze_accuracy"], color="gray", ls="--", label="dense")
+    axes[0].set(xlabel="compression ratio (block parameters removed)", ylabel="perplexity (Austen eval)", yscale="log")
+    axes[1].set(xlabel="compression ratio (block parameters removed)", ylabel="cloze accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: MoDeGPT vs baselines (same calibration, same harness)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def markdown(rows: list[dict], dense: dict, speed: dict | None, args: argparse.Namespace, command: str) -> str:
+    ratios = sorted({r["ratio"] for r in rows if r["label"] != "dense"})
+    lines = [
+        "## MoDeGPT (compress)", "",
+        "Claim (paper): training-free modular decomposition keeps 90-95% of zero-shot accuracy at 25-30% compression, "
+        "beats structured-pruning baselines at every ratio, and the global (importance-based) allocation beats a uniform "
+        "one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
+        f"Setting: SmolLM2-135M float32, calibration {args.calib_samples} x {args.calib_seqlen} tokens from the Austen "
+        f"`calib` split (seed 0), evaluation on the held-out `eval` split: perplexity over {dense['windows']} x 512-token "
+        f"windows and last-word cloze accuracy on {args.cloze} items. Dense: perplexity **{dense['perplexity']:.2f}**, "
+        f"cloze **{dense['cloze_accuracy']:.2f}**, {dense['params'] / 1e6:.1f}M parameters.", "",
+        "| ratio | " + " | ".join(f"{v} ppl / cloze" for v in VARIANTS) + " |",
+        "|---|" + "---|" * len(VARIANTS),
+    ]
+    for ratio in ratios:
+        cells = []
+        for label in VARIANTS:
+            row = next((r for r in rows if r["label"] == label and r["ratio"] == ratio), None)
+            cells.append(f"{row['perplexity']:.2f} / {row['cloze_accuracy']:.2f}" if row else "-")
+        lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
+    mg = [r for r in rows if r["label"] == "modegpt"]
+    if mg:
+        lines += ["", "Compression cost (MoDeGPT, global allocation): " + ", ".join(
+            f"{r['ratio']:.1f}: {r['compress_seconds']:.0f} s / {r['compress_peak_rss_mb']:.0f} MB peak RSS"
+            for r in sorted(mg, key=lambda r: r["ratio"])) + " (the float32 model is 538 MB; RSS includes ~0.5 GB of "
+            "torch/transformers)."]
+    if speed:
+        m = speed["median"]
+        lines += ["", f"Speed, dense vs MoDeGPT 0.3, {speed['rounds']} alternating rounds, {speed['threads']} threads, "
+                  f"medians: prefill (8 x 512) {m['dense_prefill']:.0f} -> {m['mg_prefill']:.0f} tokens/s "
+                  f"(**{speed['prefill_speedup']:.2f}x**); greedy decode (batch 1) {m['dense_decode']:.1f} -> "
+                  f"{m['mg_decode']:.1f} tokens/s (**{speed['decode_speedup']:.2f}x**)."]
+    lines += ["", "![MoDeGPT vs baselines](results/modegpt.png)", "", f"Regenerate: `{command}`"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--cloze", type=int, default=100)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--speed-rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("results/modegpt"))
+    parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    set_quiet(True)
+    dense = run_row("dense", 0.0, args)
+    rows = [dense] + [run_row(v, r, args) for r in args.ratios for v in args.variants]
+    speed_path = args.out / "speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
+    if speed is None and args.speed_rounds > 0:
+        speed = measure_speed(args)
+        atomic_write_json(speed_path, speed)
+    summary = {"model": MODEL, "rows": rows, "speed": speed, "settings": {k: str(v) for k, v in vars(args).items()}}
+    atomic_write_json(args.out.with_suffix(".json"), summary)
+    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows[1:], dense))
+    command = "python benchmarks/modegpt.py" + ("" if args.out == Path("results/modegpt") else f" --out {args.out}")
+    write_section(args.benchmarks_md, "modegpt", markdown(rows[1:], dense, speed, args, command))
+
+
+if __name__ == "__main__":
+    main()
