@@ -109,11 +109,11 @@ def markdown(rows: list[dict], dense: dict, speed: dict | None, args: argparse.N
     lines = [
         "## MoDeGPT (compress)", "",
         "Claim (paper): training-free modular decomposition keeps 90-95% of zero-shot accuracy at 25-30% compression, "
-        "beats structured-pruning baselines at every ratio, and the global (importance-based) allocation beats a uniform "
-        "one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
+        "beats structured-pruning baselines at every ratio, and the global (importance-based) allocation beats a "
+        "uniform one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
         f"Setting: SmolLM2-135M float32, calibration {args.calib_samples} x {args.calib_seqlen} tokens from the Austen "
-        f"`calib` split (seed 0), evaluation on the held-out `eval` split: perplexity over {dense['windows']} x 512-token "
-        f"windows and last-word cloze accuracy on {args.cloze} items. Dense: perplexity **{dense['perplexity']:.2f}**, "
+        f"`calib` split (seed 0), evaluation on the held-out `eval` split: perplexity over {dense['windows']} x "
+        f"512-token windows and last-word cloze accuracy on {args.cloze} items. Dense: perplexity **{dense['perplexity']:.2f}**, "
         f"cloze **{dense['cloze_accuracy']:.2f}**, {dense['params'] / 1e6:.1f}M parameters.", "",
         "| ratio | " + " | ".join(f"{v} ppl / cloze" for v in VARIANTS) + " |",
         "|---|" + "---|" * len(VARIANTS),

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from leanfm.compress.engine import BlockStats
-from leanfm.compress.modegpt import _gather_heads, load_block_weights, qkv_params, select_head_dims
+from leanfm.compress.modegpt import (
+    _gather_heads,
+    load_block_weights,
+    mlp_width_for_budget,
+    qkv_params,
+    select_head_dims,
+)
 from leanfm.compress.structure import LayerSpec, restructure_block
 from leanfm.models.adapters import get_adapter
 
@@ -31,13 +37,6 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
     hd, group = layout.head_dim, layout.group_size
-    m = parts.mlp_out.in_features
-    mid_norm = stats.mlp_mid.diagonal().clamp_min(0).sqrt()
-    mlp_score = mid_norm * parts.mlp_out.weight.abs().double().sum(0)
-    kept = mlp_score.topk(max(1, round(keep * m))).indices.sort().values
-    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
-    down = (parts.mlp_out.weight.data[:, kept], parts.mlp_out.bias)
-
     x_norm = stats.attn_in.diagonal().clamp_min(0).sqrt()
     p = qkv_params(adapter, block, layout)
     q_score = _wanda_rows(p["wq"], x_norm).view(layout.num_kv_heads, group, hd).sum(1)
@@ -45,6 +44,13 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
     dims, rope_index = select_head_dims(q_score + k_score, layout, keep)
     q = _gather_heads(p["wq"], p["bq"], dims, hd, layout.num_heads)
     k = _gather_heads(p["wk"], p["bk"], dims, hd, layout.num_kv_heads)
+
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
+    mid_norm = stats.mlp_mid.diagonal().clamp_min(0).sqrt()
+    mlp_score = mid_norm * parts.mlp_out.weight.abs().double().sum(0)
+    kept = mlp_score.topk(width).indices.sort().values
+    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
+    down = (parts.mlp_out.weight.data[:, kept], parts.mlp_out.bias)
 
     o_score = (stats.o_in_sq.clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0))  # [H*hd]
     o_score = o_score.view(layout.num_kv_heads, group, hd).sum(1)  # [KV, hd]

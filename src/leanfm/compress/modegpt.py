@@ -123,8 +123,9 @@ def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) 
     """
     hd, rot = layout.head_dim, layout.rotary_dim
     half = rot // 2
+    width = max(2 if half else 1, round(keep * hd))
     n_pairs = min(half, max(1 if half else 0, round(keep * half)))
-    n_pass = min(hd - rot, max(0 if half else 1, round(keep * (hd - rot))))
+    n_pass = min(hd - rot, max(0, width - 2 * n_pairs))
     dims, rope_index = [], []
     for g in range(layout.num_kv_heads):
         pairs = (score[g, :half] + score[g, half:rot]).topk(n_pairs).indices.sort().values
@@ -171,6 +172,19 @@ def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: to
     return v_weight, v_bias, o_weight
 
 
+def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, keep: float) -> int:
+    """MLP width that makes the block keep fraction ``keep`` of its weights, given the chosen head width.
+
+    Head widths move in steps of whole dims (pairs with RoPE), so the MLP absorbs the rounding and the
+    achieved ratio matches the request.
+    """
+    hidden, mid = parts.o.out_features, parts.mlp_out.in_features
+    per_head_dim = (2 * layout.num_heads + 2 * layout.num_kv_heads) * hidden  # q, o and k, v weights
+    mlp_per_channel = (len(parts.mlp_in) + 1) * hidden
+    budget = keep * (per_head_dim * layout.head_dim + mlp_per_channel * mid)
+    return int(min(mid, max(1, round((budget - per_head_dim * head_width) / mlp_per_channel))))
+
+
 def qkv_params(adapter: ArchAdapter, block: nn.Module, layout: AttentionLayout) -> dict[str, torch.Tensor | None]:
     """q/k/v weights ``[rows, in]`` and biases of a block, splitting a fused projection when needed."""
     parts = adapter.parts(block)
@@ -197,11 +211,11 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     layout = adapter.layout(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
-    m = parts.mlp_out.in_features
-    kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, max(1, round(keep * m)), ridge)
-    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
     p = qkv_params(adapter, block, layout)
     dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep)
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
+    kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, width, ridge)
+    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
     q = _gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
     k = _gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
     v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
