@@ -113,7 +113,8 @@ def markdown(rows: list[dict], dense: dict, speed: dict | None, args: argparse.N
         "uniform one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
         f"Setting: SmolLM2-135M float32, calibration {args.calib_samples} x {args.calib_seqlen} tokens from the Austen "
         f"`calib` split (seed 0), evaluation on the held-out `eval` split: perplexity over {dense['windows']} x "
-        f"512-token windows and last-word cloze accuracy on {args.cloze} items. Dense: perplexity **{dense['perplexity']:.2f}**, "
+        f"512-token windows and last-word cloze accuracy on {args.cloze} items. "
+        f"Dense: perplexity **{dense['perplexity']:.2f}**, "
         f"cloze **{dense['cloze_accuracy']:.2f}**, {dense['params'] / 1e6:.1f}M parameters.", "",
         "| ratio | " + " | ".join(f"{v} ppl / cloze" for v in VARIANTS) + " |",
         "|---|" + "---|" * len(VARIANTS),
