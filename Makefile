@@ -8,9 +8,13 @@ export LEANFM_HOME ?= $(HOME)/.cache/leanfm
 
 .PHONY: run test setup lint clean-cache
 
+# The main job: compress the default model with MoDeGPT at 30% and compare it with the dense model.
 run: setup
-	$(BIN)/leanfm eval smollm2-135m --seqlen 512 --windows 40 --json results/main.json
-	$(BIN)/leanfm report results/main.json --out results/report
+	$(BIN)/leanfm compress smollm2-135m --method modegpt --ratio 0.3 --out results/smollm2-modegpt-0.3 \
+		--overwrite --json results/main-compress.json
+	$(BIN)/leanfm eval smollm2-135m --windows 20 --json results/main-dense.json
+	$(BIN)/leanfm eval results/smollm2-modegpt-0.3 --windows 20 --json results/main-modegpt.json
+	$(BIN)/leanfm report results/main-dense.json results/main-modegpt.json --out results/report
 
 test: setup
 	$(BIN)/python -m pytest -q

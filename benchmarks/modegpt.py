@@ -31,6 +31,7 @@ VARIANTS = {  # label -> (method, allocation)
     "modegpt": ("modegpt", "global"),
     "modegpt-uniform": ("modegpt", "uniform"),
     "wanda-sp": ("wanda-sp", "uniform"),
+    "svd-llm": ("svd-llm", "uniform"),
 }
 
 
@@ -156,7 +157,11 @@ def main() -> None:
     torch.set_num_threads(2)
     set_quiet(True)
     dense = run_row("dense", 0.0, args)
-    rows = [dense] + [run_row(v, r, args) for r in args.ratios for v in args.variants]
+    for ratio in args.ratios:
+        for variant in args.variants:
+            run_row(variant, ratio, args)
+    rows = [dense] + [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))
+                      if not p.name.startswith("dense")]  # every cached row, so variants can be added later
     speed_path = args.out / "speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     if speed is None and args.speed_rounds > 0:

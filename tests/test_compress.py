@@ -22,7 +22,7 @@ def _ids(n=2, t=24):
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("method", ["modegpt", "wanda-sp"])
+@pytest.mark.parametrize("method", ["modegpt", "wanda-sp", "svd-llm"])
 def test_keep_everything_reproduces_dense_logits(name, method):
     model, tokenizer = load_model(name)
     ids = _ids()
@@ -34,7 +34,7 @@ def test_keep_everything_reproduces_dense_logits(name, method):
         torch.testing.assert_close(model(ids).logits, dense, atol=2e-5, rtol=1e-4)
 
 
-ALLOCATIONS = [("modegpt", "global"), ("modegpt", "uniform"), ("wanda-sp", "uniform")]
+ALLOCATIONS = [("modegpt", "global"), ("modegpt", "uniform"), ("wanda-sp", "uniform"), ("svd-llm", "uniform")]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -57,11 +57,12 @@ def test_global_allocation_rule():
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_save_reload_identical_and_generate(name, tmp_path):
+@pytest.mark.parametrize("method", ["modegpt", "svd-llm"])
+def test_save_reload_identical_and_generate(name, method, tmp_path):
     import leanfm  # noqa: F401  (registers the compressed classes with AutoModelForCausalLM)
 
     model, tokenizer = load_model(name)
-    report = compress_model(model, tokenizer, ratio=0.4, **SMALL)
+    report = compress_model(model, tokenizer, method=method, ratio=0.4, **SMALL)
     save_compressed(model, tokenizer, tmp_path / "c", report)
     ours, _ = load_model(str(tmp_path / "c"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
@@ -76,7 +77,7 @@ def test_save_reload_identical_and_generate(name, tmp_path):
             step = torch.cat([step, model(step).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, step)
     saved = json.loads((tmp_path / "c" / "compression.json").read_text())
-    assert saved["method"] == "modegpt" and saved["params_after"] == count_parameters(hf) < saved["params_before"]
+    assert saved["method"] == method and saved["params_after"] == count_parameters(hf) < saved["params_before"]
 
 
 def _restrict_to_pairs(name: str, rope_index: list[list[int]]):
@@ -132,7 +133,7 @@ def test_kept_rotary_pairs_rotate_with_their_original_frequencies(name):
         (["--ratio", "0"], "argument --ratio: 0.0 is out of range; accepted: 0 < ratio < 1"),
         (["--ratio", "1"], "argument --ratio: 1.0 is out of range"),
         (["--ratio", "-0.1"], "argument --ratio: -0.1 is out of range"),
-        (["--ratio", "0.3", "--method", "sparsegpt"], "unknown method 'sparsegpt'; accepted: modegpt, wanda-sp"),
+        (["--ratio", "0.3", "--method", "sparse"], "unknown method 'sparse'; accepted: modegpt, wanda-sp, svd-llm"),
     ],
 )
 def test_compress_bad_input(capsys, tmp_path, argv, fragment):
@@ -169,3 +170,19 @@ def test_compress_cli_end_to_end(capsys, tmp_path):
     assert main(["--quiet", "eval", str(out), "--seqlen", "32", "--windows", "2", "--cloze", "0", "--no-speed",
                  "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == report["params_after"]
+
+
+def test_whitened_svd_is_optimal_on_the_calibration_data():
+    """Full rank reproduces W; rank r beats plain SVD in the activation-weighted error it minimises."""
+    from leanfm.compress.baselines import whitened_low_rank
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=gen) * torch.linspace(0.1, 3, 16)  # anisotropic activations
+    w = torch.randn(12, 16, generator=gen)
+    gram = (x.T @ x).double()
+    down, up = whitened_low_rank(w, gram, 12)
+    torch.testing.assert_close(up @ down, w, atol=1e-4, rtol=1e-4)
+    down, up = whitened_low_rank(w, gram, 4)
+    u, s, vt = torch.linalg.svd(w)
+    plain = (u[:, :4] * s[:4]) @ vt[:4]
+    assert torch.linalg.norm(x @ (w - up @ down).T) < torch.linalg.norm(x @ (w - plain).T)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from leanfm.compress.baselines import wanda_block
+from leanfm.compress.baselines import svd_block, wanda_block
 from leanfm.compress.modegpt import CompressionReport, ModegptConfig, compress, compress_block
 from leanfm.compress.structure import COMPRESSED_CLASSES
 from leanfm.data.calibration import calibration_windows
@@ -18,7 +18,9 @@ from leanfm.errors import LeanfmError
 from leanfm.models.adapters import get_adapter
 from leanfm.paths import atomic_directory
 
-BLOCK_METHODS: dict[str, Callable[..., Any]] = {"modegpt": compress_block, "wanda-sp": wanda_block}
+BLOCK_METHODS: dict[str, Callable[..., Any]] = {
+    "modegpt": compress_block, "wanda-sp": wanda_block, "svd-llm": svd_block,
+}
 
 
 def check_method(method: str) -> Callable[..., Any]:

@@ -1,10 +1,14 @@
-"""Structured-pruning baselines run through the same engine, budget and checkpoint format as MoDeGPT.
+"""Training-free baselines run through the same engine, budget and checkpoint format as MoDeGPT.
 
 ``wanda-sp``: Wanda's score ``|W| * ||X||`` aggregated over whole structures (FLAP / Wanda-SP style). MLP
 channel ``j`` scores ``||a_j|| * sum_i |W_down[i, j]|``; a query/key head dim scores the Wanda mass of its
 q and k rows (summed over the query heads of a KV group, rotary partners together); a value/output dim scores
 ``||o_in_j|| * sum_i |W_o[i, j]|`` summed over the group. The lowest-scoring structures are removed and the
 survivors are kept as they are — no reconstruction, which is exactly what MoDeGPT adds.
+
+``svd-llm``: every Linear of a block is replaced by a rank-``r`` factorisation holding the same fraction of its
+parameters, computed by activation-aware (whitened) truncated SVD as in SVD-LLM, without its optional
+parameter-update step. It stands in for SliceGPT (see docs/ARCHITECTURE.md for why).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from leanfm.compress.modegpt import (
     qkv_params,
     select_head_dims,
 )
-from leanfm.compress.structure import LayerSpec, restructure_block
+from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
 from leanfm.models.adapters import get_adapter
 
 
@@ -52,7 +56,7 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
     mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
     down = (parts.mlp_out.weight.data[:, kept], parts.mlp_out.bias)
 
-    o_score = (stats.o_in_sq.clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0))  # [H*hd]
+    o_score = stats.o_in.diagonal().clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0)  # [H*hd]
     o_score = o_score.view(layout.num_kv_heads, group, hd).sum(1)  # [KV, hd]
     v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v_dims = o_score.topk(v_dim, dim=1).indices.sort(dim=1).values  # [KV, v_dim]
@@ -63,4 +67,48 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
     spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, layout.num_heads, layout.num_kv_heads, hd)
     restructure_block(model, index, spec)
     load_block_weights(model, index, mlp_in, down, q, k, v, o)
+    return spec
+
+
+def whitened_low_rank(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware truncated SVD (SVD-LLM's truncation-aware whitening).
+
+    With ``C = X^T X = S S^T`` (Cholesky), the rank-``r`` ``W'`` minimising ``||X (W - W')^T||_F`` is
+    ``U_r Σ_r V_r^T S^-1`` for ``W S = U Σ V^T``. Returns ``(down [r, in], up [out, r])``.
+    """
+    c = gram + 1e-6 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+    s = torch.linalg.cholesky(c)  # lower triangular
+    u, sigma, vt = torch.linalg.svd(weight.double() @ s, full_matrices=False)
+    down = torch.linalg.solve_triangular(s, sigma[:rank, None] * vt[:rank], upper=False, left=False)  # Σ V^T S^-1
+    return down.to(weight.dtype), u[:, :rank].to(weight.dtype)
+
+
+def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float = 0.0) -> LayerSpec:
+    """Factorise every Linear of block ``index`` to keep fraction ``keep`` of its parameters (uniform)."""
+    del ridge
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[index]
+    parts = adapter.parts(block)
+    linears = {adapter.qkv: (parts.qkv, stats.attn_in)} if parts.qkv is not None else {
+        adapter.q: (parts.q, stats.attn_in), adapter.k: (parts.k, stats.attn_in), adapter.v: (parts.v, stats.attn_in)}
+    linears[adapter.o] = (parts.o, stats.o_in)
+    linears.update({path: (lin, stats.mlp_in) for path, lin in zip(adapter.mlp_in, parts.mlp_in, strict=True)})
+    linears[adapter.mlp_out] = (parts.mlp_out, stats.mlp_mid)
+    spec = dense_spec(model, adapter, index)
+    if keep >= 1 - 1e-3:
+        return spec
+    factors = {}
+    for path, (linear, gram) in linears.items():
+        size_in, size_out = linear.in_features, linear.out_features
+        rank = max(1, round(keep * size_in * size_out / (size_in + size_out)))
+        factors[path] = (rank, *whitened_low_rank(linear.weight.data, gram, rank), linear.bias)
+    spec.low_rank = {path: f[0] for path, f in factors.items()}
+    restructure_block(model, index, spec)
+    with torch.no_grad():
+        for path, (_, down, up, bias) in factors.items():
+            low = block.get_submodule(path)
+            low.down.weight.copy_(down)
+            low.up.weight.copy_(up)
+            if bias is not None:
+                low.up.bias.copy_(bias)
     return spec

@@ -27,8 +27,9 @@ class BlockStats:
     """Calibration statistics of one block (float64; ``[in, in]`` Gram matrices summed over tokens)."""
 
     attn_in: torch.Tensor  # Gram of the attention input (after the input norm)
+    mlp_in: torch.Tensor  # Gram of the MLP input (after its norm; the attention input for parallel blocks)
     mlp_mid: torch.Tensor  # Gram of the MLP's intermediate activations (input of the down projection)
-    o_in_sq: torch.Tensor  # sum of squares of each o_proj input channel
+    o_in: torch.Tensor  # Gram of the output projection's input (the concatenated head outputs)
     tokens: int
 
 
@@ -85,14 +86,11 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
 
         return hook
 
-    def sq(_m: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        acc["o_in_sq"] = acc.get("o_in_sq", 0) + (x * x).sum(0)
-
     handles = [
         first_proj.register_forward_pre_hook(gram("attn_in")),
+        parts.mlp_in[0].register_forward_pre_hook(gram("mlp_in")),
         parts.mlp_out.register_forward_pre_hook(gram("mlp_mid")),
-        parts.o.register_forward_pre_hook(sq),
+        parts.o.register_forward_pre_hook(gram("o_in")),
     ]
     try:
         outputs = run_block(block, inputs, kwargs)
@@ -100,7 +98,7 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
         for handle in handles:
             handle.remove()
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs)
-    return BlockStats(acc["attn_in"], acc["mlp_mid"], acc["o_in_sq"], tokens), outputs  # type: ignore[arg-type]
+    return BlockStats(acc["attn_in"], acc["mlp_in"], acc["mlp_mid"], acc["o_in"], tokens), outputs
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ rotate with different frequencies and silently wreck the model (METHODS.md, MoDe
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class LayerSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int  # the original head size: attention keeps its original 1/sqrt(head_dim) scaling
+    low_rank: dict[str, int] = field(default_factory=dict)  # block-relative Linear path -> rank (SVD baselines)
 
     @property
     def rope_pairs(self) -> int:
@@ -112,6 +113,19 @@ class CompressedAttention(nn.Module):
         return self.o_proj(out.reshape(batch, length, -1)), None  # out: [B, T, H, Dv]
 
 
+class LowRankLinear(nn.Module):
+    """``W ≈ U V``: a Linear factorised through ``rank`` dims (``down``: in -> rank, ``up``: rank -> out)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(operator.attrgetter(parent)(root) if parent else root, name, module)
@@ -125,6 +139,12 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
     """Replace block ``index``'s attention and MLP linears by empty ones with ``spec``'s widths."""
     adapter = get_adapter(model)
     block = adapter.blocks(model)[index]
+    if spec.low_rank:  # factorise Linears in place; head layout and widths stay as they are
+        for path, rank in spec.low_rank.items():
+            old = block.get_submodule(path)
+            low = LowRankLinear(old.in_features, rank, old.out_features, old.bias is not None, old.weight.dtype)
+            _set_module(block, path, low)
+        return
     parts = adapter.parts(block)
     hidden = parts.o.out_features
     for path, old in zip(adapter.mlp_in, parts.mlp_in, strict=True):

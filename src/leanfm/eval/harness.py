@@ -57,6 +57,8 @@ class EvalResult:
     decode_tokens_per_s: float | None
     peak_rss_mb: float
     seconds: float
+    method: str | None = None  # compression method recorded in a leanfm checkpoint's config
+    ratio: float | None = None
     threads: int = field(default_factory=torch.get_num_threads)
     versions: dict[str, str] = field(default_factory=versions)
 
@@ -109,7 +111,9 @@ def evaluate(
     if speed:
         prefill = prefill_tokens_per_s(model, batch_windows[:batch_size])
         decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=decode_tokens)
+    compression = getattr(model.config, "leanfm_compression", None) or {}
     return EvalResult(
+        method=compression.get("method"), ratio=compression.get("ratio"),
         model=name, params=count_parameters(model), perplexity=ppl.perplexity, seqlen=seqlen, windows=ppl.windows,
         tokens=ppl.tokens, corpus=corpus_name, split=split,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
