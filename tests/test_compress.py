@@ -186,3 +186,14 @@ def test_whitened_svd_is_optimal_on_the_calibration_data():
     u, s, vt = torch.linalg.svd(w)
     plain = (u[:, :4] * s[:4]) @ vt[:4]
     assert torch.linalg.norm(x @ (w - up @ down).T) < torch.linalg.norm(x @ (w - plain).T)
+
+
+def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
+    pytest.importorskip("lm_eval")
+    from leanfm.eval.lm_eval_adapter import run_cloze
+
+    model, tokenizer = load_model("tiny-llama")
+    report = compress_model(model, tokenizer, ratio=0.3, **SMALL)
+    save_compressed(model, tokenizer, tmp_path / "c", report)
+    metrics = run_cloze(str(tmp_path / "c"), tmp_path / "task", limit=4)
+    assert metrics["sample_len"] == 4 and 0.0 <= metrics["acc,none"] <= 1.0

@@ -115,9 +115,10 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
             sums[i] += (1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum()
 
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    body = model.base_model  # the decoder stack without the LM head: no [batch, T, vocab] logits to hold
     try:
         for batch in progress(calib.split(batch_size), desc="importance"):
-            model(input_ids=batch, use_cache=False)
+            body(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
