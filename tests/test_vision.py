@@ -1,0 +1,120 @@
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+from leanfm.errors import LeanfmError
+from leanfm.vision import tofu, tome
+from leanfm.vision.merge import bipartite_soft_matching, reduce_tokens
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    config = ViTConfig(image_size=28, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=4,
+                       num_attention_heads=2, intermediate_size=64, num_labels=10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTForImageClassification(config).eval()
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("patch", [tome.apply_patch, tofu.apply_patch])
+def test_r_zero_is_bit_identical(patch):
+    model = tiny_vit()
+    x = images()
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+        patch(model, r=0)
+        assert torch.equal(model(pixel_values=x).logits, reference)
+
+
+def test_token_counts_follow_the_schedule():
+    model = tiny_vit()
+    schedule = [10, 20, 0, 30]
+    tofu.apply_patch(model, r=schedule, prune_layers=2)
+    with torch.no_grad():
+        model(pixel_values=images())
+    assert model._leanfm_reduction.state.tokens == [197, 187, 167, 167]
+    tome.apply_patch(model, r=8)  # re-patching replaces the old patch
+    with torch.no_grad():
+        model(pixel_values=images())
+    assert model._leanfm_reduction.state.tokens == [197, 189, 181, 173]
+
+
+def test_sizes_sum_to_original_token_count_when_merging():
+    model = tiny_vit()
+    tome.apply_patch(model, r=[40, 30, 20, 10])
+    with torch.no_grad():
+        model(pixel_values=images(3))
+    size = model._leanfm_reduction.state.size
+    assert size.shape == (3, 197 - 100, 1)
+    assert torch.allclose(size.sum(1), torch.full((3, 1), 197.0))
+    assert size[:, 0].eq(1).all()  # the class token is never merged
+
+
+def test_mlerp_keeps_max_norm_and_equals_average_for_parallel_tokens():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 8, generator=gen)
+    size = torch.ones(2, 11, 1)
+    matching = bipartite_soft_matching(x, 4)
+    avg, _ = reduce_tokens(x, size, matching, "average")
+    mlerp, merged_size = reduce_tokens(x, size, matching, "mlerp")
+    # every merged group keeps the largest input norm of the group
+    for b in range(2):
+        for j in range(matching.r):
+            dst = int(matching.dst[b, j])
+            src = int(matching.src[b, j])
+            group = [x[b, 1::2][dst], x[b, ::2][src]] + [
+                x[b, ::2][int(s)] for s, d in zip(matching.src[b, :, 0], matching.dst[b, :, 0], strict=True) if int(d) == dst
+            ]
+            out = mlerp[b, matching.unmatched.shape[1] + dst]
+            assert out.norm() == pytest.approx(max(float(g.norm()) for g in group), rel=1e-5)
+    assert merged_size.sum() == 22
+    same = torch.randn(8, generator=gen).expand(2, 11, 8).clone()  # parallel tokens of equal norm
+    m = bipartite_soft_matching(same, 4)
+    torch.testing.assert_close(reduce_tokens(same, size, m, "mlerp")[0], reduce_tokens(same, size, m, "average")[0])
+    assert avg.shape == (2, 7, 8)
+
+
+def test_prune_drops_matched_tokens_unchanged():
+    x = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(2))
+    matching = bipartite_soft_matching(x, 3)
+    out, size = reduce_tokens(x, torch.ones(1, 9, 1), matching, "prune")
+    assert out.shape == (1, 6, 4) and torch.equal(out[:, 0], x[:, 0])
+    assert torch.equal(out[:, -4:], x[:, 1::2]) and size.sum() == 6
+
+
+def test_patch_remove_round_trip_restores_outputs_and_keys():
+    model = tiny_vit()
+    x = images()
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+        tofu.apply_patch(model, r=16)
+        assert not torch.equal(model(pixel_values=x).logits, reference)
+        assert set(model.state_dict()) == keys
+        tofu.remove_patch(model)
+        assert torch.equal(model(pixel_values=x).logits, reference)
+    assert type(model.vit.layers[0]).__name__ == "ViTLayer" and not hasattr(model, "_leanfm_reduction")
+
+
+def test_patched_model_trains():
+    model = tiny_vit().train()
+    tofu.apply_patch(model, r=8)
+    loss = torch.nn.functional.cross_entropy(model(pixel_values=images()).logits, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.vit.layers[-1].mlp.parameters())
+
+
+@pytest.mark.parametrize(("r", "message"), [(-1, "negative"), (99, "more than 50%"), ([1, 2], "one per layer")])
+def test_bad_r(r, message):
+    with pytest.raises(LeanfmError, match=message):
+        tome.apply_patch(tiny_vit(), r=r)
+
+
+def test_linearity_profile_and_split():
+    errors = tofu.linearity_profile(tiny_vit(), images(6))
+    assert len(errors) == 4 and all(e >= 0 for e in errors)
+    assert tofu.split_by_linearity([0.9, 0.8, 0.1, 0.05]) == 2
+    assert tofu.split_by_linearity([0.3, 0.2], threshold=0.0) == 2
