@@ -116,3 +116,34 @@ def test_linearity_profile_and_split():
     assert len(errors) == 4 and all(e >= 0 for e in errors)
     assert tofu.split_by_linearity([0.9, 0.8, 0.1, 0.05]) == 2
     assert tofu.split_by_linearity([0.3, 0.2], threshold=0.0) == 2
+
+
+def test_fashion_mnist_reader():
+    from leanfm.data.images import fashion_mnist
+
+    images, labels = fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
+    assert labels.tolist()[:5] == [9, 2, 1, 1, 6] and set(labels.tolist()) == set(range(10))
+    with pytest.raises(LeanfmError, match="accepted: train, test"):
+        fashion_mnist("validation")
+
+
+def test_train_resume_and_bench_cli(tmp_path, capsys):
+    import json
+
+    from leanfm.cli import main
+    from leanfm.vision.train import ViTTrainConfig, train_vit
+
+    config = ViTTrainConfig(hidden_size=32, heads=2, mlp=64, layers=2, epochs=1, batch_size=32, train_limit=192,
+                            checkpoint_every=3, warmup_steps=2)
+    first = train_vit(tmp_path / "a", config)
+    assert (tmp_path / "a" / "checkpoint" / "state.pt").is_file() and first["steps"] == 6
+    # a run resumed from its step-6 checkpoint does no more steps and ends with the same weights
+    again = train_vit(tmp_path / "a", config)
+    assert again["accuracy"] == first["accuracy"]
+    code = main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tofu", "--r", "8", "--limit", "64",
+                 "--json", "-"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["method"] == "tofu" and result["images"] == 64 and 0 <= result["accuracy"] <= 1
+    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tome", "--r", "-3"]) == 2
+    assert "negative" in capsys.readouterr().err

@@ -94,6 +94,33 @@ def _add_compress(sub: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="write the compression report as JSON ('-' = stdout)")
 
 
+def _r_value(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer or a comma-separated list of integers") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _add_vision(sub: Any) -> None:
+    p = sub.add_parser("vision", help="ViT training and token reduction (ToMe, ToFu)")
+    vsub = p.add_subparsers(dest="vision_command", parser_class=_Parser, required=True)
+    t = vsub.add_parser("train", help="train a small ViT on Fashion-MNIST (196 tokens per image)")
+    t.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
+    t.add_argument("--out", required=True, help="output folder (model/, metrics.json, checkpoint/)")
+    t.add_argument("--epochs", type=_positive_int, default=5)
+    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    b = vsub.add_parser("bench", help="test accuracy and images/s with a token-reduction method")
+    b.add_argument("model", help="folder written by 'leanfm vision train'")
+    b.add_argument("--method", default="none", help="none (default), tome or tofu")
+    b.add_argument("--r", type=_r_value, default=0, help="tokens removed per layer: N or a list N1,N2,...")
+    b.add_argument("--prune-layers", default="half", help="ToFu: leading layers that prune ('half' or N)")
+    b.add_argument("--merge", default="mlerp", help="ToFu merge in later layers: mlerp (default) or average")
+    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--limit", type=_positive_int, default=None, help="use only the first N test images")
+    b.add_argument("--json", metavar="PATH", help="write the result as JSON ('-' = stdout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``leanfm`` argument parser."""
     parser = _Parser(prog="leanfm", description="Make foundation models small, fast and adaptable.")
@@ -107,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_lm_eval(sub)
     _add_compress(sub)
+    _add_vision(sub)
     return parser
 
 
@@ -220,9 +248,33 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vision(args: argparse.Namespace) -> int:
+    if args.vision_command == "train":
+        from leanfm.vision.train import ViTTrainConfig, train_vit
+
+        metrics = train_vit(Path(args.out), ViTTrainConfig(epochs=args.epochs), resume=not args.no_resume)
+        _print_table([(k, _fmt(metrics[k])) for k in ("accuracy", "images_per_s", "steps", "train_seconds")])
+        return 0
+    from leanfm.paths import check_writable_file
+    from leanfm.vision.bench import bench
+
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    extra = {}
+    if args.method == "tofu":
+        prune = args.prune_layers if args.prune_layers == "half" else int(args.prune_layers)
+        extra = {"prune_layers": prune, "merge": args.merge}
+    result = bench(Path(args.model), args.method, args.r, limit=args.limit, batch_size=args.batch_size, **extra)
+    if args.json != "-":
+        _print_table([(k, _fmt(v)) for k, v in result.items()])
+    _emit_json(result, args.json)
+    return 0
+
+
 COMMANDS = {
     "models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report, "lm-eval": cmd_lm_eval,
     "compress": cmd_compress,
+    "vision": cmd_vision,
 }
 
 
