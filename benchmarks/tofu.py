@@ -1,0 +1,140 @@
+"""ToFu vs ToMe vs no reduction on a ViT trained here on Fashion-MNIST: accuracy against images/s.
+
+    python benchmarks/tofu.py            # trains the ViT first if needed (resumable), then sweeps r
+
+The ViT (196 patch tokens + class token) is trained by ``leanfm.vision.train`` and cached under
+``$LEANFM_HOME/vision/fashion-mnist-vit``. For every r, accuracy is measured on the full 10k test set and
+throughput (batch 64) alternately over the methods in rounds, medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from leanfm.data.images import fashion_mnist, to_pixel_values
+from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
+from leanfm.progress import set_quiet
+from leanfm.report.report import write_section
+from leanfm.vision import tofu
+from leanfm.vision.bench import patch_for
+from leanfm.vision.train import ViTTrainConfig, accuracy_and_throughput, load_vit, read_metrics, train_vit
+
+VARIANTS = {  # label -> (method, tofu kwargs)
+    "tome": ("tome", {}),
+    "tofu": ("tofu", {"merge": "mlerp"}),
+    "tofu-average": ("tofu", {"merge": "average"}),
+}
+
+
+@torch.no_grad()
+def images_per_s(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        model(pixel_values=batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def plot(rows: list[dict], base: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label in [*VARIANTS, "tofu-linearity"]:
+        pts = sorted((r["images_per_s"], r["accuracy"] * 100) for r in rows if r["label"] == label)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.scatter([base["images_per_s"]], [base["accuracy"] * 100], color="black", zorder=3, label="no reduction")
+    ax.set(xlabel="images/s (batch 64, 2 threads)", ylabel="test accuracy (%)",
+           title="ViT on Fashion-MNIST: token reduction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="trained ViT folder (default: train/cache one)")
+    parser.add_argument("--rs", type=int, nargs="+", default=[8, 16, 24, 32, 36, 39])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--speed-batches", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("results/tofu"))
+    parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    set_quiet(True)
+    folder = args.model or leanfm_home() / "vision" / "fashion-mnist-vit"
+    if not (folder / "metrics.json").is_file():
+        train_vit(folder, ViTTrainConfig())
+    trained = read_metrics(folder)
+    model = load_vit(folder)
+    images, labels = fashion_mnist("test")
+    calib = to_pixel_values(fashion_mnist("train")[0][:64])
+    profile = tofu.linearity_profile(model, calib)
+    split = tofu.split_by_linearity(profile)
+    variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
+    batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
+    base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none", 0), images, labels)}
+    rows = []
+    for r in args.rs:
+        speeds: dict[str, list[float]] = {label: [] for label in ["none", *variants]}
+        for _ in range(args.rounds):  # alternate methods within each round: same machine state for all
+            for label in speeds:
+                method, kwargs = ("none", {}) if label == "none" else variants[label]
+                speeds[label].append(images_per_s(patch_for(model, method, 0 if label == "none" else r, **kwargs),
+                                                  batches))
+        for label, (method, kwargs) in variants.items():
+            quality = accuracy_and_throughput(patch_for(model, method, r, **kwargs), images, labels)
+            rows.append({"label": label, "r": r, "accuracy": quality["accuracy"],
+                         "images_per_s": statistics.median(speeds[label]),
+                         "speedup": statistics.median(speeds[label]) / statistics.median(speeds["none"]),
+                         "tokens_per_layer": list(model._leanfm_reduction.state.tokens)})
+            print(rows[-1], flush=True)
+    patch_for(model, "none", 0)
+    summary = {"trained": trained, "base": base, "linearity_profile": profile, "linearity_split": split, "rows": rows}
+    atomic_write_json(args.out.with_suffix(".json"), summary)
+    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base))
+    write_section(args.benchmarks_md, "tofu", markdown(summary, args))
+
+
+def markdown(summary: dict, args: argparse.Namespace) -> str:
+    base, trained = summary["base"], summary["trained"]
+    lines = [
+        "## ToFu (accelerate)", "",
+        "Claim (paper): ToFu's accuracy >= ToMe's at equal speed; >= 1.6x images/s at <= 1 point accuracy loss "
+        "(off the shelf, no retraining).", "",
+        f"Setting: a transformers ViT ({trained['config']['layers']} layers, width {trained['config']['hidden_size']}, "
+        f"patch 2 -> 196 tokens + class token) trained here on Fashion-MNIST for {trained['config']['epochs']} epochs "
+        f"({trained['train_seconds'] / 60:.0f} min on 2 cores): test accuracy **{base['accuracy'] * 100:.2f}%** at "
+        f"{base['images_per_s']:.0f} images/s. r = tokens removed per layer. Throughput: batch 64, 2 threads, "
+        f"methods alternated in {args.rounds} rounds, medians; speed-up vs no reduction in the same rounds. "
+        f"ToFu split (prune in the first layers, MLERP later): `tofu` uses half depth; `tofu-linearity` uses the "
+        f"paper's criterion (layer nonlinearity on interpolated calibration inputs: "
+        f"{', '.join(f'{e:.3f}' for e in summary['linearity_profile'])} -> prune the first "
+        f"{summary['linearity_split']} layers); `tofu-average` is the ablation with plain averaging.", "",
+        "| r | " + " | ".join(f"{v} acc % / speed-up" for v in [*VARIANTS, "tofu-linearity"]) + " |",
+        "|---|" + "---|" * (len(VARIANTS) + 1),
+    ]
+    for r in sorted({row["r"] for row in summary["rows"]}):
+        cells = []
+        for label in [*VARIANTS, "tofu-linearity"]:
+            row = next(x for x in summary["rows"] if x["r"] == r and x["label"] == label)
+            cells.append(f"{row['accuracy'] * 100:.2f} / {row['speedup']:.2f}x")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "![ToFu vs ToMe](results/tofu.png)", "", "Regenerate: `python benchmarks/tofu.py`"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
