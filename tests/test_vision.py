@@ -128,19 +128,36 @@ def test_fashion_mnist_reader():
         fashion_mnist("validation")
 
 
-def test_train_resume_and_bench_cli(tmp_path, capsys):
+def test_train_resume_and_bench_cli(tmp_path, capsys, monkeypatch):
     import json
 
     from leanfm.cli import main
-    from leanfm.vision.train import ViTTrainConfig, train_vit
+    from leanfm.vision.train import ViTTrainConfig, load_vit, train_vit
 
     config = ViTTrainConfig(hidden_size=32, heads=2, mlp=64, layers=2, epochs=1, batch_size=32, train_limit=192,
                             checkpoint_every=3, warmup_steps=2)
     first = train_vit(tmp_path / "a", config)
     assert (tmp_path / "a" / "checkpoint" / "state.pt").is_file() and first["steps"] == 6
-    # a run resumed from its step-6 checkpoint does no more steps and ends with the same weights
-    again = train_vit(tmp_path / "a", config)
-    assert again["accuracy"] == first["accuracy"]
+
+    import leanfm.vision.train as train_module
+
+    original_lr = train_module._lr_at
+
+    def interrupt_at_step_4(step, total, cfg):
+        if step == 4:
+            raise KeyboardInterrupt  # Ctrl-C after the step-3 checkpoint
+        return original_lr(step, total, cfg)
+
+    monkeypatch.setattr(train_module, "_lr_at", interrupt_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_vit(tmp_path / "b", config)
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "model").exists()
+    resumed = train_vit(tmp_path / "b", config)  # continues from step 3
+    assert resumed["accuracy"] == first["accuracy"]
+    a = load_vit(tmp_path / "a").state_dict()
+    b = load_vit(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     code = main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tofu", "--r", "8", "--limit", "64",
                  "--json", "-"])
     result = json.loads(capsys.readouterr().out)
