@@ -44,3 +44,23 @@ def test_lm_eval_adapter_agrees_with_our_cloze(smollm2, tmp_path):
     ours = cloze_accuracy(model, tokenizer, items)
     theirs = run_cloze("smollm2-135m", tmp_path, limit=24)["acc,none"]
     assert theirs == pytest.approx(ours, abs=1 / 24 + 1e-9)  # same items, same greedy criterion
+
+
+def test_modegpt_on_smollm2_keeps_a_working_model(tmp_path):
+    """The real GQA model (9 query / 3 KV heads, RoPE) through compress -> save -> reload -> eval."""
+    from transformers import AutoModelForCausalLM
+
+    from leanfm import load_model
+    from leanfm.compress import compress_model, save_compressed
+
+    model, tokenizer = load_model("smollm2-135m")
+    dense = evaluate(model, tokenizer, seqlen=256, windows=4, cloze=0, speed=False).perplexity
+    report = compress_model(model, tokenizer, ratio=0.3, calib_samples=8, calib_seqlen=256)
+    assert abs(report.achieved_ratio - 0.3) < 0.02
+    save_compressed(model, tokenizer, tmp_path / "mg", report)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mg")
+    compressed = evaluate(reloaded, tokenizer, seqlen=256, windows=4, cloze=0, speed=False).perplexity
+    assert dense < compressed < 4 * dense  # measured ~1.8x at 32 x 512 calibration
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    text = tokenizer.decode(reloaded.generate(**ids, max_new_tokens=8, do_sample=False)[0])
+    assert len(text) > len("The capital of France is")
