@@ -71,7 +71,13 @@ def main() -> None:
     parser.add_argument("--speed-batches", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/tofu"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the section from OUT.json, no runs")
     args = parser.parse_args()
+    if args.render_only:
+        import json
+
+        write_section(args.benchmarks_md, "tofu", markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
+        return
     torch.set_num_threads(2)
     set_quiet(True)
     folder = args.model or leanfm_home() / "vision" / "fashion-mnist-vit"
@@ -116,7 +122,7 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         "(off the shelf, no retraining).", "",
         f"Setting: a transformers ViT ({trained['config']['layers']} layers, width {trained['config']['hidden_size']}, "
         f"patch 2 -> 196 tokens + class token) trained here on Fashion-MNIST for {trained['config']['epochs']} epochs "
-        f"({trained['train_seconds'] / 60:.0f} min on 2 cores): test accuracy **{base['accuracy'] * 100:.2f}%** at "
+        f"({trained['train_seconds'] / 60:.0f} min of training on this CPU): test accuracy **{base['accuracy'] * 100:.2f}%** at "
         f"{base['images_per_s']:.0f} images/s. r = tokens removed per layer. Throughput: batch 64, 2 threads, "
         f"methods alternated in {args.rounds} rounds, medians; speed-up vs no reduction in the same rounds. "
         f"ToFu split (prune in the first layers, MLERP later): `tofu` uses half depth; `tofu-linearity` uses the "
@@ -132,7 +138,22 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
             row = next(x for x in summary["rows"] if x["r"] == r and x["label"] == label)
             cells.append(f"{row['accuracy'] * 100:.2f} / {row['speedup']:.2f}x")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "![ToFu vs ToMe](results/tofu.png)", "", "Regenerate: `python benchmarks/tofu.py`"]
+    best = max(r["r"] for r in summary["rows"])
+    tome_row = next(r for r in summary["rows"] if r["label"] == "tome" and r["r"] == best)
+    tofu_row = next(r for r in summary["rows"] if r["label"] == "tofu" and r["r"] == best)
+    lines += [
+        "",
+        f"Reading: at equal r (hence equal token counts and, within noise, equal images/s) ToMe keeps accuracy "
+        f"better than ToFu here (r={best}: {tome_row['accuracy'] * 100:.2f}% vs "
+        f"{tofu_row['accuracy'] * 100:.2f}%), so "
+        "the claim *ToFu >= ToMe at equal speed* is not reproduced on this model; pruning the early layers costs "
+        "more than merging them. MLERP and plain averaging agree within 0.02 points: in a 4-layer ViT only one "
+        "merging layer feeds another layer, whose LayerNorm removes the norm difference MLERP introduces (MLERP "
+        "only rescales the average), so MLERP can only matter in deeper models. The largest constant r that keeps every layer under the 50% "
+        f"limit gives {tofu_row['speedup']:.2f}x, short of the 1.6x target; the base ViT (81.6%) is below the 90% "
+        "aimed for, and both need a deeper, longer-trained ViT.",
+        "", "![ToFu vs ToMe](results/tofu.png)", "", "Regenerate: `python benchmarks/tofu.py`",
+    ]
     return "\n".join(lines)
 
 
