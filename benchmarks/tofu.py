@@ -122,7 +122,8 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         "(off the shelf, no retraining).", "",
         f"Setting: a transformers ViT ({trained['config']['layers']} layers, width {trained['config']['hidden_size']}, "
         f"patch 2 -> 196 tokens + class token) trained here on Fashion-MNIST for {trained['config']['epochs']} epochs "
-        f"({trained['train_seconds'] / 60:.0f} min of training on this CPU): test accuracy **{base['accuracy'] * 100:.2f}%** at "
+        f"({trained['train_seconds'] / 60:.0f} min of training on this CPU): "
+        f"test accuracy **{base['accuracy'] * 100:.2f}%** at "
         f"{base['images_per_s']:.0f} images/s. r = tokens removed per layer. Throughput: batch 64, 2 threads, "
         f"methods alternated in {args.rounds} rounds, medians; speed-up vs no reduction in the same rounds. "
         f"ToFu split (prune in the first layers, MLERP later): `tofu` uses half depth; `tofu-linearity` uses the "
@@ -149,7 +150,8 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         "the claim *ToFu >= ToMe at equal speed* is not reproduced on this model; pruning the early layers costs "
         "more than merging them. MLERP and plain averaging agree within 0.02 points: in a 4-layer ViT only one "
         "merging layer feeds another layer, whose LayerNorm removes the norm difference MLERP introduces (MLERP "
-        "only rescales the average), so MLERP can only matter in deeper models. The largest constant r that keeps every layer under the 50% "
+        "only rescales the average), so MLERP can only matter in deeper models. "
+        "The largest constant r that keeps every layer under the 50% "
         f"limit gives {tofu_row['speedup']:.2f}x, short of the 1.6x target; the base ViT (81.6%) is below the 90% "
         "aimed for, and both need a deeper, longer-trained ViT.",
         "", "![ToFu vs ToMe](results/tofu.png)", "", "Regenerate: `python benchmarks/tofu.py`",
