@@ -7,14 +7,12 @@ resources (MiniLM, espeak-ng, Fashion-MNIST, Python docs). Missing optional reso
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from leanfm.data.corpus import corpus
+from leanfm.data.images import FASHION_MNIST_DIR, fashion_mnist
 from leanfm.errors import LeanfmError
 from leanfm.models import smollm2
 from leanfm.models.registry import minilm_folder
-
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _status(check: object) -> str:
@@ -34,7 +32,8 @@ def prepare_caches() -> dict[str, str]:
         "python docs": _status(lambda: f"{len(corpus('pydocs', 'eval')):,} chars in eval"),
         "espeak-ng": _status(lambda: shutil.which("espeak-ng") or _missing("espeak-ng", "espeak-ng")),
         "fashion-mnist": _status(
-            lambda: FASHION_MNIST if FASHION_MNIST.is_dir() else _missing("fashion-mnist", "dataset-fashion-mnist")
+            lambda: f"{len(fashion_mnist('test')[1]):,} test images" if FASHION_MNIST_DIR.is_dir()
+            else _missing("fashion-mnist", "dataset-fashion-mnist")
         ),
     }
 

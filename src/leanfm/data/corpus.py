@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import zlib
-from pathlib import Path
 
 from leanfm.data.debian import find_package_path
 from leanfm.data.rdata import read_lazyload_db
@@ -115,8 +114,3 @@ def corpus(name: str, split: str = "eval") -> str:
     if not text.strip():
         raise LeanfmError(f"corpus '{name}' split '{split}' is empty")
     return text
-
-
-def corpus_path_hint() -> Path:
-    """Where extracted corpora are cached (for documentation and ``leanfm setup``)."""
-    return leanfm_home() / "corpora"

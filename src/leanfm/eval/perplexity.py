@@ -28,11 +28,6 @@ class PerplexityResult:
     windows: int
     seconds: float
 
-    @property
-    def tokens_per_s(self) -> float:
-        """Scoring throughput (tokens through the model per second, all windows)."""
-        return self.windows * (self.tokens / max(self.windows, 1) + 1) / max(self.seconds, 1e-9)
-
 
 @torch.inference_mode()
 def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
