@@ -164,3 +164,7 @@ def test_train_resume_and_bench_cli(tmp_path, capsys, monkeypatch):
     assert code == 0 and result["method"] == "tofu" and result["images"] == 64 and 0 <= result["accuracy"] <= 1
     assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tome", "--r", "-3"]) == 2
     assert "negative" in capsys.readouterr().err
+    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tofu", "--prune-layers", "x"]) == 2
+    assert "--prune-layers 'x' is invalid" in capsys.readouterr().err
+    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "fast"]) == 2
+    assert "unknown method 'fast'; accepted: none, tome, tofu" in capsys.readouterr().err

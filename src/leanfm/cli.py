@@ -262,6 +262,8 @@ def cmd_vision(args: argparse.Namespace) -> int:
         check_writable_file(args.json)
     extra = {}
     if args.method == "tofu":
+        if args.prune_layers != "half" and not args.prune_layers.isdigit():
+            raise LeanfmError(f"--prune-layers '{args.prune_layers}' is invalid; accepted: half or an integer >= 0")
         prune = args.prune_layers if args.prune_layers == "half" else int(args.prune_layers)
         extra = {"prune_layers": prune, "merge": args.merge}
     result = bench(Path(args.model), args.method, args.r, limit=args.limit, batch_size=args.batch_size, **extra)
