@@ -8,8 +8,9 @@ from conftest import TINY
 from leanfm import load_model
 from leanfm.cli import main
 from leanfm.compress import ModegptConfig, compress_model, save_compressed
-from leanfm.compress.modegpt import _gather_heads, allocate_sparsity, load_block_weights, qkv_params
+from leanfm.compress.modegpt import allocate_sparsity
 from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
+from leanfm.compress.surgery import gather_heads, load_block_weights, qkv_params
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.models import get_adapter
@@ -105,8 +106,8 @@ def _restrict_to_pairs(name: str, rope_index: list[list[int]]):
         full = dense_spec(compressed, adapter, i)
         spec = LayerSpec(full.intermediate, 4, layout.head_dim, rope_index, layout.num_heads,
                          layout.num_kv_heads, layout.head_dim)
-        q = _gather_heads(p["wq"].clone(), p["bq"], dims, layout.head_dim, layout.num_heads)
-        k = _gather_heads(p["wk"].clone(), p["bk"], dims, layout.head_dim, layout.num_kv_heads)
+        q = gather_heads(p["wq"].clone(), p["bq"], dims, layout.head_dim, layout.num_heads)
+        k = gather_heads(p["wk"].clone(), p["bk"], dims, layout.head_dim, layout.num_kv_heads)
         mlp_in = [(lin.weight.data.clone(), None if lin.bias is None else lin.bias.data) for lin in parts.mlp_in]
         down, v = (parts.mlp_out.weight.data.clone(), parts.mlp_out.bias), (p["wv"].clone(), p["bv"])
         o = (parts.o.weight.data.clone(), parts.o.bias)

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from leanfm.compress.engine import BlockStats
-from leanfm.compress.modegpt import (
-    _gather_heads,
+from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
+from leanfm.compress.surgery import (
+    gather_heads,
+    gather_rows,
     load_block_weights,
     mlp_width_for_budget,
     qkv_params,
     select_head_dims,
 )
-from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
 from leanfm.models.adapters import get_adapter
 
 
@@ -46,21 +47,21 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ri
     q_score = _wanda_rows(p["wq"], x_norm).view(layout.num_kv_heads, group, hd).sum(1)
     k_score = _wanda_rows(p["wk"], x_norm).view(layout.num_kv_heads, hd)
     dims, rope_index = select_head_dims(q_score + k_score, layout, keep)
-    q = _gather_heads(p["wq"], p["bq"], dims, hd, layout.num_heads)
-    k = _gather_heads(p["wk"], p["bk"], dims, hd, layout.num_kv_heads)
+    q = gather_heads(p["wq"], p["bq"], dims, hd, layout.num_heads)
+    k = gather_heads(p["wk"], p["bk"], dims, hd, layout.num_kv_heads)
 
     width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
     mid_norm = stats.mlp_mid.diagonal().clamp_min(0).sqrt()
     mlp_score = mid_norm * parts.mlp_out.weight.abs().double().sum(0)
     kept = mlp_score.topk(width).indices.sort().values
-    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
+    mlp_in = gather_rows(parts.mlp_in, kept)
     down = (parts.mlp_out.weight.data[:, kept], parts.mlp_out.bias)
 
     o_score = stats.o_in.diagonal().clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0)  # [H*hd]
     o_score = o_score.view(layout.num_kv_heads, group, hd).sum(1)  # [KV, hd]
     v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v_dims = o_score.topk(v_dim, dim=1).indices.sort(dim=1).values  # [KV, v_dim]
-    v = _gather_heads(p["wv"], p["bv"], v_dims, hd, layout.num_kv_heads)
+    v = gather_heads(p["wv"], p["bv"], v_dims, hd, layout.num_kv_heads)
     o_cols = torch.cat([h * hd + v_dims[h // group] for h in range(layout.num_heads)])
     o = (parts.o.weight.data[:, o_cols], parts.o.bias)
 

@@ -38,8 +38,16 @@ from leanfm.compress.engine import (
     run_block,
 )
 from leanfm.compress.structure import LayerSpec, finalize, restructure_block
+from leanfm.compress.surgery import (
+    gather_heads,
+    gather_rows,
+    load_block_weights,
+    mlp_width_for_budget,
+    qkv_params,
+    select_head_dims,
+)
 from leanfm.errors import LeanfmError
-from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
+from leanfm.models.adapters import AttentionLayout, get_adapter
 from leanfm.progress import progress
 
 log = logging.getLogger(__name__)
@@ -115,26 +123,6 @@ def _row_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((w @ gram) * w).sum(-1).clamp_min(0)
 
 
-def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
-    """Kept q/k dims per KV group from per-dim scores ``[KV, hd]``, rotary partners kept together.
-
-    Returns ``(dims [KV, qk_dim], rope_index [KV][pairs])`` with dims ordered
-    ``[kept pair firsts | their partners | kept non-rotary dims]`` (the :class:`CompressedAttention` layout).
-    """
-    hd, rot = layout.head_dim, layout.rotary_dim
-    half = rot // 2
-    width = max(2 if half else 1, round(keep * hd))
-    n_pairs = min(half, max(1 if half else 0, round(keep * half)))
-    n_pass = min(hd - rot, max(0, width - 2 * n_pairs))
-    dims, rope_index = [], []
-    for g in range(layout.num_kv_heads):
-        pairs = (score[g, :half] + score[g, half:rot]).topk(n_pairs).indices.sort().values
-        rest = (score[g, rot:].topk(n_pass).indices.sort().values + rot) if n_pass else torch.empty(0, dtype=torch.long)
-        dims.append(torch.cat((pairs, pairs + half, rest)))
-        rope_index.append(pairs.tolist())
-    return torch.stack(dims), (rope_index if half else [])
-
-
 def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
     """Type II. Scores ``sqrt(E_q[j] E_k[j])`` summed over each KV group's query heads, then selection."""
     hd = layout.head_dim
@@ -172,39 +160,6 @@ def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: to
     return v_weight, v_bias, o_weight
 
 
-def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, keep: float) -> int:
-    """MLP width that makes the block keep fraction ``keep`` of its weights, given the chosen head width.
-
-    Head widths move in steps of whole dims (pairs with RoPE), so the MLP absorbs the rounding and the
-    achieved ratio matches the request.
-    """
-    hidden, mid = parts.o.out_features, parts.mlp_out.in_features
-    per_head_dim = (2 * layout.num_heads + 2 * layout.num_kv_heads) * hidden  # q, o and k, v weights
-    mlp_per_channel = (len(parts.mlp_in) + 1) * hidden
-    budget = keep * (per_head_dim * layout.head_dim + mlp_per_channel * mid)
-    return int(min(mid, max(1, round((budget - per_head_dim * head_width) / mlp_per_channel))))
-
-
-def qkv_params(adapter: ArchAdapter, block: nn.Module, layout: AttentionLayout) -> dict[str, torch.Tensor | None]:
-    """q/k/v weights ``[rows, in]`` and biases of a block, splitting a fused projection when needed."""
-    parts = adapter.parts(block)
-    wq, wk, wv = adapter.split_qkv(block, layout)
-    if parts.qkv is not None:
-        bias = parts.qkv.bias
-        split = bias.view(layout.num_heads, 3, layout.head_dim) if bias is not None else None
-        biases = [split[:, i].reshape(-1) if split is not None else None for i in range(3)]
-    else:
-        biases = [getattr(parts, n).bias for n in "qkv"]
-    return {"wq": wq, "wk": wk, "wv": wv, "bq": biases[0], "bk": biases[1], "bv": biases[2]}
-
-
-def _gather_heads(weight: torch.Tensor, bias: torch.Tensor | None, dims: torch.Tensor, hd: int, heads: int) -> tuple:
-    """Rows of ``weight`` for each head's kept ``dims`` (``dims[g]`` used by all heads of group g)."""
-    group = heads // dims.shape[0]
-    rows = torch.cat([h * hd + dims[h // group] for h in range(heads)])
-    return weight[rows], (bias[rows] if bias is not None else None)
-
-
 def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float) -> LayerSpec:
     """Rewrite block ``index`` in place with MoDeGPT at keep fraction ``keep``; returns its spec."""
     adapter = get_adapter(model)
@@ -215,9 +170,9 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep)
     width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
     kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, width, ridge)
-    mlp_in = [(lin.weight.data[kept], lin.bias.data[kept] if lin.bias is not None else None) for lin in parts.mlp_in]
-    q = _gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
-    k = _gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
+    mlp_in = gather_rows(parts.mlp_in, kept)
+    q = gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
+    k = gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
     v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v = vo_svd(p["wv"], p["bv"], parts.o.weight.data, stats.attn_in, layout, v_dim)
     heads = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
@@ -226,22 +181,6 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     restructure_block(model, index, spec)
     load_block_weights(model, index, mlp_in, (down, down_bias), q, k, (v[0], v[1]), (v[2], o_bias))
     return spec
-
-
-def load_block_weights(model: nn.Module, index: int, mlp_in: list, down: tuple, q: tuple, k: tuple, v: tuple,
-                       o: tuple) -> None:
-    """Copy ``(weight, bias)`` pairs into a restructured block (biases may be None)."""
-    adapter = get_adapter(model)
-    block = adapter.blocks(model)[index]
-    parts = adapter.parts(block)
-    attention = block.get_submodule(adapter.attn)
-    targets = [*zip(parts.mlp_in, mlp_in, strict=True), (parts.mlp_out, down), (attention.q_proj, q),
-               (attention.k_proj, k), (attention.v_proj, v), (attention.o_proj, o)]
-    with torch.no_grad():
-        for linear, (weight, bias) in targets:
-            linear.weight.copy_(weight)
-            if linear.bias is not None and bias is not None:
-                linear.bias.copy_(bias)
 
 
 @dataclass
