@@ -80,9 +80,9 @@ def _ratio(text: str) -> float:
 def _add_compress(sub: Any) -> None:
     from leanfm.compress.modegpt import ALLOCATIONS
 
-    p = sub.add_parser("compress", help="structured compression without training (modegpt, wanda-sp)")
+    p = sub.add_parser("compress", help="structured compression (modegpt, disp, baselines wanda-sp, svd-llm)")
     p.add_argument("model", help="registered name, checkpoint folder or hub id")
-    p.add_argument("--method", default="modegpt", help="modegpt (default) or wanda-sp")
+    p.add_argument("--method", default="modegpt", help="modegpt (default), disp, wanda-sp or svd-llm")
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of block parameters to remove, 0 < R < 1")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -92,6 +92,18 @@ def _add_compress(sub: Any) -> None:
     p.add_argument("--epsilon", type=float, default=0.1, help="softmax temperature of the global allocation")
     p.add_argument("--dtype", default="float32", help="dtype of the saved checkpoint (compression runs in float32)")
     p.add_argument("--json", metavar="PATH", help="write the compression report as JSON ('-' = stdout)")
+    d = p.add_argument_group("disp (hypernetwork training; run under torchrun for data parallelism)")
+    d.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
+    d.add_argument("--lr", type=float, default=1e-3, help="hypernetwork learning rate (default 1e-3)")
+    d.add_argument("--lambda", dest="lam", type=float, default=6.0, help="parameter regulariser weight (default 6)")
+    d.add_argument("--sampler", default="reinmax", help="mask sampler: reinmax (default) or gumbel")
+    d.add_argument("--tau", type=float, default=None, help="sampler temperature (default 1.0 reinmax, 0.4 gumbel)")
+    d.add_argument("--batch-size", type=_positive_int, default=4, help="global batch of windows (default 4)")
+    d.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per training window (default 256)")
+    d.add_argument("--checkpoint-every", type=_positive_int, default=25, help="steps between checkpoints")
+    d.add_argument("--checkpoint", metavar="DIR", help="training checkpoint folder (default: OUT.training)")
+    d.add_argument("--resume", action="store_true", help="continue from the training checkpoint")
+    d.add_argument("--no-autocast", action="store_true", help="train in float32 instead of bfloat16 autocast")
 
 
 def _r_value(text: str) -> int | list[int]:
@@ -234,18 +246,62 @@ def cmd_compress(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype)
     if args.json and args.json != "-":
         check_writable_file(args.json)
+    if args.method == "disp":
+        return _compress_disp(args, out, dtype)
     model, tokenizer = leanfm.load_model(args.model)
     report = compress_model(
         model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation, epsilon=args.epsilon,
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
     )
     save_compressed(model.to(dtype), tokenizer, out, report, overwrite=args.overwrite)
+    _print_compression(args, out, report)
+    return 0
+
+
+def _compress_disp(args: argparse.Namespace, out: Path, dtype: Any) -> int:
+    """``--method disp``: train (every rank), export and save (rank 0)."""
+    import shutil
+
+    import leanfm
+    from leanfm.compress.api import save_compressed
+    from leanfm.compress.disp import DispConfig, compress_disp
+    from leanfm.training import init_distributed
+
+    config = DispConfig(
+        ratio=args.ratio, steps=args.steps, lr=args.lr, lam=args.lam, sampler=args.sampler, tau=args.tau,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen, checkpoint_every=args.checkpoint_every, autocast=not args.no_autocast,
+    )
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".training")
+    if checkpoint.exists() and not args.resume:
+        if not args.overwrite:
+            raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
+                              "or --overwrite to start over")
+    context = init_distributed()
+    if checkpoint.exists() and not args.resume and context.is_main:
+        shutil.rmtree(checkpoint)
+    context.barrier()
+    model, tokenizer = leanfm.load_model(args.model)
+    try:
+        report = compress_disp(model, tokenizer, config, checkpoint, resume=args.resume, context=context)
+    except KeyboardInterrupt:
+        if context.is_main:
+            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
+                  file=sys.stderr)
+        return 130
+    if context.is_main:
+        save_compressed(model.to(dtype), tokenizer, out, report, overwrite=args.overwrite)
+        _print_compression(args, out, report)
+    context.barrier()
+    return 0
+
+
+def _print_compression(args: argparse.Namespace, out: Path, report: Any) -> None:
     data = {"model": args.model, "out": str(out), **report.to_dict()}
     if args.json != "-":
         keys = ("method", "ratio", "achieved_ratio", "params_before", "params_after", "seconds", "peak_rss_mb", "out")
         _print_table([(k, _fmt(data[k])) for k in keys])
     _emit_json(data, args.json)
-    return 0
 
 
 def cmd_vision(args: argparse.Namespace) -> int:

@@ -21,13 +21,15 @@ from leanfm.paths import atomic_directory
 BLOCK_METHODS: dict[str, Callable[..., Any]] = {
     "modegpt": compress_block, "wanda-sp": wanda_block, "svd-llm": svd_block,
 }
+TRAINED_METHODS = ("disp",)  # learn their structure by training instead of one calibration pass
+METHODS = (*BLOCK_METHODS, *TRAINED_METHODS)
 
 
-def check_method(method: str) -> Callable[..., Any]:
-    """The block rewrite of ``method``; a one-line error lists the valid ones."""
-    if method not in BLOCK_METHODS:
-        raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(BLOCK_METHODS)}")
-    return BLOCK_METHODS[method]
+def check_method(method: str) -> str:
+    """``method`` if it is a known compressor; a one-line error lists the valid ones."""
+    if method not in METHODS:
+        raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(METHODS)}")
+    return method
 
 
 def check_architecture(model: nn.Module) -> None:
@@ -48,14 +50,20 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **settings: Any) -> CompressionReport:
-    """Compress ``model`` in place with ``method`` (``modegpt`` or ``wanda-sp``) and return the report.
+    """Compress ``model`` in place with ``method`` (see :data:`METHODS`) and return the report.
 
-    ``settings`` are :class:`ModegptConfig` fields (``ratio`` required); calibration windows come from the
-    ``calib`` split with the config's seed, so every method sees identical data.
+    ``settings`` are :class:`ModegptConfig` fields (``ratio`` required), or :class:`DispConfig` fields for
+    ``disp``; calibration windows come from the ``calib`` split with the config's seed, so every
+    training-free method sees identical data.
     """
-    block_fn = check_method(method)
-    config = ModegptConfig(**settings)
+    check_method(method)
     check_architecture(model)
+    if method == "disp":
+        from leanfm.compress.disp import DispConfig, compress_disp
+
+        return compress_disp(model, tokenizer, DispConfig(**settings))
+    block_fn = BLOCK_METHODS[method]
+    config = ModegptConfig(**settings)
     calib = calibration_windows(tokenizer, samples=config.calib_samples, seqlen=config.calib_seqlen, seed=config.seed)
     return compress(model, calib, config, method=method, block_fn=block_fn)
 

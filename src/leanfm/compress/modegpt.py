@@ -198,6 +198,7 @@ class CompressionReport:
     seconds: float
     peak_rss_mb: float
     calibration: dict[str, Any]
+    training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

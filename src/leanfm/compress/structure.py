@@ -46,6 +46,9 @@ class LayerSpec:
     num_kv_heads: int
     head_dim: int  # the original head size: attention keeps its original 1/sqrt(head_dim) scaling
     low_rank: dict[str, int] = field(default_factory=dict)  # block-relative Linear path -> rank (SVD baselines)
+    # DISP-LLM: kept residual channels read by attention / the MLP ("attn_in", "mlp_in") and written back by
+    # them ("attn_out", "mlp_out"); the blocks keep their original attention and only their Linears shrink
+    channels: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def rope_pairs(self) -> int:
@@ -126,6 +129,44 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
+class ChannelLinear(nn.Module):
+    """A Linear that reads a subset of its input channels and/or writes a subset of its output channels.
+
+    DISP-LLM (METHODS.md section 2) lets every block pick its own channels of the full-width residual stream:
+    ``y = index_add(0, S_out, W[S_out, S_in] x[S_in] + b[S_out])``. ``in_features``/``out_features`` are the
+    full widths the surrounding model sees, so the block's own forward is unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, in_index: list[int] | None, out_index: list[int] | None,
+                 bias: bool, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.in_index, self.out_index = in_index, out_index  # python lists: safe under meta-device init
+        rows = len(out_index) if out_index is not None else out_features
+        cols = len(in_index) if in_index is not None else in_features
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(rows, dtype=dtype)) if bias else None
+        self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._index:
+            self._index[key] = torch.tensor(getattr(self, name), dtype=torch.long, device=device)
+        return self._index[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_index is not None:
+            x = x.index_select(-1, self._tensor("in_index", x.device))
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.out_index is None:
+            return y
+        full = y.new_zeros(*y.shape[:-1], self.out_features)
+        return full.index_copy(-1, self._tensor("out_index", y.device), y)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}->{self.weight.shape[1]}, out={self.weight.shape[0]}->{self.out_features}"
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(operator.attrgetter(parent)(root) if parent else root, name, module)
@@ -146,6 +187,9 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
             _set_module(block, path, low)
         return
     parts = adapter.parts(block)
+    if spec.channels:
+        _restructure_channels(block, adapter, parts, spec)
+        return
     hidden = parts.o.out_features
     for path, old in zip(adapter.mlp_in, parts.mlp_in, strict=True):
         _set_module(block, path, _linear(old.in_features, spec.intermediate, old))
@@ -156,6 +200,26 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
         has_bias[name] = linear.bias is not None
     attention = CompressedAttention(spec, hidden, has_bias, index, model.config)
     _set_module(block, adapter.attn, attention.to(parts.o.weight.dtype))
+
+
+def _restructure_channels(block: nn.Module, adapter: ArchAdapter, parts: Any, spec: LayerSpec) -> None:
+    """DISP-LLM layout: q/k/v read ``attn_in``, o writes ``attn_out``; the MLP reads ``mlp_in`` through
+    ``spec.intermediate`` channels and writes ``mlp_out``. Attention heads are untouched."""
+    ch = spec.channels
+
+    def channel(old: nn.Linear, in_index: list[int] | None, out_index: list[int] | None,
+                in_features: int | None = None, out_features: int | None = None) -> ChannelLinear:
+        return ChannelLinear(in_features or old.in_features, out_features or old.out_features, in_index, out_index,
+                             old.bias is not None, old.weight.dtype)
+
+    for name in ("q", "k", "v", "qkv"):
+        path = getattr(adapter, name)
+        if path is not None:
+            _set_module(block, path, channel(getattr(parts, name), ch["attn_in"], None))
+    _set_module(block, adapter.o, channel(parts.o, None, ch["attn_out"]))
+    for path, old in zip(adapter.mlp_in, parts.mlp_in, strict=True):
+        _set_module(block, path, channel(old, ch["mlp_in"], None, out_features=spec.intermediate))
+    _set_module(block, adapter.mlp_out, channel(parts.mlp_out, None, ch["mlp_out"], in_features=spec.intermediate))
 
 
 def dense_spec(model: nn.Module, adapter: ArchAdapter, index: int) -> LayerSpec:

@@ -50,6 +50,11 @@ def calibration_windows(
     ids = split_token_ids(tokenizer, corpus_name, split)
     if ids.numel() <= seqlen:
         raise LeanfmError(f"split '{split}' has {ids.numel()} tokens, too few for seqlen {seqlen}")
+    return random_windows(ids, samples, seqlen, seed)
+
+
+def random_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``ids`` at start offsets drawn with ``seed``, shape ``[samples, seqlen]``."""
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
