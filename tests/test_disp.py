@@ -117,7 +117,7 @@ def _trainer(model, tokenizer, tmp_path, **overrides):
 
 def test_training_moves_towards_the_target_ratio(tokenizer, tmp_path):
     model, _ = load_model("tiny-llama")
-    trainer = _trainer(model, tokenizer, tmp_path, steps=30, lr=2e-2, checkpoint_every=100)
+    trainer = _trainer(model, tokenizer, tmp_path, steps=30, checkpoint_every=100)
     history = trainer.run()
     assert len(history) == 30 and all(torch.isfinite(torch.tensor(h["ce"])) for h in history)
     assert history[-1]["ratio"] > history[0]["ratio"] + 0.1  # the regulariser prunes
@@ -143,14 +143,14 @@ def test_resume_reproduces_the_uninterrupted_run(tokenizer, tmp_path):
     resumed = _trainer(model, tokenizer, tmp_path / "b")
     resumed.run(resume=True)
     assert resumed.history == straight.history
-    for a, b in zip(resumed.hypernetwork.state_dict().values(), straight.hypernetwork.state_dict().values()):
-        assert torch.equal(a, b)
+    resumed_state, straight_state = resumed.hypernetwork.state_dict(), straight.hypernetwork.state_dict()
+    assert all(torch.equal(resumed_state[k], straight_state[k]) for k in straight_state)
 
 
 def test_resume_refuses_a_different_setting(tokenizer, tmp_path):
     model, _ = load_model("tiny-llama")
     _trainer(model, tokenizer, tmp_path, steps=2).run()
-    with pytest.raises(LeanfmError, match="lam=6.0"):
+    with pytest.raises(LeanfmError, match=r"lam=16\.0"):
         _trainer(model, tokenizer, tmp_path, steps=3, lam=1.0).run(resume=True)
 
 
