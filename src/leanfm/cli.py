@@ -106,6 +106,38 @@ def _add_compress(sub: Any) -> None:
     d.add_argument("--no-autocast", action="store_true", help="train in float32 instead of bfloat16 autocast")
 
 
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; accepted: 0 <= threshold <= 1")
+    return value
+
+
+def _add_dynamo(sub: Any) -> None:
+    p = sub.add_parser("dynamo", help="DynaMo multi-token heads: train, generate")
+    dsub = p.add_subparsers(dest="dynamo_command", parser_class=_Parser, required=True)
+    t = dsub.add_parser("train", help="add heads 2..n to a causal LM and train them (base frozen)")
+    t.add_argument("model", help="registered name, checkpoint folder or hub id")
+    t.add_argument("--heads", type=int, default=3, help="total heads incl. the base model's (default 3)")
+    t.add_argument("--out", required=True, help="output folder (base model + heads + n-gram counts)")
+    t.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new heads (default 1e-3)")
+    t.add_argument("--batch-size", type=_positive_int, default=4)
+    t.add_argument("--seqlen", type=_positive_int, default=256)
+    t.add_argument("--init", default="copy", help="new layers start as a copy of the last block (copy) or random")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=50)
+    t.add_argument("--resume", action="store_true", help="continue from the training checkpoint (OUT.training)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and its checkpoint")
+    g = dsub.add_parser("generate", help="generate with 1..n tokens per step")
+    g.add_argument("model", help="folder written by 'leanfm dynamo train'")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--threshold", type=_threshold, default=0.5, help="ε_b in [0, 1]; 1 = the base model's decoding")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", metavar="PATH", help="write the result as JSON ('-' = stdout)")
+
+
 def _r_value(text: str) -> int | list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -147,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_eval(sub)
     _add_compress(sub)
     _add_vision(sub)
+    _add_dynamo(sub)
     return parser
 
 
@@ -329,10 +362,59 @@ def cmd_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dynamo(args: argparse.Namespace) -> int:
+    from leanfm.compress.api import check_output_dir
+    from leanfm.decode import dynamo
+
+    if args.dynamo_command == "train":
+        config = dynamo.DynamoTrainConfig(heads=args.heads, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                          seqlen=args.seqlen, init=args.init, checkpoint_every=args.checkpoint_every)
+        out = Path(args.out)
+        check_output_dir(out, args.overwrite)
+        checkpoint = out.with_name(out.name + ".training")
+        if checkpoint.exists() and not args.resume:
+            if not args.overwrite:
+                raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
+                                  "or --overwrite to start over")
+            import shutil
+
+            shutil.rmtree(checkpoint)
+        try:
+            summary = dynamo.train_and_save(args.model, out, config, checkpoint, resume=args.resume)
+        except KeyboardInterrupt:
+            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
+                  file=sys.stderr)
+            return 130
+        final = summary["history"][-1]["losses"] if summary["history"] else []
+        _print_table([("out", str(out)), ("steps", str(summary["steps"])), ("seconds", _fmt(summary["seconds"])),
+                      ("final head losses", " ".join(f"{x:.3f}" for x in final))])
+        return 0
+    import torch
+
+    from leanfm.paths import check_writable_file
+
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    config = dynamo.DecodeConfig(threshold=args.threshold, temperature=args.temperature)
+    model, tokenizer, stats = dynamo.load(args.model)
+    torch.manual_seed(args.seed)
+    result = dynamo.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, config=config,
+                             stats=stats)
+    data = {"texts": result.texts, "steps": result.steps, "tokens_per_step": result.tokens_per_step,
+            "seconds": result.seconds, "level_counts": result.level_counts}
+    if args.json != "-":
+        for prompt, text in zip(args.prompt, result.texts, strict=True):
+            print(f"{prompt}{text}\n")
+        _print_table([("tokens per step", _fmt(result.tokens_per_step)), ("seconds", _fmt(result.seconds))])
+    _emit_json(data, args.json)
+    return 0
+
+
 COMMANDS = {
     "models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report, "lm-eval": cmd_lm_eval,
     "compress": cmd_compress,
     "vision": cmd_vision,
+    "dynamo": cmd_dynamo,
 }
 
 
@@ -341,7 +423,7 @@ def _configure(args: argparse.Namespace) -> None:
 
     from leanfm.progress import set_quiet
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     set_quiet(args.quiet)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="leanfm: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
