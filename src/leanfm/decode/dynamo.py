@@ -231,8 +231,13 @@ def weighted_joint(probs: list[torch.Tensor], stats: NgramCounts | None, config:
     ids = [t.indices for t in top]
     if config.mask and config.alpha > 0 and stats is not None and m <= stats.max_order:
         grid = torch.stack(torch.meshgrid(*ids, indexing="ij"), dim=-1)  # [k]*m x m
+        together = stats.probability(grid)  # p̂(x_1..x_m), one lookup per cell
+        apart = torch.ones((), dtype=torch.float64)  # Π p̂(x_i) as an outer product of k-vectors
+        for token_ids in ids:
+            apart = apart.unsqueeze(-1) * stats.probability(token_ids[:, None])
+        ratio = torch.where(apart > 0, together / apart.clamp_min(1e-300), torch.zeros_like(together))
         mass = joint.sum()
-        joint = joint * stats.association(grid) ** config.alpha
+        joint = joint * ratio**config.alpha
         total = joint.sum()
         joint = joint * (mass / total) if total > 0 else joint
     return joint, ids
