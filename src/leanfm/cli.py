@@ -138,6 +138,33 @@ def _add_dynamo(sub: Any) -> None:
     g.add_argument("--json", metavar="PATH", help="write the result as JSON ('-' = stdout)")
 
 
+def _add_align(sub: Any) -> None:
+    p = sub.add_parser("align", help="CWCL: align a speech or image encoder to a frozen text encoder")
+    asub = p.add_subparsers(dest="align_command", parser_class=_Parser, required=True)
+    for kind in ("speech", "image"):
+        t = asub.add_parser(kind, help=f"train a {kind} encoder into the frozen model's space, then test zero-shot")
+        t.add_argument("--frozen", default="minilm-l6", help="frozen text encoder (default minilm-l6)")
+        t.add_argument("--out", required=True, help="output folder (encoder.safetensors, align.json)")
+        t.add_argument("--loss", default="cwcl", help="cwcl (default) or clip (the baseline)")
+        t.add_argument("--other", default="cwcl", help="CWCL's frozen->trainable direction: cwcl or clip")
+        t.add_argument("--steps", type=_positive_int, default=1500)
+        t.add_argument("--batch-size", type=_positive_int, default=128)
+        t.add_argument("--lr", type=float, default=1e-3)
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--checkpoint-every", type=_positive_int, default=250)
+        if kind == "speech":
+            t.add_argument("--sentences", type=_positive_int, default=3000, help="Austen sentences to synthesise")
+            t.add_argument("--renditions", type=_positive_int, default=2, help="voices/speeds/pitches per sentence")
+        else:
+            t.add_argument("--per-combo", type=_positive_int, default=120, help="training images per combination")
+        t.add_argument("--resume", action="store_true", help="continue from the training checkpoint (OUT.training)")
+        t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and its checkpoint")
+        t.add_argument("--json", metavar="PATH", help="write the metrics as JSON ('-' = stdout)")
+    e = asub.add_parser("eval", help="zero-shot metrics of an aligned encoder")
+    e.add_argument("model", help="folder written by 'leanfm align speech|image'")
+    e.add_argument("--json", metavar="PATH", help="write the metrics as JSON ('-' = stdout)")
+
+
 def _r_value(text: str) -> int | list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -180,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_vision(sub)
     _add_dynamo(sub)
+    _add_align(sub)
     return parser
 
 
@@ -410,11 +438,52 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from leanfm.align import pipeline
+    from leanfm.align.trainer import AlignConfig
+    from leanfm.paths import check_writable_file
+
+    if args.json and args.json != "-":
+        check_writable_file(args.json)
+    if args.align_command == "eval":
+        metrics = pipeline.evaluate_folder(args.model)
+    else:
+        config = AlignConfig(loss=args.loss, other=args.other, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+        pipeline.text_encoder(args.frozen)  # fail on an unknown frozen model before any work
+        out = Path(args.out)
+        checkpoint = pipeline.check_output(out, args.overwrite)
+        if checkpoint.exists() and not args.resume:
+            if not args.overwrite:
+                raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
+                                  "or --overwrite to start over")
+            import shutil
+
+            shutil.rmtree(checkpoint)
+        try:
+            if args.align_command == "speech":
+                meta = pipeline.align_speech(out, args.frozen, config, args.sentences, args.renditions, args.resume,
+                                             checkpoint)
+            else:
+                meta = pipeline.align_image(out, args.frozen, config, args.per_combo, args.resume, checkpoint)
+        except KeyboardInterrupt:
+            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
+                  file=sys.stderr)
+            return 130
+        metrics = meta["metrics"]
+    if metrics and args.json != "-":
+        _print_table([(k, _fmt(v)) for k, v in metrics.items()])
+    if metrics:
+        _emit_json(metrics, args.json)
+    return 0
+
+
 COMMANDS = {
     "models": cmd_models, "setup": cmd_setup, "eval": cmd_eval, "report": cmd_report, "lm-eval": cmd_lm_eval,
     "compress": cmd_compress,
     "vision": cmd_vision,
     "dynamo": cmd_dynamo,
+    "align": cmd_align,
 }
 
 

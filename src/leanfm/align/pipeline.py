@@ -1,0 +1,178 @@
+"""End-to-end alignments behind ``leanfm align``: speech or images into MiniLM's space, and zero-shot evaluation.
+
+An aligned encoder is saved as a folder: ``encoder.safetensors`` (weights), ``align.json`` (what it is, how it
+was trained, the frozen model and the zero-shot metrics). :func:`load_encoder` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from leanfm.align import shapes, speech
+from leanfm.align.trainer import AlignConfig, train_aligned, zero_shot_accuracy
+from leanfm.errors import LeanfmError
+from leanfm.paths import atomic_directory, atomic_write_bytes
+from leanfm.training import DistributedContext, init_distributed
+
+FROZEN_MODELS = ("minilm-l6",)
+KINDS = ("speech", "image")
+
+
+def text_encoder(name: str = "minilm-l6") -> Any:
+    """The frozen sentence encoder (sentence-transformers, offline)."""
+    if name not in FROZEN_MODELS:
+        raise LeanfmError(f"unknown frozen model '{name}'; accepted: {', '.join(FROZEN_MODELS)}")
+    from sentence_transformers import SentenceTransformer
+
+    from leanfm.models.registry import minilm_folder
+
+    return SentenceTransformer(str(minilm_folder()), device="cpu")
+
+
+@torch.no_grad()
+def embed_texts(model: Any, texts: list[str]) -> torch.Tensor:
+    """Unit-norm MiniLM embeddings ``[N, 384]`` (float32)."""
+    return model.encode(texts, batch_size=128, convert_to_tensor=True, normalize_embeddings=True,
+                        show_progress_bar=False).float().cpu()
+
+
+def check_output(out: Path, overwrite: bool) -> Path:
+    """Refuse a non-empty ``out`` unless ``overwrite``; returns the training checkpoint path beside it."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LeanfmError(f"--out '{out}' exists and is not empty; pass --overwrite to replace it")
+    return out.with_name(out.name + ".training")
+
+
+def _build(kind: str, config: dict[str, Any]) -> nn.Module:
+    return speech.SpeechEncoder(**config) if kind == "speech" else shapes.ImageEncoder(**config)
+
+
+def save_encoder(out: Path, encoder: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``encoder.safetensors`` and ``align.json`` atomically."""
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_directory(out) as tmp:
+        atomic_write_bytes(tmp / "encoder.safetensors",
+                           save({k: v.contiguous() for k, v in encoder.state_dict().items()}))
+        (tmp / "align.json").write_text(json.dumps({**meta, "encoder": encoder.config}, indent=2) + "\n")
+    return out
+
+
+def load_encoder(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved aligned encoder: (module in eval mode, metadata)."""
+    folder = Path(folder)
+    if not (folder / "align.json").is_file():
+        raise LeanfmError(f"'{folder}' is not an aligned encoder (align.json missing); create one with "
+                          "'leanfm align speech|image --out DIR'")
+    meta = json.loads((folder / "align.json").read_text())
+    encoder = _build(meta["kind"], meta["encoder"])
+    encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    return encoder.eval(), meta
+
+
+@torch.no_grad()
+def _encode_speech(encoder: nn.Module, data: speech.SpeechSet, batch: int = 64) -> torch.Tensor:
+    encoder.eval()
+    out = [encoder(*data.batch(torch.arange(i, min(i + batch, len(data))))) for i in range(0, len(data), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_speech(encoder: nn.Module, text_model: Any) -> dict[str, float]:
+    """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts)."""
+    intents, keywords = speech.intent_set(), speech.keyword_set()
+    descriptions = list(speech.INTENTS)
+    words = list(speech.KEYWORDS)
+    return {
+        "intent_accuracy": zero_shot_accuracy(_encode_speech(encoder, intents), intents.labels, descriptions,
+                                              embed_texts(text_model, descriptions)),
+        "keyword_accuracy": zero_shot_accuracy(_encode_speech(encoder, keywords), keywords.labels, words,
+                                               embed_texts(text_model, words)),
+        "intent_chance": 1 / len(descriptions), "keyword_chance": 1 / len(words),
+        "intent_items": len(intents), "keyword_items": len(keywords),
+    }
+
+
+@torch.no_grad()
+def evaluate_image(encoder: nn.Module, text_model: Any, seed: int = 0, per_combo: int = 10) -> dict[str, float]:
+    """Zero-shot caption retrieval for images of held-out combinations: all 180 captions and unseen-only."""
+    _, held_out = shapes.split_combinations(seed)
+    images, captions = shapes.render_set(held_out, per_combo, seed=10_000 + seed)
+    encoder.eval()
+    embeddings = torch.cat([encoder(images[i : i + 256]) for i in range(0, len(images), 256)])
+    every = [shapes.caption(c) for c in shapes.all_combinations()]
+    unseen = [shapes.caption(c) for c in held_out]
+    return {"heldout_accuracy_all": zero_shot_accuracy(embeddings, captions, every, embed_texts(text_model, every)),
+            "heldout_accuracy_unseen": zero_shot_accuracy(embeddings, captions, unseen,
+                                                          embed_texts(text_model, unseen)),
+            "chance_all": 1 / len(every), "chance_unseen": 1 / len(unseen), "items": len(captions)}
+
+
+def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, sentences: int = 3000,
+                 renditions: int = 2, resume: bool = False, checkpoint: Path | None = None,
+                 context: DistributedContext | None = None) -> dict[str, Any]:
+    """Synthesise Austen sentences, align a speech encoder to ``frozen``, evaluate zero-shot, save to ``out``."""
+    config = config or AlignConfig()
+    context = context or init_distributed()
+    text_model = text_encoder(frozen)
+    speech.espeak_binary()
+    texts = speech.austen_sentences(sentences)
+    if not context.is_main:
+        context.barrier()  # rank 0 synthesises (and caches) first
+    data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=renditions,
+                                   name="austen")
+    if context.is_main:
+        context.barrier()
+    targets = embed_texts(text_model, data.labels)
+    torch.manual_seed(config.seed)
+    encoder = speech.SpeechEncoder()
+    summary = train_aligned(encoder, lambda enc, rows: enc(*data.batch(rows)), targets, config, checkpoint, resume,
+                            context)
+    metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
+    meta = {"kind": "speech", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
+            "data": {"sentences": sentences, "renditions": renditions, "utterances": len(data),
+                     "hours": round(speech.seconds_of(data) / 3600, 3), "voices": list(speech.train_voices())}}
+    if context.is_main:
+        save_encoder(out, encoder, meta)
+    context.barrier()
+    return meta
+
+
+def align_image(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, per_combo: int = 120,
+                resume: bool = False, checkpoint: Path | None = None,
+                context: DistributedContext | None = None) -> dict[str, Any]:
+    """Render captioned shapes (held-out combinations excluded), align a ViT to ``frozen``, evaluate, save."""
+    config = config or AlignConfig()
+    context = context or init_distributed()
+    text_model = text_encoder(frozen)
+    train_combos, _ = shapes.split_combinations(config.seed)
+    images, captions = shapes.render_set(train_combos, per_combo, seed=config.seed)
+    targets = embed_texts(text_model, captions)
+    torch.manual_seed(config.seed)
+    encoder = shapes.ImageEncoder()
+    summary = train_aligned(encoder, lambda enc, rows: enc(images[rows]), targets, config, checkpoint, resume,
+                            context)
+    metrics = evaluate_image(encoder, text_model, config.seed) if context.is_main else {}
+    meta = {"kind": "image", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
+            "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": per_combo}}
+    if context.is_main:
+        save_encoder(out, encoder, meta)
+    context.barrier()
+    return meta
+
+
+def evaluate_folder(folder: str | Path) -> dict[str, Any]:
+    """Re-run the zero-shot evaluation of a saved encoder."""
+    encoder, meta = load_encoder(folder)
+    text_model = text_encoder(meta["frozen"])
+    if meta["kind"] == "speech":
+        return evaluate_speech(encoder, text_model)
+    return evaluate_image(encoder, text_model, meta["train"]["seed"])

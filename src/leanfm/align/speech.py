@@ -1,0 +1,224 @@
+"""Speech for CWCL: espeak-ng synthesis, log-mel features, a small speech encoder and the zero-shot test sets.
+
+Why synthetic speech: no speech corpus exists offline here, but espeak-ng (Debian) speaks any text in many
+voices, speeds and pitches in milliseconds. Training pairs are Austen sentences spoken by *training* voices;
+the zero-shot tests (spoken commands -> intent, spoken single words -> keyword) use *other* voices and texts
+never seen in training, classified only by MiniLM embeddings of the candidate texts.
+
+Features: 64 log-mel bands, 25 ms windows, 10 ms hop, from ``torch.stft`` and an HTK mel filterbank (torchaudio's
+PyPI build does not load beside our CPU torch, and librosa would pull numba for one 15-line matrix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanfm.errors import LeanfmError
+from leanfm.paths import atomic_directory, leanfm_home
+from leanfm.progress import progress
+
+SAMPLE_RATE = 22050  # espeak-ng's output rate
+N_MELS, N_FFT, WIN, HOP = 64, 1024, 551, 220  # 25 ms window, 10 ms hop at 22.05 kHz
+TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-gbclan")
+TRAIN_VARIANTS = ("", "+m1", "+m3", "+f1", "+f2", "+f4")
+EVAL_VOICES = ("en-gb-x-rp+f3", "en-us-nyc+m7", "en-gb-x-gbcwmd+klatt")  # accents and variants unseen in training
+
+INTENTS: dict[str, tuple[str, ...]] = {  # description (what MiniLM sees) -> spoken commands (never trained on)
+    "turn the lights on": ("switch on the lights", "turn on the lamp", "lights on please", "make it brighter in here"),
+    "turn the lights off": ("switch off the lights", "turn off the lamp", "lights off please", "make it dark in here"),
+    "play some music": ("play a song", "put on some music", "start the music", "I want to hear a song"),
+    "stop the music": ("stop the song", "turn the music off", "silence the music", "no more music please"),
+    "increase the volume": ("turn it up", "make it louder", "raise the volume", "louder please"),
+    "decrease the volume": ("turn it down", "make it quieter", "lower the volume", "quieter please"),
+    "what is the weather": ("will it rain today", "is it sunny outside", "what is the forecast",
+                            "how cold is it today"),
+    "what time is it": ("tell me the time", "what is the time now", "do you know the time", "what hour is it"),
+    "set an alarm": ("wake me up at seven", "set an alarm for the morning", "set my alarm", "I need an alarm"),
+    "call someone on the phone": ("phone my mother", "call my sister", "ring my friend", "make a phone call"),
+    "make the room warmer": ("turn up the heating", "it is too cold in here", "warm up the house",
+                             "increase the temperature"),
+    "make the room cooler": ("turn down the heating", "it is too hot in here", "cool down the house",
+                             "decrease the temperature"),
+}
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "zero", "one", "two", "three",
+            "four", "five", "six", "seven", "eight", "nine", "cat", "dog", "house", "tree", "water", "music",
+            "light", "door", "window", "bird")
+
+
+def espeak_binary() -> str:
+    """Path of espeak-ng, or a one-line error saying how to install it."""
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise LeanfmError("espeak-ng is not installed; install it with 'apt-get install espeak-ng' (make setup does)")
+    return path
+
+
+def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> torch.Tensor:
+    """Mono float waveform in [-1, 1] at 22.05 kHz of ``text`` spoken by espeak-ng."""
+    if not text or not text.strip():
+        raise LeanfmError("cannot synthesise empty text; pass at least one word")
+    done = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                          capture_output=True, check=False)
+    if done.returncode != 0 or len(done.stdout) <= 44:
+        raise LeanfmError(f"espeak-ng failed for voice '{voice}': {done.stderr.decode(errors='replace').strip()}")
+    data = done.stdout
+    start = data.find(b"data") + 8  # the streamed header's sizes are bogus: read every sample after it
+    samples = torch.frombuffer(bytearray(data[start : start + (len(data) - start) // 2 * 2]), dtype=torch.int16)
+    return samples.float() / 32768.0
+
+
+def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Triangular HTK-mel filters, ``[n_fft // 2 + 1, n_mels]``, 0 Hz to Nyquist."""
+    def to_mel(hz: torch.Tensor) -> torch.Tensor:
+        return 2595 * torch.log10(1 + hz / 700)
+
+    def to_hz(mel: torch.Tensor) -> torch.Tensor:
+        return 700 * (10 ** (mel / 2595) - 1)
+
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    edges = to_hz(torch.linspace(0, float(to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2, dtype=torch.float64))
+    low, center, high = edges[:-2], edges[1:-1], edges[2:]
+    rising = (freqs[:, None] - low) / (center - low)
+    falling = (high - freqs[:, None]) / (high - center)
+    return torch.clamp(torch.minimum(rising, falling), min=0).float()
+
+
+_FILTERS: dict[int, torch.Tensor] = {}
+
+
+def log_mel(wave: torch.Tensor) -> torch.Tensor:
+    """``[frames, 64]`` log-mel energies (natural log, floor 1e-6) of a 22.05 kHz waveform."""
+    if wave.dim() != 1 or wave.numel() < WIN:
+        raise LeanfmError(f"expected a 1-D waveform of at least {WIN} samples; got shape {tuple(wave.shape)}")
+    if N_MELS not in _FILTERS:
+        _FILTERS[N_MELS] = mel_filterbank()
+    spec = torch.stft(wave, n_fft=N_FFT, hop_length=HOP, win_length=WIN, window=torch.hann_window(WIN),
+                      center=True, return_complex=True)
+    power = spec.abs() ** 2  # [freq, frames]
+    return torch.log(power.T @ _FILTERS[N_MELS] + 1e-6)
+
+
+class SpeechEncoder(nn.Module):
+    """log-mel ``[B, T, 64]`` -> conv front-end (4x down-sampling) -> transformer -> masked mean -> ``[B, out]``."""
+
+    def __init__(self, out_dim: int = 384, width: int = 192, layers: int = 4, heads: int = 4,
+                 max_frames: int = 1024) -> None:
+        super().__init__()
+        self.config = {"out_dim": out_dim, "width": width, "layers": layers, "heads": heads, "max_frames": max_frames}
+        self.norm_in = nn.LayerNorm(N_MELS)
+        self.front = nn.ModuleList([nn.Conv1d(N_MELS, width, 5, stride=2, padding=2),
+                                    nn.Conv1d(width, width, 5, stride=2, padding=2)])
+        self.position = nn.Parameter(torch.zeros(1, max_frames // 4 + 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim)
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[B, T, 64]`` zero-padded after ``lengths``; padding never changes the output."""
+        x = self.norm_in(features).transpose(1, 2)  # [B, 64, T]
+        valid_len = lengths
+        for conv in self.front:  # zero the padded frames before each conv, as a conv on the unpadded input sees
+            x = x * (torch.arange(x.shape[-1])[None] < valid_len[:, None])[:, None]
+            x = nn.functional.gelu(conv(x))
+            valid_len = torch.div(valid_len + 1, 2, rounding_mode="floor")
+        x = x.transpose(1, 2)[:, : self.position.shape[1]]  # [B, T/4, width]
+        steps = valid_len.clamp(1, x.shape[1])
+        valid = torch.arange(x.shape[1])[None] < steps[:, None]  # [B, T/4]
+        x = self.transformer(x + self.position[:, : x.shape[1]], src_key_padding_mask=~valid)
+        x = self.norm_out(x) * valid[..., None]
+        return self.proj(x.sum(1) / steps[:, None])
+
+
+@dataclass
+class SpeechSet:
+    """Utterances as one padded-free store: ``features`` ``[sum T, 64]`` with ``offsets`` and their texts."""
+
+    features: torch.Tensor
+    offsets: torch.Tensor  # [N + 1]
+    texts: list[str]
+    labels: list[str]  # what the utterance means (the sentence, intent description or keyword)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, index: torch.Tensor, max_frames: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded ``[B, T, 64]`` features and lengths of utterances ``index`` (cut at ``max_frames``)."""
+        chunks = [self.features[self.offsets[i] : self.offsets[i + 1]][:max_frames] for i in index.tolist()]
+        lengths = torch.tensor([c.shape[0] for c in chunks])
+        return nn.utils.rnn.pad_sequence(chunks, batch_first=True), lengths
+
+
+def austen_sentences(count: int, split: str = "train", seed: int = 0, min_words: int = 3,
+                     max_words: int = 14) -> list[str]:
+    """``count`` distinct short sentences of an Austen split, drawn with ``seed``."""
+    from leanfm.data.corpus import corpus
+
+    pieces = re.split(r"(?<=[.!?])\s+", " ".join(corpus("austen", split).split()))
+    clean = sorted({p.strip(" \"'_") for p in pieces if min_words <= len(p.split()) <= max_words
+                    and re.fullmatch(r"[A-Za-z ,;'.!?-]+", p.strip(" \"'_"))
+                    and not re.search(r"\b(Mr|Mrs|Dr|St|Col)\.$", p)})  # abbreviations are not sentence ends
+    if len(clean) < count:
+        raise LeanfmError(f"split '{split}' has only {len(clean)} usable sentences; asked for {count}")
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:count]
+    return [clean[i] for i in order.tolist()]
+
+
+def build_speech_set(texts: list[str], labels: list[str], voices: tuple[str, ...], seed: int = 0,
+                     renditions: int = 1, name: str | None = None) -> SpeechSet:
+    """Synthesise every text ``renditions`` times with a seeded voice/speed/pitch; cached under $LEANFM_HOME."""
+    key = hashlib.sha256(json.dumps([texts, labels, voices, seed, renditions, N_MELS, HOP]).encode()).hexdigest()[:16]
+    folder = leanfm_home() / "speech" / f"{name or 'set'}-{key}"
+    if (folder / "features.pt").is_file():
+        data = torch.load(folder / "features.pt", weights_only=True)
+        meta = json.loads((folder / "meta.json").read_text())
+        return SpeechSet(data["features"].float(), data["offsets"], meta["texts"], meta["labels"])
+    espeak_binary()
+    generator = torch.Generator().manual_seed(seed)
+    feats, out_texts, out_labels = [], [], []
+    jobs = [(t, lab) for t, lab in zip(texts, labels, strict=True) for _ in range(renditions)]
+    for text, label in progress(jobs, desc=f"espeak-ng {name or ''}", total=len(jobs)):
+        voice = voices[int(torch.randint(len(voices), (1,), generator=generator))]
+        speed = int(torch.randint(130, 201, (1,), generator=generator))
+        pitch = int(torch.randint(25, 76, (1,), generator=generator))
+        feats.append(log_mel(synthesize(text, voice, speed, pitch)))
+        out_texts.append(text)
+        out_labels.append(label)
+    offsets = torch.tensor([0] + [f.shape[0] for f in feats]).cumsum(0)
+    result = SpeechSet(torch.cat(feats).to(torch.float16).float(), offsets, out_texts, out_labels)
+    with atomic_directory(folder) as tmp:
+        torch.save({"features": result.features.to(torch.float16), "offsets": offsets}, tmp / "features.pt")
+        (tmp / "meta.json").write_text(json.dumps({"texts": out_texts, "labels": out_labels, "voices": voices}))
+    return result
+
+
+def train_voices() -> tuple[str, ...]:
+    """Every training voice with every variant (30 voices)."""
+    return tuple(v + var for v in TRAIN_VOICES for var in TRAIN_VARIANTS)
+
+
+def intent_set(seed: int = 1) -> SpeechSet:
+    """Spoken commands (labels = intent descriptions) in the evaluation voices, each command in each voice."""
+    texts = [c for cmds in INTENTS.values() for c in cmds for _ in EVAL_VOICES]
+    labels = [d for d, cmds in INTENTS.items() for _ in cmds for _ in EVAL_VOICES]
+    return build_speech_set(texts, labels, EVAL_VOICES, seed=seed, name="intents")
+
+
+def keyword_set(seed: int = 2) -> SpeechSet:
+    """Single spoken words (labels = the word) in the evaluation voices, three renditions each."""
+    return build_speech_set(list(KEYWORDS), list(KEYWORDS), EVAL_VOICES, seed=seed, renditions=3, name="keywords")
+
+
+def seconds_of(speech: SpeechSet) -> float:
+    """Total audio duration represented by ``speech`` (frames x hop)."""
+    return int(speech.offsets[-1]) * HOP / SAMPLE_RATE
+

@@ -1,0 +1,206 @@
+"""CWCL: loss identities, weights, gradients, 2-process gathered loss, speech features, shapes, resume, CLI."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from leanfm.align import shapes, speech
+from leanfm.align.cwcl import ContrastiveLoss, clip_loss, cwcl_loss, intra_modal_weights
+from leanfm.align.trainer import AlignConfig, train_aligned, zero_shot_accuracy
+from leanfm.cli import main
+from leanfm.errors import LeanfmError
+from leanfm.training import DistributedContext, average_gradients
+
+
+def _unit(n, d=16, seed=0):
+    return nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_identity_weights_give_the_clip_loss():
+    p, q = _unit(8, seed=1), _unit(8, seed=2)
+    eye = torch.eye(8)
+    torch.testing.assert_close(cwcl_loss(p, q, 0.1, weights=eye), clip_loss(p, q, 0.1))
+    torch.testing.assert_close(cwcl_loss(p, q, 0.1, other="clip", weights=eye), clip_loss(p, q, 0.1))
+
+
+def test_weights_are_in_unit_interval_with_ones_on_the_diagonal():
+    q = _unit(20, seed=3)
+    w = intra_modal_weights(q)
+    assert w.min() >= 0 and w.max() <= 1
+    torch.testing.assert_close(torch.diagonal(w), torch.ones(20))
+    torch.testing.assert_close(w, w.T)
+
+
+def test_cwcl_rewards_similar_neighbours_unlike_clip():
+    """Two near-identical frozen targets: CWCL does not push p_0 away from q_1, CLIP does."""
+    q = _unit(4, seed=4)
+    q[1] = nn.functional.normalize(q[0] + 0.01 * q[1], dim=0)
+    p = q.clone().requires_grad_(True)
+    cwcl_loss(p, q, 0.1).backward()
+    cw = p.grad[0] @ (q[1] - q[0])
+    p.grad = None
+    clip_loss(p, q, 0.1).backward()
+    assert (p.grad[0] @ (q[1] - q[0])) > cw  # CLIP's gradient pushes p_0 further from q_1 (descent = -grad)
+
+
+def test_gradient_flows_only_to_the_trainable_tower():
+    trainable, frozen = nn.Linear(5, 8), nn.Linear(6, 8).requires_grad_(False)
+    loss = ContrastiveLoss("cwcl")
+    value = loss(trainable(torch.randn(4, 5)), frozen(torch.randn(4, 6)))
+    value.backward()
+    assert trainable.weight.grad is not None and trainable.weight.grad.abs().sum() > 0
+    assert frozen.weight.grad is None
+    assert loss.log_scale.grad is not None
+
+
+def _rank(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    context = DistributedContext(rank, world)
+    loss_fn = ContrastiveLoss("cwcl")
+    loss = loss_fn(layer(context.shard(x)), context.shard(q))
+    loss.backward()
+    average_gradients(list(layer.parameters()) + list(loss_fn.parameters()), context)
+    if rank == 0:
+        results.put((float(loss), layer.weight.grad.clone(), float(loss_fn.log_scale.grad)))
+    dist.destroy_process_group()
+
+
+def test_gathered_loss_on_two_gloo_ranks_equals_one_process():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    loss_fn = ContrastiveLoss("cwcl")
+    index = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])  # rank order of strided shards
+    single = loss_fn(layer(x[index]), q[index])
+    single.backward()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_rank, args=(r, 2, os.path.join(tmp, "init"), results)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        loss, grad, scale_grad = results.get(timeout=120)
+        for proc in procs:
+            proc.join(timeout=60)
+    assert loss == pytest.approx(float(single.detach()), rel=1e-6)
+    torch.testing.assert_close(grad, layer.weight.grad, atol=1e-6, rtol=1e-5)
+    assert scale_grad == pytest.approx(float(loss_fn.log_scale.grad), rel=1e-5)
+
+
+def test_log_mel_of_a_synthesised_wav():
+    wave = speech.synthesize("turn on the lights", "en-us", 160, 50)
+    assert wave.dim() == 1 and 0.05 < wave.abs().max() <= 1.0
+    feats = speech.log_mel(wave)
+    assert feats.shape == (wave.numel() // speech.HOP + 1, 64)
+    assert torch.isfinite(feats).all() and feats.max() < 15 and feats.min() >= torch.log(torch.tensor(1e-6)) - 1e-4
+    silence = speech.log_mel(torch.zeros(4000))
+    assert silence.max() < feats.max() - 5  # speech has far more energy than silence
+    bank = speech.mel_filterbank()
+    assert bank.shape == (513, 64) and bank.max() <= 1 and (bank.sum(0) > 0).all()
+
+
+def test_speech_encoder_ignores_padding():
+    torch.manual_seed(0)
+    encoder = speech.SpeechEncoder(width=32, layers=1, heads=2).eval()
+    feats = torch.randn(1, 40, 64)
+    padded = torch.cat([feats, torch.randn(1, 24, 64)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(feats, torch.tensor([40])), encoder(padded, torch.tensor([40])),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_bad_speech_inputs(monkeypatch):
+    with pytest.raises(LeanfmError, match="empty text"):
+        speech.synthesize("  ")
+    monkeypatch.setattr(speech.shutil, "which", lambda _name: None)
+    with pytest.raises(LeanfmError, match="apt-get install espeak-ng"):
+        speech.synthesize("hello")
+
+
+def test_shapes_hold_out_combinations_and_render_deterministically():
+    train, test = shapes.split_combinations(0)
+    assert len(train) + len(test) == 180 and not set(train) & set(test) and len(test) == 36
+    a, caps = shapes.render_set(test[:2], 3, seed=5)
+    b, _ = shapes.render_set(test[:2], 3, seed=5)
+    assert torch.equal(a, b) and a.shape == (6, 3, 32, 32) and caps[0] == shapes.caption(test[0])
+    assert shapes.caption(("small", "striped", "red", "triangle")) == "a small striped red triangle"
+    encoder = shapes.ImageEncoder(hidden=32, layers=1, heads=2)
+    assert encoder(a).shape == (6, 384)
+
+
+def test_zero_shot_accuracy_counts_nearest_candidates():
+    cands = torch.eye(3)
+    emb = torch.tensor([[1.0, 0.1, 0], [0, 0, 2.0], [0.9, 1.0, 0]])
+    assert zero_shot_accuracy(emb, ["a", "c", "a"], ["a", "b", "c"], cands) == pytest.approx(2 / 3)
+
+
+def test_align_trainer_resume_is_exact(tmp_path, monkeypatch):
+    targets = _unit(32, d=8, seed=6)
+    inputs = torch.randn(32, 5, generator=torch.Generator().manual_seed(7))
+
+    def encoder():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.2), nn.Linear(16, 8))
+
+    def encode(enc, rows):
+        return enc(inputs[rows])
+
+    config = AlignConfig(steps=6, batch_size=8, warmup=2, checkpoint_every=2)
+    torch.manual_seed(11)
+    straight = encoder()
+    done = train_aligned(straight, encode, targets, config, tmp_path / "a")
+    assert done["history"][-1]["loss"] < done["history"][0]["loss"] * 1.5
+
+    calls = []
+
+    def interrupting(enc, rows):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return encode(enc, rows)
+
+    torch.manual_seed(11)
+    with pytest.raises(KeyboardInterrupt):
+        train_aligned(encoder(), interrupting, targets, config, tmp_path / "b")
+    resumed = encoder()
+    again = train_aligned(resumed, encode, targets, config, tmp_path / "b", resume=True)
+    assert again["history"] == done["history"]
+    assert all(torch.equal(x, y) for x, y in zip(resumed.state_dict().values(), straight.state_dict().values(),
+                                                  strict=True))
+
+
+def test_align_speech_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sp"
+    assert main(["--quiet", "align", "speech", "--out", str(out), "--steps", "3", "--batch-size", "8",
+                 "--sentences", "16", "--renditions", "1", "--json", "-"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["intent_accuracy"] <= 1 and metrics["intent_items"] == 144
+    assert metrics["keyword_items"] == 90
+    assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics  # the saved encoder reproduces its metrics
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["align", "speech", "--frozen", "clip-vit", "--out", "{tmp}/x"], "unknown frozen model 'clip-vit'"),
+        (["align", "image", "--loss", "triplet", "--out", "{tmp}/x"], "unknown loss 'triplet'"),
+        (["align", "eval", "{tmp}"], "is not an aligned encoder"),
+    ],
+)
+def test_bad_align_inputs_give_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["--quiet", *[a.replace("{tmp}", str(tmp_path)) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
