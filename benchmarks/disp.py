@@ -165,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--gumbel-ratio", type=float, default=0.5, help="ratio of the Gumbel-sigmoid ablation")
+    parser.add_argument("--gumbel-ratio", type=float, default=0.5,
+                        help="ratio of the Gumbel-sigmoid ablation (0: none)")
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--cloze", type=int, default=100)
     parser.add_argument("--speed-rounds", type=int, default=5)
@@ -176,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     set_quiet(True)
-    runs = [("disp", r) for r in args.ratios] + [("disp-gumbel", args.gumbel_ratio)]
+    runs = [("disp", r) for r in args.ratios] + ([("disp-gumbel", args.gumbel_ratio)] if args.gumbel_ratio > 0 else [])
     folders = {(label, ratio): train(label, ratio, args) for label, ratio in runs}
     dense = evaluate_row("dense", 0.0, MODEL, args)
     dense["cloze_items"] = args.cloze
