@@ -95,17 +95,29 @@ class DynamoModel(nn.Module):
         return self.base.config
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + the shared LM head: hidden states -> logits."""
+        """Final norm + the shared LM head: an extra head's hidden states -> logits."""
         norm = self.adapter.final_norm(self.base)
         return self.base.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
 
+    def logits(self, final: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of every head, ``[..., n, V]``, from the base's final (normed) hidden states and the heads'.
+
+        One LM-head matmul for all heads: at batch 1 decoding is memory-bound and the LM head is a fifth of
+        SmolLM2's weights, so reading it once per step instead of n times is most of what the heads cost.
+        """
+        norm = self.adapter.final_norm(self.base)
+        rows = [final] + [norm(s) if norm is not None else s for s in states]
+        return self.base.get_output_embeddings()(torch.stack(rows, dim=-2))
+
     def forward_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: Any = None, head_cache: Any = None,
-                      logits_to_keep: int = 0, base_grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Head 1's logits and the extra heads' final hidden states (``[B, T, d]`` each, before norm/LM head).
+                      base_grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base's final hidden states (after its final norm) and the extra heads' (before it), ``[B, T, d]``.
 
-        The base runs once; a pre-hook on its last block captures the penultimate hidden state and the exact
-        keyword arguments (mask, rotary embeddings, positions) the block received, which the extra layers reuse.
+        The base decoder stack runs once (without its LM head — :meth:`logits` applies it to the positions
+        that are needed); a pre-hook on its last block captures the penultimate hidden state and the exact
+        keyword arguments (mask, rotary embeddings, positions, cache) the block received, which the extra
+        layers reuse with their own cache.
         """
         captured: dict[str, Any] = {}
 
@@ -116,8 +128,8 @@ class DynamoModel(nn.Module):
         handle = self.adapter.blocks(self.base)[-1].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.set_grad_enabled(base_grad and torch.is_grad_enabled()):
-                out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=cache, use_cache=cache is not None, logits_to_keep=logits_to_keep)
+                out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, cache=cache, use_cache=cache is not None)
         finally:
             handle.remove()
         hidden, kwargs = captured["hidden"], captured["kwargs"]
@@ -131,7 +143,7 @@ class DynamoModel(nn.Module):
         for layer in self.heads:
             result = layer(hidden, **kwargs)
             states.append(result[0] if isinstance(result, tuple) else result)
-        return out.logits, states
+        return out.last_hidden_state, states
 
 
 def load(folder: str | Path, dtype: str = "float32") -> tuple[DynamoModel, Any, NgramCounts | None]:
@@ -326,7 +338,7 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
     sequences, attention = batch["input_ids"], batch["attention_mask"]
     rows = sequences.shape[0]
     cache, head_cache = DynamicCache(), DynamicCache()
-    new_ids, logits_to_keep = sequences, 1
+    new_ids = sequences
     slot = torch.full((rows,), sequences.shape[1] - 1)  # each row's last valid slot among the new inputs
     emitted: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool)
@@ -335,10 +347,10 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
     level_counts: dict[int, int] = {}
     while True:
         positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)[:, -new_ids.shape[1]:]
-        logits, states = model.forward_heads(new_ids, attention, positions, cache, head_cache, logits_to_keep)
+        final, states = model.forward_heads(new_ids, attention, positions, cache, head_cache)
         pick = torch.arange(rows)
-        head_logits = [logits[pick, slot - (new_ids.shape[1] - logits.shape[1])].float()]
-        head_logits += [model.project(s[pick, slot]).float() for s in states[: n - 1]]
+        logits = model.logits(final[pick, slot], [s[pick, slot] for s in states[: n - 1]]).float()  # [B, n, V]
+        head_logits = list(logits.unbind(1))
         scores = [processors(sequences, h.clone()) if len(processors) else h for h in head_logits]
         probs = [torch.softmax(s, dim=-1) for s in scores]
         choices: list[list[int] | None] = [None] * rows
@@ -380,7 +392,6 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
             slot[b] = max(count, 1) - 1
         sequences = torch.cat([sequences, new_ids], dim=1)
         attention = torch.cat([attention, new_mask], dim=1)
-        logits_to_keep = width
     texts = tokenizer.batch_decode(emitted, skip_special_tokens=True)
     return DynamoOutput(tokens=emitted, texts=texts, steps=steps,
                         tokens_per_step=active_tokens / max(1, active_steps), seconds=time.perf_counter() - start,
@@ -420,7 +431,7 @@ class DynamoTrainConfig:
 
 def head_losses(model: DynamoModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """Cross-entropy of heads 2..n at their offsets (head j: position t predicts t+j)."""
-    _, states = model.forward_heads(ids, logits_to_keep=1)
+    _, states = model.forward_heads(ids)
     losses = []
     for j, state in enumerate(states, start=2):
         logits = model.project(state[:, :-j])
@@ -493,8 +504,8 @@ def head_perplexities(model: DynamoModel, windows: torch.Tensor) -> list[float]:
     count = [0] * model.num_heads
     for row in windows:
         ids = row[None]
-        logits, states = model.forward_heads(ids)
-        all_logits = [logits] + [model.project(s) for s in states]
+        final, states = model.forward_heads(ids)
+        all_logits = model.logits(final, states).unbind(-2)
         for j, head in enumerate(all_logits, start=1):
             target = ids[:, j:]
             nll[j - 1] += float(nn.functional.cross_entropy(head[:, :-j].flatten(0, 1).float(), target.flatten(),
