@@ -295,6 +295,29 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_checkpoint(out: Path, args: argparse.Namespace) -> Path:
+    """The training checkpoint beside ``out`` (or ``--checkpoint``); never silently restarted or continued."""
+    checkpoint = Path(getattr(args, "checkpoint", None) or out.with_name(out.name + ".training"))
+    if checkpoint.exists() and not args.resume and not args.overwrite:
+        raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
+                          "or --overwrite to start over")
+    return checkpoint
+
+
+def _discard_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
+    """``--overwrite`` without ``--resume``: start over."""
+    import shutil
+
+    if checkpoint.exists() and not args.resume:
+        shutil.rmtree(checkpoint)
+
+
+def _interrupted(checkpoint: Path) -> int:
+    print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
+          file=sys.stderr)
+    return 130
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import leanfm
     from leanfm.compress.api import check_method, check_output_dir, compress_model, save_compressed
@@ -321,8 +344,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _compress_disp(args: argparse.Namespace, out: Path, dtype: Any) -> int:
     """``--method disp``: train (every rank), export and save (rank 0)."""
-    import shutil
-
     import leanfm
     from leanfm.compress.api import save_compressed
     from leanfm.compress.disp import DispConfig, compress_disp
@@ -333,23 +354,16 @@ def _compress_disp(args: argparse.Namespace, out: Path, dtype: Any) -> int:
         batch_size=args.batch_size,
         seqlen=args.seqlen, checkpoint_every=args.checkpoint_every, autocast=not args.no_autocast,
     )
-    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".training")
-    if checkpoint.exists() and not args.resume:
-        if not args.overwrite:
-            raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
-                              "or --overwrite to start over")
+    checkpoint = _training_checkpoint(out, args)
     context = init_distributed()
-    if checkpoint.exists() and not args.resume and context.is_main:
-        shutil.rmtree(checkpoint)
+    if context.is_main:
+        _discard_checkpoint(checkpoint, args)
     context.barrier()
     model, tokenizer = leanfm.load_model(args.model)
     try:
         report = compress_disp(model, tokenizer, config, checkpoint, resume=args.resume, context=context)
     except KeyboardInterrupt:
-        if context.is_main:
-            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
-                  file=sys.stderr)
-        return 130
+        return _interrupted(checkpoint) if context.is_main else 130
     if context.is_main:
         save_compressed(model.to(dtype), tokenizer, out, report, overwrite=args.overwrite)
         _print_compression(args, out, report)
@@ -399,20 +413,12 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
                                           seqlen=args.seqlen, init=args.init, checkpoint_every=args.checkpoint_every)
         out = Path(args.out)
         check_output_dir(out, args.overwrite)
-        checkpoint = out.with_name(out.name + ".training")
-        if checkpoint.exists() and not args.resume:
-            if not args.overwrite:
-                raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
-                                  "or --overwrite to start over")
-            import shutil
-
-            shutil.rmtree(checkpoint)
+        checkpoint = _training_checkpoint(out, args)
+        _discard_checkpoint(checkpoint, args)
         try:
             summary = dynamo.train_and_save(args.model, out, config, checkpoint, resume=args.resume)
         except KeyboardInterrupt:
-            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
-                  file=sys.stderr)
-            return 130
+            return _interrupted(checkpoint)
         final = summary["history"][-1]["losses"] if summary["history"] else []
         _print_table([("out", str(out)), ("steps", str(summary["steps"])), ("seconds", _fmt(summary["seconds"])),
                       ("final head losses", " ".join(f"{x:.3f}" for x in final))])
@@ -441,6 +447,7 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from leanfm.align import pipeline
     from leanfm.align.trainer import AlignConfig
+    from leanfm.compress.api import check_output_dir
     from leanfm.paths import check_writable_file
 
     if args.json and args.json != "-":
@@ -452,14 +459,9 @@ def cmd_align(args: argparse.Namespace) -> int:
                              lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
         pipeline.text_encoder(args.frozen)  # fail on an unknown frozen model before any work
         out = Path(args.out)
-        checkpoint = pipeline.check_output(out, args.overwrite)
-        if checkpoint.exists() and not args.resume:
-            if not args.overwrite:
-                raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
-                                  "or --overwrite to start over")
-            import shutil
-
-            shutil.rmtree(checkpoint)
+        check_output_dir(out, args.overwrite)
+        checkpoint = _training_checkpoint(out, args)
+        _discard_checkpoint(checkpoint, args)
         try:
             if args.align_command == "speech":
                 meta = pipeline.align_speech(out, args.frozen, config, args.sentences, args.renditions, args.resume,
@@ -467,9 +469,7 @@ def cmd_align(args: argparse.Namespace) -> int:
             else:
                 meta = pipeline.align_image(out, args.frozen, config, args.per_combo, args.resume, checkpoint)
         except KeyboardInterrupt:
-            print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
-                  file=sys.stderr)
-            return 130
+            return _interrupted(checkpoint)
         metrics = meta["metrics"]
     if metrics and args.json != "-":
         _print_table([(k, _fmt(v)) for k, v in metrics.items()])

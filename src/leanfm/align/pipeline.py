@@ -44,13 +44,6 @@ def embed_texts(model: Any, texts: list[str]) -> torch.Tensor:
                         show_progress_bar=False).float().cpu()
 
 
-def check_output(out: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty ``out`` unless ``overwrite``; returns the training checkpoint path beside it."""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LeanfmError(f"--out '{out}' exists and is not empty; pass --overwrite to replace it")
-    return out.with_name(out.name + ".training")
-
-
 def _build(kind: str, config: dict[str, Any]) -> nn.Module:
     return speech.SpeechEncoder(**config) if kind == "speech" else shapes.ImageEncoder(**config)
 
