@@ -50,6 +50,7 @@ from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLog
 from leanfm.data.calibration import random_windows, split_token_ids
 from leanfm.decode.ngrams import NgramCounts
 from leanfm.errors import LeanfmError
+from leanfm.eval.perplexity import summed_nll
 from leanfm.models.adapters import get_adapter
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.progress import progress
@@ -508,8 +509,7 @@ def head_perplexities(model: DynamoModel, windows: torch.Tensor) -> list[float]:
         all_logits = model.logits(final, states).unbind(-2)
         for j, head in enumerate(all_logits, start=1):
             target = ids[:, j:]
-            nll[j - 1] += float(nn.functional.cross_entropy(head[:, :-j].flatten(0, 1).float(), target.flatten(),
-                                                            reduction="sum"))
+            nll[j - 1] += float(summed_nll(head[:, :-j], target).double().sum())
             count[j - 1] += target.numel()
     return [math.exp(total / c) for total, c in zip(nll, count, strict=True)]
 

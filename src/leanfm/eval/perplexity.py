@@ -29,13 +29,21 @@ class PerplexityResult:
     seconds: float
 
 
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL per row, ``[B]``, of ``targets`` ``[B, T]`` under ``logits`` ``[B, T, V]``.
+
+    The one place a summed NLL is computed, so every perplexity in the project (the harness, DynaMo's per-head
+    perplexities) uses the same float32 kernel and reduction and equal models give equal numbers.
+    """
+    nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, T]
+    return nll.sum(dim=1)
+
+
 @torch.inference_mode()
 def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of each window, shape ``[B]`` for ``windows`` of shape ``[B, T]``."""
-    logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
-    targets = windows[:, 1:]  # [B, T-1]
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
-    return nll.sum(dim=1)
+    logits = model(input_ids=windows, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+    return summed_nll(logits, windows[:, 1:])
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> PerplexityResult:
