@@ -294,7 +294,7 @@ class DynamoOutput:
 
     tokens: list[list[int]]
     texts: list[str]
-    steps: int  # forward passes after the prompt
+    steps: int  # forward passes, the prompt's included (each emits 1..n tokens per row)
     tokens_per_step: float  # mean over active (row, step) pairs
     seconds: float
     level_counts: dict[int, int] = field(default_factory=dict)
