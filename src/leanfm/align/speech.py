@@ -65,8 +65,8 @@ def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 5
     """Mono float waveform in [-1, 1] at 22.05 kHz of ``text`` spoken by espeak-ng."""
     if not text or not text.strip():
         raise LeanfmError("cannot synthesise empty text; pass at least one word")
-    done = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-                          capture_output=True, check=False)
+    done = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", "--stdin"],
+                          input=text.encode(), capture_output=True, check=False)  # stdin: text is never an option
     if done.returncode != 0 or len(done.stdout) <= 44:
         raise LeanfmError(f"espeak-ng failed for voice '{voice}': {done.stderr.decode(errors='replace').strip()}")
     data = done.stdout
@@ -164,8 +164,8 @@ def austen_sentences(count: int, split: str = "train", seed: int = 0, min_words:
     from leanfm.data.corpus import corpus
 
     pieces = re.split(r"(?<=[.!?])\s+", " ".join(corpus("austen", split).split()))
-    clean = sorted({p.strip(" \"'_") for p in pieces if min_words <= len(p.split()) <= max_words
-                    and re.fullmatch(r"[A-Za-z ,;'.!?-]+", p.strip(" \"'_"))
+    clean = sorted({p.strip(" \"'_-") for p in pieces if min_words <= len(p.split()) <= max_words
+                    and re.fullmatch(r"[A-Za-z ,;'.!?-]+", p.strip(" \"'_-"))
                     and not re.search(r"\b(Mr|Mrs|Dr|St|Col)\.$", p)})  # abbreviations are not sentence ends
     if len(clean) < count:
         raise LeanfmError(f"split '{split}' has only {len(clean)} usable sentences; asked for {count}")
