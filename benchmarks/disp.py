@@ -122,7 +122,7 @@ def plot(rows: list[dict], baselines: list[dict], dense: dict) -> bytes:
 
 def markdown(rows: list[dict], baselines: list[dict], dense: dict, speed: dict | None, command: str) -> str:
     ratios = sorted({r["ratio"] for r in rows})
-    labels = [*VARIANTS, *BASELINES]
+    labels = [v for v in VARIANTS if any(r["label"] == v for r in rows)] + list(BASELINES)
     everything = rows + baselines
     lines = [
         "## DISP-LLM (compress)", "",
@@ -144,6 +144,9 @@ def markdown(rows: list[dict], baselines: list[dict], dense: dict, speed: dict |
             row = next((r for r in everything if r["label"] == label and abs(r["ratio"] - ratio) < 1e-9), None)
             cells.append(f"{row['perplexity']:.1f} / {row['cloze_accuracy']:.2f}" if row else "-")
         lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
+    if not any(r["label"] == "disp-gumbel" for r in rows):
+        lines += ["", "The Gumbel-sigmoid sampler (the official code's) was not compared in this run "
+                  "(`--gumbel-ratio 0`); ReinMax (the paper's) is the default."]
     lines += ["", "| run | steps | tokens seen | training wall time | achieved ratio |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['label']} {row['ratio']:.1f} | {row['steps']} | {row['tokens_seen']:,} | "
