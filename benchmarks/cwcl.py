@@ -109,7 +109,8 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
         "Claim (paper): weighting every pair by the frozen tower's own similarity (instead of CLIP's one-hot "
         "target) gains 20-30 points absolute in zero-shot speech-to-intent and keyword accuracy, 5-8 in zero-shot "
         "image classification.", "",
-        f"Setting: trainable speech encoder (conv + 4-layer transformer, 192 wide) or ViT (patch 4, 4 layers, 192) "
+        f"Setting: trainable speech encoder (3 strided convs + 3-layer transformer, 128 wide) or ViT (patch 4, 3 "
+        f"layers, 128 wide) "
         f"aligned to frozen all-MiniLM-L6-v2; {args.steps} steps, batch 128, AdamW 1e-3 cosine, learnable "
         f"temperature (init 0.07); seeds {seeds}; identical data, steps and seeds for both losses. Values are "
         "means over seeds (min-max in brackets when several).", "",

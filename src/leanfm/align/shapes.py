@@ -90,7 +90,7 @@ def render_set(combos: list, per_combo: int, seed: int) -> tuple[torch.Tensor, l
 class ImageEncoder(nn.Module):
     """A small transformers ViT (patch 4 -> 64 tokens) whose pooled class token is projected to ``out_dim``."""
 
-    def __init__(self, out_dim: int = 384, hidden: int = 192, layers: int = 4, heads: int = 4) -> None:
+    def __init__(self, out_dim: int = 384, hidden: int = 128, layers: int = 3, heads: int = 4) -> None:
         super().__init__()
         self.config = {"out_dim": out_dim, "hidden": hidden, "layers": layers, "heads": heads}
         self.vit = ViTModel(ViTConfig(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=hidden,
