@@ -9,6 +9,7 @@ nccl on GPU) so that the same command runs on one process or many.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,14 @@ def average_gradients(parameters: Any, context: DistributedContext) -> None:
         if param.grad is not None:
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             param.grad /= context.world_size
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ exact (step-seeded batches, dropout RNG saved).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,7 +23,13 @@ from torch import nn
 from leanfm.align.cwcl import LOSSES, ContrastiveLoss
 from leanfm.errors import LeanfmError
 from leanfm.progress import progress
-from leanfm.training import DistributedContext, average_gradients, load_checkpoint, save_checkpoint
+from leanfm.training import (
+    DistributedContext,
+    average_gradients,
+    load_checkpoint,
+    save_checkpoint,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +55,6 @@ class AlignConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: an integer >= 1")
-
-
-def _lr(step: int, config: AlignConfig) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
 
 def train_aligned(encoder: nn.Module, encode: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -97,7 +95,7 @@ def train_aligned(encoder: nn.Module, encode: Callable[[nn.Module, torch.Tensor]
         for _ in progress(range(step, config.steps), desc=f"align {config.loss}", total=config.steps - step):
             tick = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, config)
+                group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             rows = torch.randperm(count, generator=generator)[: config.batch_size]
             local = context.shard(rows)

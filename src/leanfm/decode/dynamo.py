@@ -54,7 +54,7 @@ from leanfm.eval.perplexity import summed_nll
 from leanfm.models.adapters import get_adapter
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.progress import progress
-from leanfm.training import load_checkpoint, save_checkpoint
+from leanfm.training import load_checkpoint, save_checkpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
 HEADS_FILE, STATS_FILE, META_FILE = "dynamo_heads.safetensors", "cooccurrence.safetensors", "dynamo.json"
@@ -440,13 +440,6 @@ def head_losses(model: DynamoModel, ids: torch.Tensor) -> list[torch.Tensor]:
     return losses
 
 
-def _lr_factor(step: int, total: int) -> float:
-    warmup = max(1, round(0.01 * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_heads(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, checkpoint: Path | None = None,
                 resume: bool = False) -> dict[str, Any]:
     """Train the extra heads on the frozen base (resumable); returns steps, seconds and the loss curve."""
@@ -476,7 +469,7 @@ def train_heads(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, c
         for _ in progress(range(step, config.steps), desc="dynamo heads", total=config.steps - step):
             tick = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, config.steps)
+                group["lr"] = config.lr * warmup_cosine(step, config.steps, max(1, round(0.01 * config.steps)))
             batch = random_windows(ids, config.batch_size, config.seqlen, config.seed * 1_000_003 + 7919 * (step + 1))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
                 losses = head_losses(model, batch)

@@ -73,17 +73,6 @@ class NgramCounts:
         positions = max(1, self.total - tokens.shape[-1] + 1)
         return self.count(tokens).double() / positions
 
-    def association(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``p̂(x_1..x_m) / Π p̂(x_i)`` — how much more often the tokens occur together than independently.
-
-        0 for an n-gram never seen (and for any unseen token): DynaMo's mask removes such continuations.
-        """
-        joint = self.probability(tokens)
-        marginal = torch.ones_like(joint)
-        for i in range(tokens.shape[-1]):
-            marginal = marginal * self.probability(tokens[..., i : i + 1])
-        return torch.where(marginal > 0, joint / marginal.clamp_min(1e-300), torch.zeros_like(joint))
-
     def sparse(self, order: int) -> torch.Tensor:
         """The ``order``-gram counts as a sparse COO tensor of shape ``[V] * order``."""
         keys = self.keys[order]

@@ -13,7 +13,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from leanfm.data.images import fashion_mnist, to_pixel_values
 from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_directory, atomic_write_json
 from leanfm.progress import progress
+from leanfm.training import load_checkpoint, save_checkpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,7 @@ def accuracy_and_throughput(model: nn.Module, images: torch.Tensor, labels: torc
 
 
 def _lr_at(step: int, total: int, config: ViTTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress_ = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-
-
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: Any, step: int, generator: torch.Generator) -> None:
-    with atomic_directory(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "generator": generator.get_state()}, tmp / "state.pt")
+    return config.lr * warmup_cosine(step, total, config.warmup_steps)
 
 
 def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = True) -> dict:
@@ -113,8 +104,7 @@ def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = Tr
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     total, step = steps_per_epoch * config.epochs, 0
     checkpoint = out / "checkpoint"
-    if resume and (checkpoint / "state.pt").is_file():
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
+    if resume and (state := load_checkpoint(checkpoint)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -138,7 +128,8 @@ def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = Tr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (epoch_step + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, model, optimizer, epoch_step + 1, generator)
+            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "step": epoch_step + 1, "generator": generator.get_state()})
     test_images, test_labels = fashion_mnist("test")
     metrics = {**accuracy_and_throughput(model, test_images, test_labels), "train_seconds": time.perf_counter() - start,
                "steps": total, "config": asdict(config)}
