@@ -5,6 +5,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from leanfm.errors import LeanfmError
 from leanfm.vision import tofu, tome
 from leanfm.vision.merge import bipartite_soft_matching, reduce_tokens
+from leanfm.vision.patch import expand_r
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
@@ -109,6 +110,50 @@ def test_patched_model_trains():
 def test_bad_r(r, message):
     with pytest.raises(LeanfmError, match=message):
         tome.apply_patch(tiny_vit(), r=r)
+
+
+def test_r_schedule_follows_tome_inflection():
+    assert expand_r((8, -1), 4, 197) == [16, 10, 5, 0]
+    assert expand_r((8, 1), 4, 197) == [0, 5, 10, 16]
+    assert expand_r((8, 0), 4, 197) == [8, 8, 8, 8]
+    model = tome.apply_patch(tiny_vit(), r=(8, -1))
+    with torch.no_grad():
+        model(pixel_values=images())
+    assert model._leanfm_reduction.state.tokens == [197, 181, 171, 166]
+    with pytest.raises(LeanfmError, match="inflect"):
+        expand_r((8, 2), 4, 197)
+
+
+def tiny_timm_vit(**kwargs):
+    timm = pytest.importorskip("timm")  # optional extra: runs where timm (and torchvision) are installed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4,
+                                 num_classes=10, **kwargs).eval()
+
+
+@pytest.mark.parametrize("patch", [tome.apply_patch, tofu.apply_patch])
+def test_timm_vit_patch(patch):
+    model = tiny_timm_vit()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+        patch(model, r=0)
+        assert torch.equal(model(x), reference)
+        patch(model, r=8)
+        reduced = model(x)
+        assert model._leanfm_reduction.state.tokens == [65, 57, 49, 41]
+        assert reduced.shape == reference.shape and not torch.equal(reduced, reference)
+        tome.remove_patch(model)
+        assert torch.equal(model(x), reference) and type(model.blocks[0]).__name__ == "Block"
+
+
+def test_timm_vit_without_class_token_merges_every_token_and_trains():
+    model = tiny_timm_vit(class_token=False, global_pool="avg").train()
+    tome.apply_patch(model, r=8)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model._leanfm_reduction.state.size.sum(1).flatten().tolist() == [64.0, 64.0]
+    assert model.blocks[-1].mlp.fc1.weight.grad is not None
 
 
 def test_linearity_profile_and_split():

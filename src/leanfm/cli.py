@@ -185,6 +185,8 @@ def _add_vision(sub: Any) -> None:
     b.add_argument("model", help="folder written by 'leanfm vision train'")
     b.add_argument("--method", default="none", help="none (default), tome or tofu")
     b.add_argument("--r", type=_r_value, default=0, help="tokens removed per layer: N or a list N1,N2,...")
+    b.add_argument("--r-inflect", type=float, default=None,
+                   help="schedule r linearly from r*(1-x) to r*(1+x) over layers (ToMe's inflect, -1..1)")
     b.add_argument("--prune-layers", default="half", help="ToFu: leading layers that prune ('half' or N)")
     b.add_argument("--merge", default="mlerp", help="ToFu merge in later layers: mlerp (default) or average")
     b.add_argument("--batch-size", type=_positive_int, default=64)
@@ -392,12 +394,17 @@ def cmd_vision(args: argparse.Namespace) -> int:
     if args.json and args.json != "-":
         check_writable_file(args.json)
     extra = {}
+    r = args.r
+    if args.r_inflect is not None:
+        if not isinstance(r, int):
+            raise LeanfmError("--r-inflect needs a single --r value; accepted: --r N --r-inflect X")
+        r = (r, args.r_inflect)
     if args.method == "tofu":
         if args.prune_layers != "half" and not args.prune_layers.isdigit():
             raise LeanfmError(f"--prune-layers '{args.prune_layers}' is invalid; accepted: half or an integer >= 0")
         prune = args.prune_layers if args.prune_layers == "half" else int(args.prune_layers)
         extra = {"prune_layers": prune, "merge": args.merge}
-    result = bench(Path(args.model), args.method, args.r, limit=args.limit, batch_size=args.batch_size, **extra)
+    result = bench(Path(args.model), args.method, r, limit=args.limit, batch_size=args.batch_size, **extra)
     if args.json != "-":
         _print_table([(k, _fmt(v)) for k, v in result.items()])
     _emit_json(result, args.json)

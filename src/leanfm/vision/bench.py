@@ -10,12 +10,13 @@ import torch
 from leanfm.data.images import fashion_mnist
 from leanfm.errors import LeanfmError
 from leanfm.vision import tofu, tome
+from leanfm.vision.patch import RValue
 from leanfm.vision.train import accuracy_and_throughput, load_vit
 
 BENCH_METHODS = ("none", "tome", "tofu")
 
 
-def patch_for(model: torch.nn.Module, method: str, r: int | list[int], **tofu_kwargs: Any) -> torch.nn.Module:
+def patch_for(model: torch.nn.Module, method: str, r: RValue, **tofu_kwargs: Any) -> torch.nn.Module:
     """Apply ``method`` (``none``/``tome``/``tofu``) to ``model`` in place."""
     if method not in BENCH_METHODS:
         raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(BENCH_METHODS)}")
@@ -27,7 +28,7 @@ def patch_for(model: torch.nn.Module, method: str, r: int | list[int], **tofu_kw
     return model
 
 
-def bench(folder: Path, method: str = "none", r: int | list[int] = 0, limit: int | None = None,
+def bench(folder: Path, method: str = "none", r: RValue = 0, limit: int | None = None,
           batch_size: int = 64, **tofu_kwargs: Any) -> dict[str, Any]:
     """Test accuracy and images/s of the ViT in ``folder`` under ``method`` with ``r`` tokens per layer."""
     model = patch_for(load_vit(folder), method, r, **tofu_kwargs)

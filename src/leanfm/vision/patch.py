@@ -20,6 +20,8 @@ from torch import nn
 from leanfm.errors import LeanfmError
 from leanfm.vision.merge import MODES, bipartite_soft_matching, reduce_tokens
 
+RValue = int | list[int] | tuple[int, float]  # constant, per layer, or ToMe's (r, inflect) schedule
+
 
 @dataclass
 class ForwardState:
@@ -41,24 +43,65 @@ class TokenReduction:
 
 
 def _vit_body(model: nn.Module) -> nn.Module:
+    """The module holding the blocks: ``model.vit`` / a ``ViTModel`` (transformers) or a timm ViT itself."""
     body = getattr(model, "vit", model)
-    if not hasattr(body, "layers") or not hasattr(body, "embeddings"):
-        kind = type(model).__name__
-        raise LeanfmError(f"apply_patch expects a transformers ViTModel/ViTForImageClassification, got {kind}")
-    return body
+    if hasattr(body, "layers") and hasattr(body, "embeddings"):
+        return body
+    if _is_timm_vit(model):
+        return model
+    kind = type(model).__name__
+    raise LeanfmError(f"apply_patch expects a transformers ViTModel/ViTForImageClassification or a timm "
+                      f"VisionTransformer, got {kind}")
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
+def vit_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers or timm ViT, in order."""
+    body = _vit_body(model)
+    return list(body.blocks if _is_timm_vit(body) else body.layers)
 
 
 def token_count(model: nn.Module) -> int:
-    """Tokens entering the first layer: patches plus the class token."""
+    """Tokens entering the first layer: patches plus the class token (timm: plus its prefix tokens)."""
+    if _is_timm_vit(model):
+        return int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
     cfg = model.config
     return (cfg.image_size // cfg.patch_size) ** 2 + 1
 
 
-def expand_r(r: int | list[int] | tuple[int, ...], layers: int, tokens: int) -> list[int]:
-    """Per-layer r from a constant or a list; one-line errors for negatives or r above 50% of the tokens."""
-    schedule = [int(r)] * layers if isinstance(r, int) else [int(v) for v in r]
+def _protects_class_token(model: nn.Module) -> bool:
+    """Whether token 0 is a class token to keep out of merges (timm models may pool without one)."""
+    if not _is_timm_vit(model):
+        return True
+    if model.num_prefix_tokens > 1:
+        raise LeanfmError(f"timm ViT with {model.num_prefix_tokens} prefix tokens (register/distillation tokens); "
+                          "accepted: a class token only, or none")
+    return model.num_prefix_tokens == 1
+
+
+def expand_r(r: RValue, layers: int, tokens: int) -> list[int]:
+    """Per-layer r from a constant, a per-layer list, or a schedule ``(r, inflect)`` (a tuple).
+
+    The schedule follows ToMe's ``parse_r``: r per layer changes linearly from ``r * (1 - inflect)`` in the first
+    layer to ``r * (1 + inflect)`` in the last (the mean stays r), so ``inflect`` -1 removes ``2r`` first and
+    none last, 0 is constant, +1 the reverse. One-line errors for negatives, r above 50% of a layer's tokens,
+    an inflection outside [-1, 1] or a list of the wrong length.
+    """
+    if isinstance(r, tuple):
+        if len(r) != 2 or not -1 <= float(r[1]) <= 1:
+            raise LeanfmError(f"r schedule {r!r} is invalid; accepted: (r, inflect) with -1 <= inflect <= 1")
+        first = r[0] * (1 - float(r[1]))
+        last = 2 * r[0] - first
+        step = (last - first) / max(layers - 1, 1)
+        schedule = [int(first + step * i) for i in range(layers)]
+    else:
+        schedule = [int(r)] * layers if isinstance(r, int) else [int(v) for v in r]
     if len(schedule) != layers:
-        raise LeanfmError(f"r has {len(schedule)} entries; accepted: one per layer ({layers})")
+        raise LeanfmError(f"r has {len(schedule)} entries; accepted: one per layer ({layers}), a constant, "
+                          "or (r, inflect) with inflect in -1, 0, 1")
     for index, value in enumerate(schedule):
         if value < 0:
             raise LeanfmError(f"r {value} at layer {index} is negative; accepted: 0 <= r <= 50% of the tokens")
@@ -71,42 +114,76 @@ def expand_r(r: int | list[int] | tuple[int, ...], layers: int, tokens: int) -> 
     return schedule
 
 
-class TokenReducingViTLayer(nn.Module):
-    """Forward of a patched ``ViTLayer``: attention, token reduction, MLP (the host's own submodules)."""
+class _TokenReducingBlock(nn.Module):
+    """What both hosts share: reading the per-forward state and reducing tokens between attention and MLP."""
 
     _leanfm_reduction: TokenReduction
     _leanfm_index: int
     _leanfm_keys: torch.Tensor | None
+    _leanfm_protect_first: bool
+
+    def _attention_bias(self, hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Record the token count; add proportional attention's ``log(size)`` to ``mask`` once sizes exist."""
+        state = self._leanfm_reduction.state
+        state.tokens.append(hidden_states.shape[1])
+        if self._leanfm_reduction.proportional_attention and state.size is not None:
+            bias = state.size.log()[:, None, None, :, 0].to(hidden_states.dtype)  # [B, 1, 1, N]
+            return bias if mask is None else mask + bias
+        return mask
+
+    def _reduce(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+        """Match on ``metric`` ``[B, N, head_dim]`` and remove this layer's r tokens (ToMe's placement)."""
+        reduction, index = self._leanfm_reduction, self._leanfm_index
+        self._leanfm_keys = None
+        r = reduction.r[index]
+        if r == 0 or metric is None:
+            return hidden_states
+        state = reduction.state
+        matching = bipartite_soft_matching(metric, r, protect_first=self._leanfm_protect_first)
+        if state.size is None:
+            state.size = hidden_states.new_ones(*hidden_states.shape[:2], 1)
+        hidden_states, state.size = reduce_tokens(hidden_states, state.size, matching, reduction.modes[index])
+        return hidden_states
+
+
+class TokenReducingViTLayer(_TokenReducingBlock):
+    """Forward of a patched transformers ``ViTLayer``: attention, token reduction, MLP (its own submodules)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        reduction, index = self._leanfm_reduction, self._leanfm_index
-        state, r = reduction.state, reduction.r[index]
-        state.tokens.append(hidden_states.shape[1])
-        mask = attention_mask
-        if reduction.proportional_attention and state.size is not None:  # sizes exist once tokens were reduced
-            bias = state.size.log()[:, None, None, :, 0].to(hidden_states.dtype)  # [B, 1, 1, N]
-            mask = bias if mask is None else mask + bias
+        mask = self._attention_bias(hidden_states, attention_mask)
         attended, _ = self.attention(self.layernorm_before(hidden_states), mask, **kwargs)
         hidden_states = hidden_states + self.dropout(attended)
-        if r > 0:
-            keys = self._leanfm_keys  # [B, N, heads * head_dim]
-            metric = keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)  # [B, N, head_dim]
-            matching = bipartite_soft_matching(metric, r, protect_first=True)
-            if state.size is None:
-                state.size = hidden_states.new_ones(*hidden_states.shape[:2], 1)
-            hidden_states, state.size = reduce_tokens(hidden_states, state.size, matching, reduction.modes[index])
-        self._leanfm_keys = None
+        keys = self._leanfm_keys  # [B, N, heads * head_dim] from the k projection
+        metric = None if keys is None else keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)
+        hidden_states = self._reduce(hidden_states, metric)
         out = self.mlp(self.layernorm_after(hidden_states))
         return hidden_states + self.dropout(out)
+
+
+class TokenReducingTimmBlock(_TokenReducingBlock):
+    """Forward of a patched timm ``Block``: the same steps with timm's layer-scale and drop-path."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        mask = self._attention_bias(x, attn_mask)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
+        qkv = self._leanfm_keys  # [B, N, 3 * heads * head_dim] from the fused qkv projection
+        metric = None
+        if qkv is not None:
+            attn = self.attn
+            metric = qkv.view(*qkv.shape[:2], 3, attn.num_heads, attn.head_dim)[:, :, 1].mean(2)
+        x = self._reduce(x, metric)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def apply_token_reduction(
     model: nn.Module, r: list[int], modes: list[str], proportional_attention: bool = True
 ) -> nn.Module:
-    """Patch every layer of ``model`` in place (see the module docstring); returns ``model``."""
+    """Patch every block of ``model`` in place (see the module docstring); returns ``model``."""
     body = _vit_body(model)
     remove_patch(model)
-    layers = list(body.layers)
+    layers = vit_layers(model)
+    timm = _is_timm_vit(body)
+    protect_first = _protects_class_token(body)
     if len(modes) != len(layers) or any(m not in MODES for m in modes):
         raise LeanfmError(f"modes must list one of {', '.join(MODES)} per layer ({len(layers)})")
     reduction = TokenReduction(list(r), list(modes), proportional_attention)
@@ -115,15 +192,18 @@ def apply_token_reduction(
         reduction.state = ForwardState()
 
     reduction.handles.append(body.register_forward_pre_hook(reset))
+    mixin = TokenReducingTimmBlock if timm else TokenReducingViTLayer
     for index, layer in enumerate(layers):
         layer._leanfm_original_class = layer.__class__
-        layer.__class__ = type("TokenReducing" + layer.__class__.__name__, (TokenReducingViTLayer, layer.__class__), {})
+        layer.__class__ = type("TokenReducing" + layer.__class__.__name__, (mixin, layer.__class__), {})
         layer._leanfm_reduction, layer._leanfm_index, layer._leanfm_keys = reduction, index, None
+        layer._leanfm_protect_first = protect_first
 
         def keep_keys(_m: nn.Module, _args: tuple, out: torch.Tensor, layer: nn.Module = layer) -> None:
             layer._leanfm_keys = out
 
-        reduction.handles.append(layer.attention.k_proj.register_forward_hook(keep_keys))
+        key_source = layer.attn.qkv if timm else layer.attention.k_proj
+        reduction.handles.append(key_source.register_forward_hook(keep_keys))
     model._leanfm_reduction = reduction
     return model
 
@@ -135,9 +215,10 @@ def remove_patch(model: nn.Module) -> nn.Module:
         return model
     for handle in reduction.handles:
         handle.remove()
-    for layer in _vit_body(model).layers:
+    for layer in vit_layers(model):
         layer.__class__ = layer._leanfm_original_class
-        for attr in ("_leanfm_original_class", "_leanfm_reduction", "_leanfm_index", "_leanfm_keys"):
+        for attr in ("_leanfm_original_class", "_leanfm_reduction", "_leanfm_index", "_leanfm_keys",
+                     "_leanfm_protect_first"):
             delattr(layer, attr)
     del model._leanfm_reduction
     return model

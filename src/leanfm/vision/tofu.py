@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from leanfm.errors import LeanfmError
-from leanfm.vision.patch import _vit_body, apply_token_reduction, expand_r, remove_patch, token_count
+from leanfm.vision.patch import (
+    RValue,
+    _is_timm_vit,
+    _vit_body,
+    apply_token_reduction,
+    expand_r,
+    remove_patch,
+    token_count,
+    vit_layers,
+)
 
 __all__ = ["apply_patch", "linearity_profile", "remove_patch", "split_by_linearity"]
 MERGES = ("mlerp", "average")
@@ -23,7 +32,7 @@ MERGES = ("mlerp", "average")
 
 def apply_patch(
     model: nn.Module,
-    r: int | list[int] = 0,
+    r: RValue = 0,
     prune_layers: int | str | list[bool] = "half",
     merge: str = "mlerp",
     proportional_attention: bool = True,
@@ -31,7 +40,7 @@ def apply_patch(
     """Patch ``model`` in place: ``r`` tokens per layer, pruned in the early layers and merged later."""
     if merge not in MERGES:
         raise LeanfmError(f"unknown merge '{merge}'; accepted: {', '.join(MERGES)}")
-    layers = len(_vit_body(model).layers)
+    layers = len(vit_layers(model))
     schedule = expand_r(r, layers, token_count(model))
     if prune_layers == "half":
         prune = [i < layers // 2 for i in range(layers)]
@@ -53,17 +62,17 @@ def linearity_profile(model: nn.Module, pixel_values: torch.Tensor, alphas: int 
 
     ``x1``, ``x2`` are the inputs of the layer for two halves of ``pixel_values``; lower means more linear.
     """
-    body = _vit_body(model)
+    body, layers = _vit_body(model), vit_layers(model)
     inputs: list[torch.Tensor] = []
-    handles = [layer.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for layer in body.layers]
+    handles = [layer.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for layer in layers]
     try:
-        body(pixel_values=pixel_values)
+        body(pixel_values) if _is_timm_vit(body) else body(pixel_values=pixel_values)
     finally:
         for handle in handles:
             handle.remove()
     half = pixel_values.shape[0] // 2
     errors = []
-    for layer, x in zip(body.layers, inputs, strict=True):
+    for layer, x in zip(layers, inputs, strict=True):
         x1, x2 = x[:half], x[half : 2 * half]
         f1, f2 = layer(x1), layer(x2)
         f1, f2 = (f[0] if isinstance(f, tuple) else f for f in (f1, f2))

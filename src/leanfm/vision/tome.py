@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from leanfm.vision.patch import _vit_body, apply_token_reduction, expand_r, remove_patch, token_count
+from leanfm.vision.patch import RValue, apply_token_reduction, expand_r, remove_patch, token_count, vit_layers
 
 __all__ = ["apply_patch", "remove_patch"]
 
 
-def apply_patch(model: nn.Module, r: int | list[int] = 0, proportional_attention: bool = True) -> nn.Module:
+def apply_patch(model: nn.Module, r: RValue = 0, proportional_attention: bool = True) -> nn.Module:
     """Merge ``r`` tokens per layer (a constant or a per-layer list) by weighted averaging."""
-    layers = len(_vit_body(model).layers)
+    layers = len(vit_layers(model))
     schedule = expand_r(r, layers, token_count(model))
     return apply_token_reduction(model, schedule, ["average"] * layers, proportional_attention)
