@@ -213,3 +213,14 @@ def test_train_resume_and_bench_cli(tmp_path, capsys, monkeypatch):
     assert "--prune-layers 'x' is invalid" in capsys.readouterr().err
     assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "fast"]) == 2
     assert "unknown method 'fast'; accepted: none, tome, tofu" in capsys.readouterr().err
+    code = main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tome", "--r", "8", "--r-inflect", "-1",
+                 "--limit", "64", "--json", "-"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["r"] == [8, -1.0]  # the (r, inflect) schedule
+
+    from dataclasses import replace
+
+    continued = train_vit(tmp_path / "c", replace(config, init_from=str(tmp_path / "a")))
+    assert [s["steps"] for s in continued["stages"]] == [6, 6]  # the whole history is recorded
+    assert continued["stages"][0]["accuracy"] == first["accuracy"]
+    with pytest.raises(LeanfmError, match="different architecture"):
+        train_vit(tmp_path / "d", replace(config, layers=3, init_from=str(tmp_path / "a")))

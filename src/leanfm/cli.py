@@ -180,6 +180,8 @@ def _add_vision(sub: Any) -> None:
     t.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
     t.add_argument("--out", required=True, help="output folder (model/, metrics.json, checkpoint/)")
     t.add_argument("--epochs", type=_positive_int, default=5)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine)")
+    t.add_argument("--init-from", default=None, help="continue from a trained ViT folder with a fresh schedule")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
     b = vsub.add_parser("bench", help="test accuracy and images/s with a token-reduction method")
     b.add_argument("model", help="folder written by 'leanfm vision train'")
@@ -385,7 +387,8 @@ def cmd_vision(args: argparse.Namespace) -> int:
     if args.vision_command == "train":
         from leanfm.vision.train import ViTTrainConfig, train_vit
 
-        metrics = train_vit(Path(args.out), ViTTrainConfig(epochs=args.epochs), resume=not args.no_resume)
+        config = ViTTrainConfig(epochs=args.epochs, lr=args.lr, init_from=args.init_from)
+        metrics = train_vit(Path(args.out), config, resume=not args.no_resume)
         _print_table([(k, _fmt(metrics[k])) for k in ("accuracy", "images_per_s", "steps", "train_seconds")])
         return 0
     from leanfm.paths import check_writable_file

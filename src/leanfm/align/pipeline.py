@@ -82,14 +82,19 @@ def _encode_speech(encoder: nn.Module, data: speech.SpeechSet, batch: int = 64) 
 def evaluate_speech(encoder: nn.Module, text_model: Any) -> dict[str, float]:
     """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts)."""
     intents, keywords = speech.intent_set(), speech.keyword_set()
-    descriptions = list(speech.INTENTS)
+    smart_home = speech.intent_set(intents=speech.SMART_HOME_INTENTS)
+    descriptions, smart_descriptions = list(speech.INTENTS), list(speech.SMART_HOME_INTENTS)
     words = list(speech.KEYWORDS)
     return {
         "intent_accuracy": zero_shot_accuracy(_encode_speech(encoder, intents), intents.labels, descriptions,
                                               embed_texts(text_model, descriptions)),
+        "smart_home_intent_accuracy": zero_shot_accuracy(_encode_speech(encoder, smart_home), smart_home.labels,
+                                                         smart_descriptions,
+                                                         embed_texts(text_model, smart_descriptions)),
         "keyword_accuracy": zero_shot_accuracy(_encode_speech(encoder, keywords), keywords.labels, words,
                                                embed_texts(text_model, words)),
-        "intent_chance": 1 / len(descriptions), "keyword_chance": 1 / len(words),
+        "intent_chance": 1 / len(descriptions), "smart_home_intent_chance": 1 / len(smart_descriptions),
+        "keyword_chance": 1 / len(words),
         "intent_items": len(intents), "keyword_items": len(keywords),
     }
 

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,30 @@ TRAIN_VARIANTS = ("", "+m1", "+m3", "+f1", "+f2", "+f4")
 EVAL_VOICES = ("en-gb-x-rp+f3", "en-us-nyc+m7", "en-gb-x-gbcwmd+klatt")  # accents and variants unseen in training
 
 INTENTS: dict[str, tuple[str, ...]] = {  # description (what MiniLM sees) -> spoken commands (never trained on)
+    # Requests a household of the novels' world makes, worded with words the Austen training text contains: an
+    # encoder trained from scratch cannot know words it never heard (see SMART_HOME_INTENTS).
+    "send for the carriage": ("order the carriage", "have the horses put to", "we must have the carriage",
+                              "bring the carriage round"),
+    "write a letter": ("i must write to my sister", "bring me pen and paper", "i shall write a letter",
+                       "let me answer her letter"),
+    "go for a walk": ("let us walk in the garden", "shall we take a walk", "i want to walk out",
+                      "a walk would do us good"),
+    "play some music": ("play something on the pianoforte", "will you sing for us", "let us have some music",
+                        "play us an air"),
+    "serve the tea": ("bring us some tea", "we will have tea now", "is the tea ready", "we would like some tea"),
+    "dance": ("will you dance with me", "shall we dance", "may i have the next dance", "let us join the dancing"),
+    "read a book": ("read to us from the book", "i will read for an hour", "give me the book",
+                    "let me finish my book"),
+    "go to bed": ("i am going to bed", "good night to you all", "i must go to sleep", "it is time to rest"),
+    "visit the neighbours": ("let us call on our neighbours", "we should visit them tomorrow",
+                             "pay a visit to the family", "go and see our friends"),
+    "ask about the weather": ("will it rain today", "what a fine day it is", "is the weather bad",
+                              "is it cold out of doors"),
+    "light the fire": ("light the fire please", "the room is very cold", "put more wood on the fire",
+                       "make the room warm"),
+    "serve dinner": ("when shall we dine", "is dinner ready", "let us go in to dinner", "let us eat"),
+}
+SMART_HOME_INTENTS: dict[str, tuple[str, ...]] = {  # modern commands: mostly words absent from the training text
     "turn the lights on": ("switch on the lights", "turn on the lamp", "lights on please", "make it brighter in here"),
     "turn the lights off": ("switch off the lights", "turn off the lamp", "lights off please", "make it dark in here"),
     "play some music": ("play a song", "put on some music", "start the music", "I want to hear a song"),
@@ -177,6 +202,29 @@ def austen_sentences(count: int, split: str = "train", seed: int = 0, min_words:
     return [clean[i] for i in order.tolist()]
 
 
+def austen_phrases(count: int, split: str = "train", seed: int = 0, max_words: int = 4) -> list[str]:
+    """``count`` random spans of 1..``max_words`` consecutive words of an Austen split, drawn with ``seed``.
+
+    Why: speech-to-intent and keyword tests are short (1-6 words). Whole sentences teach a small encoder from
+    scratch to memorise utterances; short spans of running text give it many more, cheaper examples of each
+    word in varied company, which is what zero-shot transfer to unseen short commands needs. Spans are drawn
+    from the corpus alone (no look at the evaluation sets) and may repeat, as frequent phrases do in speech.
+    """
+    from leanfm.data.corpus import corpus
+
+    words = [w for w in (t.strip("\"'_-.,;:!?()") for t in corpus("austen", split).split())
+             if w and re.fullmatch(r"[A-Za-z']+", w)]
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_words + 1, (count,), generator=generator).tolist()
+    starts = torch.randint(0, len(words) - max_words, (count,), generator=generator).tolist()
+    return [" ".join(words[s : s + n]).lower() for s, n in zip(starts, lengths, strict=True)]
+
+
+def _render(job: tuple[str, str, int, int]) -> torch.Tensor:
+    text, voice, speed, pitch = job
+    return log_mel(synthesize(text, voice, speed, pitch))
+
+
 def build_speech_set(texts: list[str], labels: list[str], voices: tuple[str, ...], seed: int = 0,
                      renditions: int = 1, name: str | None = None) -> SpeechSet:
     """Synthesise every text ``renditions`` times with a seeded voice/speed/pitch; cached under $LEANFM_HOME."""
@@ -188,15 +236,16 @@ def build_speech_set(texts: list[str], labels: list[str], voices: tuple[str, ...
         return SpeechSet(data["features"].float(), data["offsets"], meta["texts"], meta["labels"])
     espeak_binary()
     generator = torch.Generator().manual_seed(seed)
-    feats, out_texts, out_labels = [], [], []
-    jobs = [(t, lab) for t, lab in zip(texts, labels, strict=True) for _ in range(renditions)]
-    for text, label in progress(jobs, desc=f"espeak-ng {name or ''}", total=len(jobs)):
+    pairs = [(t, lab) for t, lab in zip(texts, labels, strict=True) for _ in range(renditions)]
+    jobs = []
+    for text, _ in pairs:  # voice/speed/pitch drawn in order, so the set does not depend on the worker count
         voice = voices[int(torch.randint(len(voices), (1,), generator=generator))]
         speed = int(torch.randint(130, 201, (1,), generator=generator))
         pitch = int(torch.randint(25, 76, (1,), generator=generator))
-        feats.append(log_mel(synthesize(text, voice, speed, pitch)))
-        out_texts.append(text)
-        out_labels.append(label)
+        jobs.append((text, voice, speed, pitch))
+    out_texts, out_labels = [t for t, _ in pairs], [lab for _, lab in pairs]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # espeak-ng runs in subprocesses
+        feats = list(progress(pool.map(_render, jobs), desc=f"espeak-ng {name or ''}", total=len(jobs)))
     offsets = torch.tensor([0] + [f.shape[0] for f in feats]).cumsum(0)
     result = SpeechSet(torch.cat(feats).to(torch.float16).float(), offsets, out_texts, out_labels)
     with atomic_directory(folder) as tmp:
@@ -210,10 +259,11 @@ def train_voices() -> tuple[str, ...]:
     return tuple(v + var for v in TRAIN_VOICES for var in TRAIN_VARIANTS)
 
 
-def intent_set(seed: int = 1) -> SpeechSet:
+def intent_set(seed: int = 1, intents: dict[str, tuple[str, ...]] | None = None) -> SpeechSet:
     """Spoken commands (labels = intent descriptions) in the evaluation voices, each command in each voice."""
-    texts = [c for cmds in INTENTS.values() for c in cmds for _ in EVAL_VOICES]
-    labels = [d for d, cmds in INTENTS.items() for _ in cmds for _ in EVAL_VOICES]
+    intents = INTENTS if intents is None else intents
+    texts = [c for cmds in intents.values() for c in cmds for _ in EVAL_VOICES]
+    labels = [d for d, cmds in intents.items() for _ in cmds for _ in EVAL_VOICES]
     return build_speech_set(texts, labels, EVAL_VOICES, seed=seed, name="intents")
 
 

@@ -48,6 +48,7 @@ class ViTTrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     train_limit: int | None = None  # use only the first N training images (tests)
+    init_from: str | None = None  # start from a trained model folder (a further run with a fresh schedule)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.hidden_size % self.heads:
@@ -99,6 +100,14 @@ def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = Tr
     if config.train_limit:
         images, labels = images[: config.train_limit], labels[: config.train_limit]
     model = build_vit(config)
+    if config.init_from:
+        trained = load_vit(Path(config.init_from))
+        shape = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                 "num_attention_heads", "intermediate_size", "num_labels")
+        if any(getattr(trained.config, k) != getattr(model.config, k) for k in shape):
+            raise LeanfmError(f"--init-from '{config.init_from}' has a different architecture; accepted: a model "
+                              "trained with the same layers/width/MLP/patch size")
+        model.load_state_dict(trained.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
@@ -133,6 +142,13 @@ def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = Tr
     test_images, test_labels = fashion_mnist("test")
     metrics = {**accuracy_and_throughput(model, test_images, test_labels), "train_seconds": time.perf_counter() - start,
                "steps": total, "config": asdict(config)}
+    stage = {k: metrics[k] for k in ("steps", "train_seconds", "accuracy")} | {"epochs": config.epochs, "lr": config.lr}
+    earlier = []
+    if config.init_from and (Path(config.init_from) / "metrics.json").is_file():
+        before = read_metrics(Path(config.init_from))
+        earlier = before.get("stages") or [{k: before[k] for k in ("steps", "train_seconds", "accuracy")}
+                                           | {"epochs": before["config"]["epochs"], "lr": before["config"]["lr"]}]
+    metrics["stages"] = [*earlier, stage]  # the whole training history when runs continue one another
     with atomic_directory(out / "model") as tmp:
         model.save_pretrained(tmp)
     atomic_write_json(out / "metrics.json", metrics)
