@@ -37,6 +37,27 @@ def test_weights_are_in_unit_interval_with_ones_on_the_diagonal():
     torch.testing.assert_close(w, w.T)
 
 
+def test_weight_power_sharpens_and_keeps_the_paper_weights_at_one():
+    q = _unit(20, seed=5)
+    w, sharp = intra_modal_weights(q), intra_modal_weights(q, power=10)
+    torch.testing.assert_close(sharp, w**10)
+    torch.testing.assert_close(torch.diagonal(sharp), torch.ones(20))
+    assert sharp.min() >= 0 and (sharp <= w + 1e-7).all()  # off-diagonal mass only shrinks
+    p = _unit(20, seed=6)
+    torch.testing.assert_close(cwcl_loss(p, q, 0.1, power=10), cwcl_loss(p, q, 0.1, weights=sharp))
+    with pytest.raises(LeanfmError, match="weight power"):
+        cwcl_loss(p, q, 0.1, power=0)
+
+
+def test_training_texts_leave_out_every_evaluation_text():
+    phrases = speech.austen_phrases(3000)
+    held_out = speech.evaluation_texts()
+    assert any(speech.normalise(t) in held_out for t in phrases)  # e.g. "no", "on": common single words
+    kept = speech.training_texts(3000)
+    assert kept and not any(speech.normalise(t) in held_out for t in kept)
+    assert all(1 <= len(t.split()) <= 4 for t in kept)
+
+
 def test_cwcl_rewards_similar_neighbours_unlike_clip():
     """Two near-identical frozen targets: CWCL does not push p_0 away from q_1, CLIP does."""
     q = _unit(4, seed=4)
@@ -183,9 +204,12 @@ def test_align_trainer_resume_is_exact(tmp_path, monkeypatch):
 def test_align_speech_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "sp"
     assert main(["--quiet", "align", "speech", "--out", str(out), "--steps", "3", "--batch-size", "8",
-                 "--sentences", "16", "--renditions", "1", "--json", "-"]) == 0
+                 "--phrases", "12", "--sentences", "4", "--weight-power", "2", "--json", "-"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 <= metrics["intent_accuracy"] <= 1 and metrics["intent_items"] == 144
+    assert 0 <= metrics["smart_home_intent_accuracy"] <= 1
+    meta = json.loads((out / "align.json").read_text())
+    assert meta["train"]["weight_power"] == 2 and meta["data"]["phrases"] == 12 and meta["data"]["sentences"] == 4
     assert metrics["keyword_items"] == 90
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics  # the saved encoder reproduces its metrics
@@ -197,6 +221,8 @@ def test_align_speech_cli_end_to_end(tmp_path, capsys):
         (["align", "speech", "--frozen", "clip-vit", "--out", "{tmp}/x"], "unknown frozen model 'clip-vit'"),
         (["align", "image", "--loss", "triplet", "--out", "{tmp}/x"], "unknown loss 'triplet'"),
         (["align", "eval", "{tmp}"], "is not an aligned encoder"),
+        (["align", "image", "--weight-power", "0", "--out", "{tmp}/x"], "weight power 0.0 is invalid"),
+        (["align", "speech", "--phrases", "0", "--out", "{tmp}/x"], "leave no training speech"),
     ],
 )
 def test_bad_align_inputs_give_one_line_errors(args, message, tmp_path, capsys):

@@ -24,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"leanfm: error: {message}\n")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer; accepted: an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -147,14 +157,18 @@ def _add_align(sub: Any) -> None:
         t.add_argument("--out", required=True, help="output folder (encoder.safetensors, align.json)")
         t.add_argument("--loss", default="cwcl", help="cwcl (default) or clip (the baseline)")
         t.add_argument("--other", default="cwcl", help="CWCL's frozen->trainable direction: cwcl or clip")
+        t.add_argument("--weight-power", type=float, default=1.0,
+                       help="raise CWCL's weights to this power (1 = the paper's; >1 sharpens, see BENCHMARKS.md)")
         t.add_argument("--steps", type=_positive_int, default=1500)
         t.add_argument("--batch-size", type=_positive_int, default=128)
         t.add_argument("--lr", type=float, default=1e-3)
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--checkpoint-every", type=_positive_int, default=250)
         if kind == "speech":
-            t.add_argument("--sentences", type=_positive_int, default=3000, help="Austen sentences to synthesise")
-            t.add_argument("--renditions", type=_positive_int, default=2, help="voices/speeds/pitches per sentence")
+            t.add_argument("--phrases", type=_non_negative_int, default=20000,
+                           help="random 1-4 word Austen spans to synthesise (default 20000)")
+            t.add_argument("--sentences", type=_non_negative_int, default=0, help="whole Austen sentences to add")
+            t.add_argument("--renditions", type=_positive_int, default=1, help="voices/speeds/pitches per text")
         else:
             t.add_argument("--per-combo", type=_positive_int, default=120, help="training images per combination")
         t.add_argument("--resume", action="store_true", help="continue from the training checkpoint (OUT.training)")
@@ -466,8 +480,11 @@ def cmd_align(args: argparse.Namespace) -> int:
         metrics = pipeline.evaluate_folder(args.model)
     else:
         config = AlignConfig(loss=args.loss, other=args.other, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                             lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                             weight_power=args.weight_power)
         pipeline.text_encoder(args.frozen)  # fail on an unknown frozen model before any work
+        if args.align_command == "speech" and args.phrases + args.sentences == 0:
+            raise LeanfmError("--phrases 0 and --sentences 0 leave no training speech; accepted: at least one >= 1")
         out = Path(args.out)
         check_output_dir(out, args.overwrite)
         checkpoint = _training_checkpoint(out, args)
@@ -475,7 +492,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         try:
             if args.align_command == "speech":
                 meta = pipeline.align_speech(out, args.frozen, config, args.sentences, args.renditions, args.resume,
-                                             checkpoint)
+                                             checkpoint, phrases=args.phrases)
             else:
                 meta = pipeline.align_image(out, args.frozen, config, args.per_combo, args.resume, checkpoint)
         except KeyboardInterrupt:

@@ -114,15 +114,20 @@ def evaluate_image(encoder: nn.Module, text_model: Any, seed: int = 0, per_combo
             "chance_all": 1 / len(every), "chance_unseen": 1 / len(unseen), "items": len(captions)}
 
 
-def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, sentences: int = 3000,
-                 renditions: int = 2, resume: bool = False, checkpoint: Path | None = None,
-                 context: DistributedContext | None = None) -> dict[str, Any]:
-    """Synthesise Austen sentences, align a speech encoder to ``frozen``, evaluate zero-shot, save to ``out``."""
+def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, sentences: int = 0,
+                 renditions: int = 1, resume: bool = False, checkpoint: Path | None = None,
+                 context: DistributedContext | None = None, phrases: int = 20000) -> dict[str, Any]:
+    """Synthesise Austen phrases (and sentences), align a speech encoder to ``frozen``, evaluate, save to ``out``.
+
+    Texts equal to an evaluation command or keyword are dropped from training, so the zero-shot sets stay unseen.
+    """
     config = config or AlignConfig()
     context = context or init_distributed()
     text_model = text_encoder(frozen)
     speech.espeak_binary()
-    texts = speech.austen_sentences(sentences)
+    if sentences + phrases < 1:
+        raise LeanfmError("no training speech: pass --phrases N and/or --sentences N with N >= 1")
+    texts = speech.training_texts(phrases, sentences)
     if not context.is_main:
         context.barrier()  # rank 0 synthesises (and caches) first
     data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=renditions,
@@ -136,7 +141,7 @@ def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | Non
                             context)
     metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
     meta = {"kind": "speech", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
-            "data": {"sentences": sentences, "renditions": renditions, "utterances": len(data),
+            "data": {"phrases": phrases, "sentences": sentences, "renditions": renditions, "utterances": len(data),
                      "hours": round(speech.seconds_of(data) / 3600, 3), "voices": list(speech.train_voices())}}
     if context.is_main:
         save_encoder(out, encoder, meta)

@@ -220,6 +220,25 @@ def austen_phrases(count: int, split: str = "train", seed: int = 0, max_words: i
     return [" ".join(words[s : s + n]).lower() for s, n in zip(starts, lengths, strict=True)]
 
 
+def evaluation_texts() -> set[str]:
+    """Every spoken text of the zero-shot sets, normalised (lower case, letters and spaces)."""
+    commands = [c for table in (INTENTS, SMART_HOME_INTENTS) for cmds in table.values() for c in cmds]
+    return {normalise(t) for t in [*commands, *KEYWORDS]}
+
+
+def normalise(text: str) -> str:
+    """Lower case, letters/apostrophes and single spaces only (to compare texts)."""
+    return " ".join(re.sub(r"[^a-z' ]", " ", text.lower()).split())
+
+
+def training_texts(phrases: int, sentences: int = 0, seed: int = 0) -> list[str]:
+    """Austen phrases then sentences for training, minus any text equal to an evaluation command or keyword."""
+    texts = (austen_phrases(phrases, seed=seed) if phrases else []) + (
+        austen_sentences(sentences, seed=seed) if sentences else [])
+    held_out = evaluation_texts()
+    return [t for t in texts if normalise(t) not in held_out]
+
+
 def _render(job: tuple[str, str, int, int]) -> torch.Tensor:
     text, voice, speed, pitch = job
     return log_mel(synthesize(text, voice, speed, pitch))

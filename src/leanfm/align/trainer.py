@@ -40,6 +40,7 @@ class AlignConfig:
 
     loss: str = "cwcl"
     other: str = "cwcl"  # the frozen->trainable direction of CWCL: cwcl or clip (METHODS.md: unsure)
+    weight_power: float = 1.0  # CWCL weights ** power (1 = the paper's; see align/cwcl.py)
     steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
@@ -52,6 +53,8 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES or self.other not in LOSSES:
             raise LeanfmError(f"unknown loss '{self.loss}'/'{self.other}'; accepted: {', '.join(LOSSES)}")
+        if not self.weight_power > 0:
+            raise LeanfmError(f"weight power {self.weight_power} is invalid; accepted: a number > 0")
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: an integer >= 1")
@@ -66,7 +69,7 @@ def train_aligned(encoder: nn.Module, encode: Callable[[nn.Module, torch.Tensor]
     Returns steps, seconds and the loss curve.
     """
     context = context or DistributedContext()
-    loss_fn = ContrastiveLoss(config.loss, config.tau, config.other)
+    loss_fn = ContrastiveLoss(config.loss, config.tau, config.other, power=config.weight_power)
     params = list(encoder.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, history, seconds = 0, [], 0.0
