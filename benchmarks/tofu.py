@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from leanfm.data.images import fashion_mnist, to_pixel_values
+from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
 from leanfm.vision import tofu
 from leanfm.vision.bench import patch_for
+from leanfm.vision.patch import expand_r, token_count, vit_layers
 from leanfm.vision.train import ViTTrainConfig, accuracy_and_throughput, load_vit, read_metrics, train_vit
 
 VARIANTS = {  # label -> (method, tofu kwargs)
@@ -83,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="trained ViT folder (default: train/cache one)")
     parser.add_argument("--rs", type=int, nargs="+", default=[8, 16, 24, 32, 36, 39])
-    parser.add_argument("--schedule-rs", type=int, nargs="+", default=[32, 40, 48],
+    parser.add_argument("--schedule-rs", type=int, nargs="+", default=[24, 32, 40],
                         help="mean r of ToMe's decreasing schedule (r, -1): 2r tokens off the first layer, 0 the last")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speed-batches", type=int, default=8)
@@ -110,6 +112,12 @@ def main() -> None:
     base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none", 0), images, labels)}
     rows = []
     sweeps = [(r, r) for r in args.rs] + [((r, -1), f"{r}@-1") for r in args.schedule_rs]
+    for r, r_label in list(sweeps):  # refuse infeasible settings before any timing (one-line reason each)
+        try:
+            expand_r(r, len(vit_layers(model)), token_count(model))
+        except LeanfmError as error:
+            print(f"skipping r={r_label}: {error}", flush=True)
+            sweeps.remove((r, r_label))
     for r, r_label in sweeps:
         speeds: dict[str, list[float]] = {label: [] for label in ["none", *variants]}
         for _ in range(args.rounds):  # alternate methods within each round: same machine state for all
