@@ -195,6 +195,10 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
             reading.append(f"`{label}` minus ToMe at matched speed (ToMe interpolated): median "
                            f"{statistics.median(gaps):+.2f} points over {len(gaps)} points "
                            f"(range {min(gaps):+.2f} to {max(gaps):+.2f}).")
+    pairs = [(a["accuracy"] - b["accuracy"]) * 100 for a in rows if a["label"] == "tofu"
+             for b in rows if b["label"] == "tofu-average" and b["r"] == a["r"]]
+    if pairs:
+        reading.append(f"MLERP minus plain averaging (ToFu, same r): {min(pairs):+.2f} to {max(pairs):+.2f} points.")
     for label in labels:
         best = best_within(rows, label, base["accuracy"])
         reading.append(f"`{label}`: fastest setting within 1 point of the unreduced model: " + (
