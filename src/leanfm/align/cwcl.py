@@ -12,9 +12,10 @@ so "turn the lights on" spoken is pulled towards "switch on the lamp" as well, n
 (``other="cwcl"``) or the standard CLIP term (``other="clip"``); the paper is unclear, so both are offered.
 
 Sharpened weights (our option, not the paper's): ``power`` γ raises the weights, ``w_ij ** γ`` (still in [0, 1],
-``w_ii = 1``, order kept). Why: with γ = 1 unrelated MiniLM texts (cosine ~0.1) still weigh ~0.55, so in a batch
-of 128 the true pair holds ~1.4% of the target mass and the target is nearly uniform (measured, BENCHMARKS.md);
-γ = 10 sends unrelated weights to ~0.003 while near-duplicates (cosine 0.9 -> 0.95 -> 0.6) keep theirs.
+``w_ii = 1``, order kept). Why: with γ = 1 unrelated MiniLM phrases still weigh ~0.6 on average, so in a batch
+of 128 the true pair holds ~1.3% of the target mass and the target is nearly uniform: the loss can teach only
+~0.004 nats (measured, BENCHMARKS.md). γ = 10 brings the mean off-diagonal weight to ~0.01 while near-duplicates
+(cosine 0.9 -> w 0.95 -> 0.6) keep much of theirs.
 
 Distributed: :func:`gather` concatenates every rank's rows with gradients (``torch.distributed.nn``'s
 autograd-aware all_gather, as open_clip's ``gather_with_grad``), so each rank computes the loss over the
