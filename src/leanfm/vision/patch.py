@@ -131,6 +131,9 @@ class _TokenReducingBlock(nn.Module):
             return bias if mask is None else mask + bias
         return mask
 
+    def _reduces(self) -> bool:
+        return self._leanfm_reduction.r[self._leanfm_index] > 0
+
     def _reduce(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
         """Match on ``metric`` ``[B, N, head_dim]`` and remove this layer's r tokens (ToMe's placement)."""
         reduction, index = self._leanfm_reduction, self._leanfm_index
@@ -153,7 +156,7 @@ class TokenReducingViTLayer(_TokenReducingBlock):
         mask = self._attention_bias(hidden_states, attention_mask)
         attended, _ = self.attention(self.layernorm_before(hidden_states), mask, **kwargs)
         hidden_states = hidden_states + self.dropout(attended)
-        keys = self._leanfm_keys  # [B, N, heads * head_dim] from the k projection
+        keys = self._leanfm_keys if self._reduces() else None  # [B, N, heads * head_dim] from the k projection
         metric = None if keys is None else keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)
         hidden_states = self._reduce(hidden_states, metric)
         out = self.mlp(self.layernorm_after(hidden_states))
@@ -166,7 +169,7 @@ class TokenReducingTimmBlock(_TokenReducingBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         mask = self._attention_bias(x, attn_mask)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
-        qkv = self._leanfm_keys  # [B, N, 3 * heads * head_dim] from the fused qkv projection
+        qkv = self._leanfm_keys if self._reduces() else None  # [B, N, 3 * heads * head_dim] from the fused qkv
         metric = None
         if qkv is not None:
             attn = self.attn
