@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,28 +24,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"leanfm: error: {message}\n")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer; accepted: an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 0")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers >= ``minimum`` with a one-line reason otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer; accepted: an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= {minimum}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer; accepted: an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 1")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 
 
 def _add_eval(sub: Any) -> None:
@@ -165,9 +160,9 @@ def _add_align(sub: Any) -> None:
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--checkpoint-every", type=_positive_int, default=250)
         if kind == "speech":
-            t.add_argument("--phrases", type=_non_negative_int, default=20000,
+            t.add_argument("--phrases", type=_nonnegative_int, default=20000,
                            help="random 1-4 word Austen spans to synthesise (default 20000)")
-            t.add_argument("--sentences", type=_non_negative_int, default=0, help="whole Austen sentences to add")
+            t.add_argument("--sentences", type=_nonnegative_int, default=0, help="whole Austen sentences to add")
             t.add_argument("--renditions", type=_positive_int, default=1, help="voices/speeds/pitches per text")
         else:
             t.add_argument("--per-combo", type=_positive_int, default=120, help="training images per combination")

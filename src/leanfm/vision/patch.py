@@ -38,6 +38,7 @@ class TokenReduction:
     r: list[int]
     modes: list[str]
     proportional_attention: bool = True
+    protect_first: bool = True  # token 0 is a class token kept out of every merge
     state: ForwardState = field(default_factory=ForwardState)
     handles: list[Any] = field(default_factory=list)
 
@@ -101,7 +102,7 @@ def expand_r(r: RValue, layers: int, tokens: int) -> list[int]:
         schedule = [int(r)] * layers if isinstance(r, int) else [int(v) for v in r]
     if len(schedule) != layers:
         raise LeanfmError(f"r has {len(schedule)} entries; accepted: one per layer ({layers}), a constant, "
-                          "or (r, inflect) with inflect in -1, 0, 1")
+                          "or (r, inflect) with -1 <= inflect <= 1")
     for index, value in enumerate(schedule):
         if value < 0:
             raise LeanfmError(f"r {value} at layer {index} is negative; accepted: 0 <= r <= 50% of the tokens")
@@ -119,8 +120,7 @@ class _TokenReducingBlock(nn.Module):
 
     _leanfm_reduction: TokenReduction
     _leanfm_index: int
-    _leanfm_keys: torch.Tensor | None
-    _leanfm_protect_first: bool
+    _leanfm_keys: torch.Tensor | None  # the key source's output, stored by a forward hook
 
     def _attention_bias(self, hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record the token count; add proportional attention's ``log(size)`` to ``mask`` once sizes exist."""
@@ -131,18 +131,19 @@ class _TokenReducingBlock(nn.Module):
             return bias if mask is None else mask + bias
         return mask
 
-    def _reduces(self) -> bool:
-        return self._leanfm_reduction.r[self._leanfm_index] > 0
+    def _metric(self, keys: torch.Tensor) -> torch.Tensor:
+        """Head-averaged keys ``[B, N, head_dim]`` from the key source's output (host specific)."""
+        raise NotImplementedError
 
-    def _reduce(self, hidden_states: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-        """Match on ``metric`` ``[B, N, head_dim]`` and remove this layer's r tokens (ToMe's placement)."""
+    def _reduce(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Match on the head-averaged keys and remove this layer's r tokens (ToMe's placement)."""
         reduction, index = self._leanfm_reduction, self._leanfm_index
-        self._leanfm_keys = None
+        keys, self._leanfm_keys = self._leanfm_keys, None
         r = reduction.r[index]
-        if r == 0 or metric is None:
+        if r == 0:
             return hidden_states
         state = reduction.state
-        matching = bipartite_soft_matching(metric, r, protect_first=self._leanfm_protect_first)
+        matching = bipartite_soft_matching(self._metric(keys), r, protect_first=reduction.protect_first)
         if state.size is None:
             state.size = hidden_states.new_ones(*hidden_states.shape[:2], 1)
         hidden_states, state.size = reduce_tokens(hidden_states, state.size, matching, reduction.modes[index])
@@ -155,12 +156,12 @@ class TokenReducingViTLayer(_TokenReducingBlock):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         mask = self._attention_bias(hidden_states, attention_mask)
         attended, _ = self.attention(self.layernorm_before(hidden_states), mask, **kwargs)
-        hidden_states = hidden_states + self.dropout(attended)
-        keys = self._leanfm_keys if self._reduces() else None  # [B, N, heads * head_dim] from the k projection
-        metric = None if keys is None else keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)
-        hidden_states = self._reduce(hidden_states, metric)
+        hidden_states = self._reduce(hidden_states + self.dropout(attended))
         out = self.mlp(self.layernorm_after(hidden_states))
         return hidden_states + self.dropout(out)
+
+    def _metric(self, keys: torch.Tensor) -> torch.Tensor:  # keys: k_proj output [B, N, heads * head_dim]
+        return keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)
 
 
 class TokenReducingTimmBlock(_TokenReducingBlock):
@@ -168,14 +169,11 @@ class TokenReducingTimmBlock(_TokenReducingBlock):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         mask = self._attention_bias(x, attn_mask)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
-        qkv = self._leanfm_keys if self._reduces() else None  # [B, N, 3 * heads * head_dim] from the fused qkv
-        metric = None
-        if qkv is not None:
-            attn = self.attn
-            metric = qkv.view(*qkv.shape[:2], 3, attn.num_heads, attn.head_dim)[:, :, 1].mean(2)
-        x = self._reduce(x, metric)
+        x = self._reduce(x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _metric(self, keys: torch.Tensor) -> torch.Tensor:  # keys: fused qkv output [B, N, 3 * heads * head_dim]
+        return keys.view(*keys.shape[:2], 3, self.attn.num_heads, self.attn.head_dim)[:, :, 1].mean(2)
 
 
 def apply_token_reduction(
@@ -186,10 +184,9 @@ def apply_token_reduction(
     remove_patch(model)
     layers = vit_layers(model)
     timm = _is_timm_vit(body)
-    protect_first = _protects_class_token(body)
     if len(modes) != len(layers) or any(m not in MODES for m in modes):
         raise LeanfmError(f"modes must list one of {', '.join(MODES)} per layer ({len(layers)})")
-    reduction = TokenReduction(list(r), list(modes), proportional_attention)
+    reduction = TokenReduction(list(r), list(modes), proportional_attention, _protects_class_token(body))
 
     def reset(_module: nn.Module, _args: tuple) -> None:
         reduction.state = ForwardState()
@@ -200,7 +197,6 @@ def apply_token_reduction(
         layer._leanfm_original_class = layer.__class__
         layer.__class__ = type("TokenReducing" + layer.__class__.__name__, (mixin, layer.__class__), {})
         layer._leanfm_reduction, layer._leanfm_index, layer._leanfm_keys = reduction, index, None
-        layer._leanfm_protect_first = protect_first
 
         def keep_keys(_m: nn.Module, _args: tuple, out: torch.Tensor, layer: nn.Module = layer) -> None:
             layer._leanfm_keys = out
@@ -220,8 +216,7 @@ def remove_patch(model: nn.Module) -> nn.Module:
         handle.remove()
     for layer in vit_layers(model):
         layer.__class__ = layer._leanfm_original_class
-        for attr in ("_leanfm_original_class", "_leanfm_reduction", "_leanfm_index", "_leanfm_keys",
-                     "_leanfm_protect_first"):
+        for attr in ("_leanfm_original_class", "_leanfm_reduction", "_leanfm_index", "_leanfm_keys"):
             delattr(layer, attr)
     del model._leanfm_reduction
     return model

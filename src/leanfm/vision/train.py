@@ -33,8 +33,8 @@ class ViTTrainConfig:
 
     Measured: the defaults (5 epochs, ~63 min on one CPU thread) reach 81.6% test accuracy; 6 more epochs from
     those weights at lr 1e-3 (``init_from``, ~67 min) reach 84.5%, still short of the ~90% a well-trained small
-    ViT gets on Fashion-MNIST: 2x2-pixel tokens leave all spatial aggregation to 4 narrow layers, which
-    underfit (accuracy on 5000 training images: 86.0%, test 84.5%).
+    ViT gets on Fashion-MNIST: 2x2-pixel tokens leave all spatial aggregation to 4 narrow layers (see
+    BENCHMARKS.md, ToFu section).
     """
 
     hidden_size: int = 128
