@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.leanfm-installed
 APT_PKGS := espeak-ng dataset-fashion-mnist python3.11-doc
 export LEANFM_HOME ?= $(HOME)/.cache/leanfm
 
-.PHONY: run test setup lint clean-cache
+.PHONY: run test test-fast setup lint typecheck clean-cache
 
 # The main job: compress the default model with MoDeGPT at 30% and compare it with the dense model.
 run: setup
@@ -19,8 +19,15 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The inner loop: everything but the slow, multi-process, speech and end-to-end training tests (< 2 min here).
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow and not distributed and not speech and not training"
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy src/leanfm
 
 setup: $(STAMP)
 	@mkdir -p results

@@ -333,9 +333,9 @@ def _interrupted(checkpoint: Path) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     import leanfm
-    from leanfm.compress.api import check_method, check_output_dir, compress_model, save_compressed
+    from leanfm.compress.api import check_method, compress_model, save_compressed
     from leanfm.models import resolve_dtype
-    from leanfm.paths import check_writable_file
+    from leanfm.paths import check_output_dir, check_writable_file
 
     check_method(args.method)
     out = Path(args.out)
@@ -424,8 +424,8 @@ def cmd_vision(args: argparse.Namespace) -> int:
 
 
 def cmd_dynamo(args: argparse.Namespace) -> int:
-    from leanfm.compress.api import check_output_dir
     from leanfm.decode import dynamo
+    from leanfm.paths import check_output_dir
 
     if args.dynamo_command == "train":
         config = dynamo.DynamoTrainConfig(heads=args.heads, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -466,8 +466,7 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from leanfm.align import pipeline
     from leanfm.align.trainer import AlignConfig
-    from leanfm.compress.api import check_output_dir
-    from leanfm.paths import check_writable_file
+    from leanfm.paths import check_output_dir, check_writable_file
 
     if args.json and args.json != "-":
         check_writable_file(args.json)

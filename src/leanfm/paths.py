@@ -44,6 +44,14 @@ def check_writable_file(path: str | Path) -> Path:
     return target
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing non-empty folder unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise LeanfmError(f"--out '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LeanfmError(f"--out '{out}' exists and is not empty; pass --overwrite to replace it")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -16,7 +16,7 @@ from leanfm.compress.structure import COMPRESSED_CLASSES
 from leanfm.data.calibration import calibration_windows
 from leanfm.errors import LeanfmError
 from leanfm.models.adapters import get_adapter
-from leanfm.paths import atomic_directory
+from leanfm.paths import atomic_directory, check_output_dir
 
 BLOCK_METHODS: dict[str, Callable[..., Any]] = {
     "modegpt": compress_block, "wanda-sp": wanda_block, "svd-llm": svd_block,
@@ -39,14 +39,6 @@ def check_architecture(model: nn.Module) -> None:
         raise LeanfmError(
             f"unsupported architecture '{model_type}' for compression; supported: {', '.join(COMPRESSED_CLASSES)}"
         )
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing non-empty folder unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise LeanfmError(f"--out '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LeanfmError(f"--out '{out}' exists and is not empty; pass --overwrite to replace it")
 
 
 def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **settings: Any) -> CompressionReport:
