@@ -8,16 +8,10 @@ Library entry points mirror the CLI::
     print(result.perplexity)
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("leanfm")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
-
 from leanfm.compress import structure as _structure  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import EvalResult, evaluate
 from leanfm.models import list_models, load_model
+from leanfm.version import __version__
 
 __all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_models", "load_model"]

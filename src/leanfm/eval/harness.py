@@ -21,6 +21,7 @@ from leanfm.errors import LeanfmError
 from leanfm.eval.cloze import cloze_accuracy, cloze_items
 from leanfm.eval.perplexity import perplexity
 from leanfm.eval.speed import decode_tokens_per_s, peak_rss_mb, prefill_tokens_per_s
+from leanfm.version import __version__
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -30,8 +31,6 @@ def count_parameters(model: nn.Module) -> int:
 
 def versions() -> dict[str, str]:
     """Versions of leanfm and the libraries a result depends on, recorded beside every result."""
-    from leanfm import __version__
-
     return {
         "leanfm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
