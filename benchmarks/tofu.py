@@ -109,7 +109,7 @@ def main() -> None:
     split = tofu.split_by_linearity(profile)
     variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
     batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
-    base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none", 0), images, labels)}
+    base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none"), images, labels)}
     rows = []
     sweeps = [(r, r) for r in args.rs] + [((r, -1), f"{r}@-1") for r in args.schedule_rs]
     for r, r_label in list(sweeps):  # refuse infeasible settings before any timing (one-line reason each)
@@ -123,16 +123,16 @@ def main() -> None:
         for _ in range(args.rounds):  # alternate methods within each round: same machine state for all
             for label in speeds:
                 method, kwargs = ("none", {}) if label == "none" else variants[label]
-                speeds[label].append(images_per_s(patch_for(model, method, 0 if label == "none" else r, **kwargs),
-                                                  batches))
+                settings = {} if label == "none" else {**r_settings(r), **kwargs}
+                speeds[label].append(images_per_s(patch_for(model, method, **settings), batches))
         for label, (method, kwargs) in variants.items():
-            quality = accuracy_and_throughput(patch_for(model, method, r, **kwargs), images, labels)
+            quality = accuracy_and_throughput(patch_for(model, method, **r_settings(r), **kwargs), images, labels)
             rows.append({"label": label, "r": r_label, "accuracy": quality["accuracy"],
                          "images_per_s": statistics.median(speeds[label]),
                          "speedup": statistics.median(speeds[label]) / statistics.median(speeds["none"]),
                          "tokens_per_layer": list(model._leanfm_reduction.state.tokens)})
             print(rows[-1], flush=True)
-    patch_for(model, "none", 0)
+    patch_for(model, "none")
     summary = {"trained": trained, "base": base, "linearity_profile": profile, "linearity_split": split, "rows": rows}
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base))
@@ -143,6 +143,11 @@ def best_within(rows: list[dict], label: str, base_accuracy: float, loss_points:
     """The fastest row of ``label`` whose accuracy is within ``loss_points`` of the unreduced model."""
     ok = [r for r in rows if r["label"] == label and (base_accuracy - r["accuracy"]) * 100 <= loss_points]
     return max(ok, key=lambda r: r["speedup"], default=None)
+
+
+def r_settings(r: int | tuple[int, float]) -> dict:
+    """A sweep point as config settings: a constant r, or ToMe's (r, inflect) schedule."""
+    return {"r": r[0], "r_inflect": r[1]} if isinstance(r, tuple) else {"r": r}
 
 
 def matched_speed_gap(rows: list[dict], label: str, reference: str = "tome") -> list[float]:

@@ -224,3 +224,45 @@ def test_train_resume_and_bench_cli(tmp_path, capsys, monkeypatch):
     assert continued["stages"][0]["accuracy"] == first["accuracy"]
     with pytest.raises(LeanfmError, match="different architecture"):
         train_vit(tmp_path / "d", replace(config, layers=3, init_from=str(tmp_path / "a")))
+
+
+def test_patch_configs_parse_r_and_refuse_bad_settings():
+    from leanfm.vision.tofu import TofuConfig
+    from leanfm.vision.tome import TomeConfig
+
+    assert TomeConfig(r="16").schedule() == 16
+    assert TomeConfig(r="8,8,4,0").schedule() == [8, 8, 4, 0]
+    assert TomeConfig(r=12, r_inflect=-1.0).schedule() == (12, -1.0)
+    assert TofuConfig(prune_layers="3").prune_layers == 3
+    config = TofuConfig(r="4,4,2,2", merge="average")
+    assert TofuConfig.from_dict(config.to_dict()) == config
+    for bad, message in [(lambda: TomeConfig(r="x"), "r 'x'"),
+                         (lambda: TomeConfig(r=[4, 4], r_inflect=0.5), "single r"),
+                         (lambda: TomeConfig(r=4, r_inflect=2.0), "r_inflect 2.0"),
+                         (lambda: TofuConfig(merge="max"), "merge 'max'"),
+                         (lambda: TofuConfig(prune_layers="some"), "prune_layers 'some'")]:
+        with pytest.raises(LeanfmError, match=message):
+            bad()
+
+
+@pytest.mark.parametrize(("name", "settings"), [("tome", {"r": "8", "r_inflect": -1.0}),
+                                                ("tofu", {"r": 8, "prune_layers": 1, "merge": "average"})])
+def test_registered_patches_match_apply_patch_and_undo(name, settings):
+    from leanfm.config import get_method
+
+    spec = get_method(name, "patch")
+    x = images()
+    reference_model, model = tiny_vit(), tiny_vit()
+    config = spec.config(**settings)
+    with torch.no_grad():
+        dense = model(pixel_values=x).logits
+        if name == "tome":
+            tome.apply_patch(reference_model, r=(8, -1.0))
+        else:
+            tofu.apply_patch(reference_model, r=8, prune_layers=1, merge="average")
+        spec.entry(model, config)
+        patched = model(pixel_values=x).logits
+        assert torch.equal(patched, reference_model(pixel_values=x).logits)
+        assert not torch.allclose(patched, dense)
+        spec.undo(model)
+        assert torch.equal(model(pixel_values=x).logits, dense)

@@ -405,18 +405,12 @@ def cmd_vision(args: argparse.Namespace) -> int:
 
     if args.json and args.json != "-":
         check_writable_file(args.json)
-    extra = {}
-    r = args.r
-    if args.r_inflect is not None:
-        if not isinstance(r, int):
-            raise LeanfmError("--r-inflect needs a single --r value; accepted: --r N --r-inflect X")
-        r = (r, args.r_inflect)
+    settings: dict[str, Any] = {}
+    if args.method != "none":
+        settings = {"r": args.r, "r_inflect": args.r_inflect}
     if args.method == "tofu":
-        if args.prune_layers != "half" and not args.prune_layers.isdigit():
-            raise LeanfmError(f"--prune-layers '{args.prune_layers}' is invalid; accepted: half or an integer >= 0")
-        prune = args.prune_layers if args.prune_layers == "half" else int(args.prune_layers)
-        extra = {"prune_layers": prune, "merge": args.merge}
-    result = bench(Path(args.model), args.method, r, limit=args.limit, batch_size=args.batch_size, **extra)
+        settings |= {"prune_layers": args.prune_layers, "merge": args.merge}
+    result = bench(Path(args.model), args.method, limit=args.limit, batch_size=args.batch_size, **settings)
     if args.json != "-":
         _print_table([(k, _fmt(v)) for k, v in result.items()])
     _emit_json(result, args.json)

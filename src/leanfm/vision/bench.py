@@ -7,34 +7,47 @@ from typing import Any
 
 import torch
 
+from leanfm.config import MethodConfig, get_method, list_methods
 from leanfm.data.images import fashion_mnist
 from leanfm.errors import LeanfmError
-from leanfm.vision import tofu, tome
-from leanfm.vision.patch import RValue
+from leanfm.vision import tofu, tome  # noqa: F401  registers the token-reduction patches
+from leanfm.vision.patch import remove_patch
 from leanfm.vision.train import accuracy_and_throughput, load_vit
 
-BENCH_METHODS = ("none", "tome", "tofu")
+
+def bench_methods() -> tuple[str, ...]:
+    """``none`` (no patch) and every registered token-reduction patch."""
+    return ("none", *(spec.name for spec in list_methods("patch")))
 
 
-def patch_for(model: torch.nn.Module, method: str, r: RValue, **tofu_kwargs: Any) -> torch.nn.Module:
-    """Apply ``method`` (``none``/``tome``/``tofu``) to ``model`` in place."""
-    if method not in BENCH_METHODS:
-        raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(BENCH_METHODS)}")
-    tome.remove_patch(model)
-    if method == "tome":
-        tome.apply_patch(model, r=r)
-    elif method == "tofu":
-        tofu.apply_patch(model, r=r, **tofu_kwargs)
-    return model
+def patch_for(model: torch.nn.Module, method: str, config: MethodConfig | None = None, **settings: Any
+              ) -> torch.nn.Module:
+    """Apply ``method`` (``none`` or a registered patch) to ``model`` in place, replacing any earlier patch.
+
+    Settings come as a config of the method's class or as its fields (``r=16, merge="average"``).
+    """
+    remove_patch(model)
+    if method == "none":
+        return model
+    if method not in bench_methods():
+        raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(bench_methods())}")
+    spec = get_method(method, "patch")
+    assert spec.config is not None
+    if config is None:
+        config = spec.config.from_dict(settings)
+    elif not isinstance(config, spec.config):
+        raise LeanfmError(f"method '{method}' takes a {spec.config.__name__}, not a {type(config).__name__}")
+    return spec.entry(model, config)
 
 
-def bench(folder: Path, method: str = "none", r: RValue = 0, limit: int | None = None,
-          batch_size: int = 64, **tofu_kwargs: Any) -> dict[str, Any]:
-    """Test accuracy and images/s of the ViT in ``folder`` under ``method`` with ``r`` tokens per layer."""
-    model = patch_for(load_vit(folder), method, r, **tofu_kwargs)
+def bench(folder: Path, method: str = "none", config: MethodConfig | None = None, limit: int | None = None,
+          batch_size: int = 64, **settings: Any) -> dict[str, Any]:
+    """Test accuracy and images/s of the ViT in ``folder`` under ``method`` (its config or its settings)."""
+    model = patch_for(load_vit(folder), method, config, **settings)
     images, labels = fashion_mnist("test")
     if limit:
         images, labels = images[:limit], labels[:limit]
     result = accuracy_and_throughput(model, images, labels, batch_size=batch_size)
-    return {"method": method, "r": r, **{k: str(v) for k, v in tofu_kwargs.items()}, **result,
-            "threads": torch.get_num_threads(), "batch_size": batch_size}
+    shown = config.to_dict() if config is not None else settings
+    return {"method": method, **{k: v if isinstance(v, int | float) else str(v) for k, v in shown.items()},
+            **result, "threads": torch.get_num_threads(), "batch_size": batch_size}

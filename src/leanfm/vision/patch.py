@@ -83,6 +83,23 @@ def _protects_class_token(model: nn.Module) -> bool:
     return model.num_prefix_tokens == 1
 
 
+def parse_r(value: RValue | str) -> RValue:
+    """``r`` as given on a command line or in JSON: ``"16"`` -> 16, ``"8,8,4"`` -> [8, 8, 4]; values pass through.
+
+    Range checks need the model (its depth and token count) and happen in :func:`expand_r`.
+    """
+    if isinstance(value, str):
+        try:
+            values = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise LeanfmError(f"r '{value}' is invalid; accepted: an integer or a comma-separated list of integers"
+                              ) from None
+        return values[0] if len(values) == 1 else values
+    if isinstance(value, bool) or not isinstance(value, int | list | tuple):
+        raise LeanfmError(f"r {value!r} is invalid; accepted: an integer, a list of integers or (r, inflect)")
+    return list(value) if isinstance(value, list) else value
+
+
 def expand_r(r: RValue, layers: int, tokens: int) -> list[int]:
     """Per-layer r from a constant, a per-layer list, or a schedule ``(r, inflect)`` (a tuple).
 

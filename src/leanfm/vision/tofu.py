@@ -11,9 +11,12 @@ on calibration images and :func:`split_by_linearity` turns it into a split.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from leanfm.config import option, register_method
 from leanfm.errors import LeanfmError
 from leanfm.vision.patch import (
     RValue,
@@ -25,9 +28,25 @@ from leanfm.vision.patch import (
     token_count,
     vit_layers,
 )
+from leanfm.vision.tome import TomeConfig
 
-__all__ = ["apply_patch", "linearity_profile", "remove_patch", "split_by_linearity"]
+__all__ = ["TofuConfig", "apply_patch", "linearity_profile", "remove_patch", "split_by_linearity"]
 MERGES = ("mlerp", "average")
+
+
+@dataclass
+class TofuConfig(TomeConfig):
+    """ToMe's settings plus where pruning stops and how later layers merge."""
+
+    prune_layers: int | str = option("half", "leading layers that prune: 'half' or N (the rest merge)")
+    merge: str = option("mlerp", "merge in the later layers", choices=MERGES)
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.prune_layers, str) and self.prune_layers != "half":
+            if not self.prune_layers.isdigit():
+                raise LeanfmError(f"prune_layers '{self.prune_layers}' is invalid; accepted: half or an integer >= 0")
+            self.prune_layers = int(self.prune_layers)
 
 
 def apply_patch(
@@ -54,6 +73,11 @@ def apply_patch(
         raise LeanfmError(f"prune_layers {prune_layers!r} invalid; accepted: 'half', an int, or {layers} booleans")
     modes = ["prune" if p else merge for p in prune]
     return apply_token_reduction(model, schedule, modes, proportional_attention)
+
+
+def apply_config(model: nn.Module, config: TofuConfig) -> nn.Module:
+    """The registry's entry point: :func:`apply_patch` with ``config``'s settings."""
+    return apply_patch(model, config.schedule(), config.prune_layers, config.merge, config.proportional_attention)
 
 
 @torch.no_grad()
@@ -93,3 +117,7 @@ def split_by_linearity(errors: list[float], threshold: float | None = None) -> i
     """
     limit = sum(errors) / len(errors) if threshold is None else threshold
     return next((i for i, e in enumerate(errors) if e < limit), len(errors))
+
+
+register_method("tofu", "patch", TofuConfig, apply_config, undo=remove_patch,
+                description="ToFu: prune tokens in early layers, MLERP-merge them in later layers")
