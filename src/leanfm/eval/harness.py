@@ -15,6 +15,7 @@ import torch
 import transformers
 from torch import nn
 
+from leanfm.config import MethodConfig, option
 from leanfm.data.calibration import split_token_ids, token_windows
 from leanfm.data.corpus import corpus
 from leanfm.errors import LeanfmError
@@ -68,53 +69,59 @@ class EvalResult:
         return data
 
 
-def _validate(seqlen: int, windows: int, batch_size: int, cloze: int) -> None:
-    checks = (("seqlen", seqlen, 2), ("windows", windows, 1), ("batch_size", batch_size, 1), ("cloze", cloze, 0))
-    for name, value, low in checks:
-        if not isinstance(value, int) or value < low:
-            raise LeanfmError(f"{name} {value!r} is invalid; accepted: an integer >= {low}")
+@dataclass
+class EvalConfig(MethodConfig):
+    """What :func:`evaluate` measures; the defaults of ``leanfm eval``'s flags."""
+
+    corpus: str = option("austen", "corpus name: austen or pydocs")
+    split: str = option("eval", "corpus split: eval, calib, train, novel:<name>")
+    seqlen: int = option(512, "tokens per window")
+    windows: int = option(40, "non-overlapping windows scored")
+    batch_size: int = option(1, "windows per forward pass")
+    cloze: int = option(100, "cloze items to score, 0 to skip")
+    speed: bool = option(True, "measure prefill/decode throughput")
+    decode_tokens: int = option(32, "greedy tokens per decode-speed run", cli=False)
+
+    def validate(self) -> None:
+        super().validate()
+        checks = (("seqlen", self.seqlen, 2), ("windows", self.windows, 1), ("batch_size", self.batch_size, 1),
+                  ("cloze", self.cloze, 0), ("decode_tokens", self.decode_tokens, 1))
+        for name, value, low in checks:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise LeanfmError(f"{name} {value!r} is invalid; accepted: an integer >= {low}")
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    name: str = "model",
-    corpus_name: str = "austen",
-    split: str = "eval",
-    seqlen: int = 512,
-    windows: int = 40,
-    batch_size: int = 1,
-    cloze: int = 100,
-    speed: bool = True,
-    decode_tokens: int = 32,
-) -> EvalResult:
+def evaluate(model: nn.Module, tokenizer: Any, config: EvalConfig | None = None, *, name: str = "model",
+             corpus_name: str | None = None, **settings: Any) -> EvalResult:
     """Score ``model`` on ``windows`` non-overlapping ``seqlen``-token windows of a corpus split.
 
     Also measures last-word cloze accuracy on ``cloze`` items of the same split (0 disables it) and, with
     ``speed``, prefill tokens/s (one ``batch_size x seqlen`` batch) and greedy decode tokens/s at batch 1.
+    Settings come as an :class:`EvalConfig` or as its fields (``seqlen=256, windows=4``).
     """
-    _validate(seqlen, windows, batch_size, cloze)
+    if corpus_name is not None:
+        settings["corpus"] = corpus_name
+    config = config or EvalConfig.from_dict(settings)
     if not hasattr(model, "generate") or not hasattr(getattr(model, "config", None), "vocab_size"):
         raise LeanfmError(f"model '{name}' is not a causal language model; 'eval' needs one (e.g. smollm2-135m)")
     start = time.perf_counter()
-    ids = split_token_ids(tokenizer, corpus_name, split)
-    batch_windows = token_windows(ids, seqlen, windows)
-    ppl = perplexity(model, batch_windows, batch_size=batch_size)
+    ids = split_token_ids(tokenizer, config.corpus, config.split)
+    batch_windows = token_windows(ids, config.seqlen, config.windows)
+    ppl = perplexity(model, batch_windows, batch_size=config.batch_size)
     accuracy, n_items = None, 0
-    if cloze:
-        items = cloze_items(corpus(corpus_name, split), count=cloze)
+    if config.cloze:
+        items = cloze_items(corpus(config.corpus, config.split), count=config.cloze)
         n_items = len(items)
-        accuracy = cloze_accuracy(model, tokenizer, items, batch_size=max(batch_size, 8)) if items else None
+        accuracy = cloze_accuracy(model, tokenizer, items, batch_size=max(config.batch_size, 8)) if items else None
     prefill = decode = None
-    if speed:
-        prefill = prefill_tokens_per_s(model, batch_windows[:batch_size])
-        decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=decode_tokens)
+    if config.speed:
+        prefill = prefill_tokens_per_s(model, batch_windows[: config.batch_size])
+        decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=config.decode_tokens)
     compression = getattr(model.config, "leanfm_compression", None) or {}
     return EvalResult(
         method=compression.get("method"), ratio=compression.get("ratio"),
-        model=name, params=count_parameters(model), perplexity=ppl.perplexity, seqlen=seqlen, windows=ppl.windows,
-        tokens=ppl.tokens, corpus=corpus_name, split=split,
+        model=name, params=count_parameters(model), perplexity=ppl.perplexity, seqlen=config.seqlen,
+        windows=ppl.windows, tokens=ppl.tokens, corpus=config.corpus, split=config.split,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         cloze_accuracy=accuracy, cloze_items=n_items, prefill_tokens_per_s=prefill, decode_tokens_per_s=decode,
         peak_rss_mb=peak_rss_mb(), seconds=time.perf_counter() - start,
