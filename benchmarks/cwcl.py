@@ -88,9 +88,9 @@ def target_information(weights: torch.Tensor) -> float:
 
 def weight_diversity(kind: str, batch: int = 128, batches: int = 20) -> dict:
     """Statistics of CWCL's off-diagonal weights on random training batches of the frozen embeddings."""
-    from leanfm.align import shapes, speech
     from leanfm.align.cwcl import intra_modal_weights
-    from leanfm.align.pipeline import embed_texts, text_encoder
+    from leanfm.data import shapes, speech
+    from leanfm.models.encoders import embed_texts, text_encoder
 
     texts = speech.training_texts(PHRASES) if kind == "speech" else [
         shapes.caption(c) for c in shapes.split_combinations(0)[0]]

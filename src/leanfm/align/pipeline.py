@@ -1,4 +1,8 @@
-"""End-to-end alignments behind ``leanfm align``: speech or images into MiniLM's space, and zero-shot evaluation.
+"""End-to-end alignments behind ``leanfm align``: speech or images into a frozen text encoder's space.
+
+The data (:mod:`leanfm.data.speech`, :mod:`leanfm.data.shapes`), the towers and the frozen text encoder
+(:mod:`leanfm.models.encoders`) and the zero-shot metric (:mod:`leanfm.eval.zero_shot`) live in the shared
+layers; this module only puts them together: build the data, train with CWCL or CLIP, evaluate, save, load.
 
 An aligned encoder is saved as a folder: ``encoder.safetensors`` (weights), ``align.json`` (what it is, how it
 was trained, the frozen model and the zero-shot metrics). :func:`load_encoder` rebuilds it.
@@ -16,36 +20,31 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from leanfm.align import shapes, speech
-from leanfm.align.trainer import AlignConfig, train_aligned, zero_shot_accuracy
+from leanfm.align.trainer import AlignConfig, train_aligned
+from leanfm.data import shapes, speech
 from leanfm.errors import LeanfmError
+from leanfm.eval.zero_shot import zero_shot_accuracy
+from leanfm.models.encoders import (
+    ImageEncoder,
+    SpeechEncoder,
+    TextEncoder,
+    check_text_encoder,
+    embed_texts,
+    text_encoder,
+)
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, init_distributed
 
-FROZEN_MODELS = ("minilm-l6",)
+__all__ = ["KINDS", "align_image", "align_speech", "check_text_encoder", "embed_texts", "evaluate_folder",
+           "evaluate_image", "evaluate_speech", "load_encoder", "save_encoder", "text_encoder"]
+
 KINDS = ("speech", "image")
 
 
-def text_encoder(name: str = "minilm-l6") -> Any:
-    """The frozen sentence encoder (sentence-transformers, offline)."""
-    if name not in FROZEN_MODELS:
-        raise LeanfmError(f"unknown frozen model '{name}'; accepted: {', '.join(FROZEN_MODELS)}")
-    from sentence_transformers import SentenceTransformer
-
-    from leanfm.models.registry import minilm_folder
-
-    return SentenceTransformer(str(minilm_folder()), device="cpu")
-
-
-@torch.no_grad()
-def embed_texts(model: Any, texts: list[str]) -> torch.Tensor:
-    """Unit-norm MiniLM embeddings ``[N, 384]`` (float32)."""
-    return model.encode(texts, batch_size=128, convert_to_tensor=True, normalize_embeddings=True,
-                        show_progress_bar=False).float().cpu()
-
-
 def _build(kind: str, config: dict[str, Any]) -> nn.Module:
-    return speech.SpeechEncoder(**config) if kind == "speech" else shapes.ImageEncoder(**config)
+    if kind not in KINDS:
+        raise LeanfmError(f"unknown aligned encoder kind '{kind}'; accepted: {', '.join(KINDS)}")
+    return SpeechEncoder(**config) if kind == "speech" else ImageEncoder(**config)
 
 
 def save_encoder(out: Path, encoder: nn.Module, meta: dict[str, Any]) -> Path:
@@ -79,7 +78,7 @@ def _encode_speech(encoder: nn.Module, data: speech.SpeechSet, batch: int = 64) 
 
 
 @torch.no_grad()
-def evaluate_speech(encoder: nn.Module, text_model: Any) -> dict[str, float]:
+def evaluate_speech(encoder: nn.Module, text_model: TextEncoder) -> dict[str, float]:
     """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts)."""
     intents, keywords = speech.intent_set(), speech.keyword_set()
     smart_home = speech.intent_set(intents=speech.SMART_HOME_INTENTS)
@@ -100,7 +99,8 @@ def evaluate_speech(encoder: nn.Module, text_model: Any) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_image(encoder: nn.Module, text_model: Any, seed: int = 0, per_combo: int = 10) -> dict[str, float]:
+def evaluate_image(encoder: nn.Module, text_model: TextEncoder, seed: int = 0,
+                   per_combo: int = 10) -> dict[str, float]:
     """Zero-shot caption retrieval for images of held-out combinations: all 180 captions and unseen-only."""
     _, held_out = shapes.split_combinations(seed)
     images, captions = shapes.render_set(held_out, per_combo, seed=10_000 + seed)
@@ -136,7 +136,7 @@ def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | Non
         context.barrier()
     targets = embed_texts(text_model, data.labels)
     torch.manual_seed(config.seed)
-    encoder = speech.SpeechEncoder()
+    encoder = SpeechEncoder()
     summary = train_aligned(encoder, lambda enc, rows: enc(*data.batch(rows)), targets, config, checkpoint, resume,
                             context)
     metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
@@ -160,7 +160,7 @@ def align_image(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None
     images, captions = shapes.render_set(train_combos, per_combo, seed=config.seed)
     targets = embed_texts(text_model, captions)
     torch.manual_seed(config.seed)
-    encoder = shapes.ImageEncoder()
+    encoder = ImageEncoder()
     summary = train_aligned(encoder, lambda enc, rows: enc(images[rows]), targets, config, checkpoint, resume,
                             context)
     metrics = evaluate_image(encoder, text_model, config.seed) if context.is_main else {}

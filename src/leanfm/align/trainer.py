@@ -121,12 +121,3 @@ def train_aligned(encoder: nn.Module, encode: Callable[[nn.Module, torch.Tensor]
     encoder.eval()
     return {"steps": step, "seconds": seconds, "history": history}
 
-
-@torch.no_grad()
-def zero_shot_accuracy(embeddings: torch.Tensor, labels: list[str], candidates: list[str],
-                       candidate_embeddings: torch.Tensor) -> float:
-    """Top-1 accuracy of nearest-candidate classification by cosine similarity."""
-    e = nn.functional.normalize(embeddings, dim=-1)
-    c = nn.functional.normalize(candidate_embeddings, dim=-1)
-    predicted = (e @ c.T).argmax(-1).tolist()
-    return sum(candidates[p] == label for p, label in zip(predicted, labels, strict=True)) / len(labels)

@@ -1,9 +1,11 @@
-"""Speech for CWCL: espeak-ng synthesis, log-mel features, a small speech encoder and the zero-shot test sets.
+"""Synthetic speech data: espeak-ng synthesis, log-mel features, Austen training texts and zero-shot test sets.
 
 Why synthetic speech: no speech corpus exists offline here, but espeak-ng (Debian) speaks any text in many
-voices, speeds and pitches in milliseconds. Training pairs are Austen sentences spoken by *training* voices;
-the zero-shot tests (spoken commands -> intent, spoken single words -> keyword) use *other* voices and texts
-never seen in training, classified only by MiniLM embeddings of the candidate texts.
+voices, speeds and pitches in milliseconds. Training pairs are Austen phrases and sentences spoken by
+*training* voices; the zero-shot tests (spoken commands -> intent, spoken single words -> keyword) use *other*
+voices and texts never seen in training, classified only by embeddings of the candidate texts. Data only: the
+speech encoder lives in :mod:`leanfm.models.encoders`; CWCL (``leanfm.align``) and the spoken-language methods
+to come read the same sets from here.
 
 Features: 64 log-mel bands, 25 ms windows, 10 ms hop, from ``torch.stft`` and an HTK mel filterbank (torchaudio's
 PyPI build does not load beside our CPU torch, and librosa would pull numba for one 15-line matrix).
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from leanfm.data.corpus import corpus
 from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_directory, leanfm_home
 from leanfm.progress import progress
@@ -131,43 +134,6 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     return torch.log(power.T @ _FILTERS[N_MELS] + 1e-6)
 
 
-class SpeechEncoder(nn.Module):
-    """log-mel ``[B, T, 64]`` -> conv front-end (8x down-sampling) -> transformer -> masked mean -> ``[B, out]``.
-
-    Sized for CPU training (128 wide, 3 layers): the first version (192 wide, 4 layers, 4x down-sampling) took
-    over 2 s per batch of 128 utterances on 2 cores.
-    """
-
-    def __init__(self, out_dim: int = 384, width: int = 128, layers: int = 3, heads: int = 4,
-                 max_frames: int = 1024) -> None:
-        super().__init__()
-        self.config = {"out_dim": out_dim, "width": width, "layers": layers, "heads": heads, "max_frames": max_frames}
-        self.norm_in = nn.LayerNorm(N_MELS)
-        self.front = nn.ModuleList([nn.Conv1d(N_MELS if i == 0 else width, width, 5, stride=2, padding=2)
-                                    for i in range(3)])  # 8x down-sampling: 80 ms per token
-        self.position = nn.Parameter(torch.zeros(1, max_frames // 8 + 1, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm_out = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, out_dim)
-        nn.init.normal_(self.position, std=0.02)
-
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``features`` ``[B, T, 64]`` zero-padded after ``lengths``; padding never changes the output."""
-        x = self.norm_in(features).transpose(1, 2)  # [B, 64, T]
-        valid_len = lengths
-        for conv in self.front:  # zero the padded frames before each conv, as a conv on the unpadded input sees
-            x = x * (torch.arange(x.shape[-1])[None] < valid_len[:, None])[:, None]
-            x = nn.functional.gelu(conv(x))
-            valid_len = torch.div(valid_len + 1, 2, rounding_mode="floor")
-        x = x.transpose(1, 2)[:, : self.position.shape[1]]  # [B, T/8, width]
-        steps = valid_len.clamp(1, x.shape[1])
-        valid = torch.arange(x.shape[1])[None] < steps[:, None]  # [B, T/8]
-        x = self.transformer(x + self.position[:, : x.shape[1]], src_key_padding_mask=~valid)
-        x = self.norm_out(x) * valid[..., None]
-        return self.proj(x.sum(1) / steps[:, None])
-
-
 @dataclass
 class SpeechSet:
     """Utterances as one padded-free store: ``features`` ``[sum T, 64]`` with ``offsets`` and their texts."""
@@ -190,8 +156,6 @@ class SpeechSet:
 def austen_sentences(count: int, split: str = "train", seed: int = 0, min_words: int = 3,
                      max_words: int = 14) -> list[str]:
     """``count`` distinct short sentences of an Austen split, drawn with ``seed``."""
-    from leanfm.data.corpus import corpus
-
     pieces = re.split(r"(?<=[.!?])\s+", " ".join(corpus("austen", split).split()))
     clean = sorted({p.strip(" \"'_-") for p in pieces if min_words <= len(p.split()) <= max_words
                     and re.fullmatch(r"[A-Za-z ,;'.!?-]+", p.strip(" \"'_-"))
@@ -210,8 +174,6 @@ def austen_phrases(count: int, split: str = "train", seed: int = 0, max_words: i
     word in varied company, which is what zero-shot transfer to unseen short commands needs. Spans are drawn
     from the corpus alone (no look at the evaluation sets) and may repeat, as frequent phrases do in speech.
     """
-    from leanfm.data.corpus import corpus
-
     words = [w for w in (t.strip("\"'_-.,;:!?()") for t in corpus("austen", split).split())
              if w and re.fullmatch(r"[A-Za-z']+", w)]
     generator = torch.Generator().manual_seed(seed)

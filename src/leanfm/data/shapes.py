@@ -1,10 +1,10 @@
-"""Rendered shapes with captions for image-text alignment, and the small ViT image encoder.
+"""Rendered attribute x object shapes with captions, with whole combinations held out of training.
 
 Why rendered shapes: no captioned image set exists offline, and compositional captions ("a small striped red
 triangle") let us hold out whole attribute-object *combinations* from training and test zero-shot whether the
 image encoder learned the attributes or memorised the pairs. 2 sizes x 3 textures x 6 colours x 5 shapes = 180
-captions; a seeded 20% of the combinations never appear in training. The encoder is a transformers ``ViTModel``
-(so the coming prompt-tuning work can insert prompts into its layers) plus a projection into MiniLM's space.
+captions; a seeded 20% of the combinations never appear in training. Data only: CWCL (``leanfm.align``) and
+compositional prompt tuning read the same images from here; the image encoder is in :mod:`leanfm.models.encoders`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch import nn
-from transformers import ViTConfig, ViTModel
 
 SIZES = {"small": 6.0, "large": 11.0}
 TEXTURES = ("solid", "striped", "dotted")
@@ -85,19 +83,3 @@ def render_set(combos: list, per_combo: int, seed: int) -> tuple[torch.Tensor, l
             images.append(render(combo, generator))
             captions.append(caption(combo))
     return torch.stack(images), captions
-
-
-class ImageEncoder(nn.Module):
-    """A small transformers ViT (patch 4 -> 64 tokens) whose pooled class token is projected to ``out_dim``."""
-
-    def __init__(self, out_dim: int = 384, hidden: int = 128, layers: int = 3, heads: int = 4) -> None:
-        super().__init__()
-        self.config = {"out_dim": out_dim, "hidden": hidden, "layers": layers, "heads": heads}
-        self.vit = ViTModel(ViTConfig(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=hidden,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      intermediate_size=2 * hidden), add_pooling_layer=False)
-        self.proj = nn.Linear(hidden, out_dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        cls = self.vit(pixel_values=(images - 0.5) / 0.25).last_hidden_state[:, 0]
-        return self.proj(cls)

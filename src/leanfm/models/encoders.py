@@ -1,0 +1,155 @@
+"""Encoders shared by methods: a frozen sentence encoder and two small trainable towers (speech, image).
+
+* :class:`TextEncoder` embeds texts with a registered ``sentence-encoder`` model (``minilm-l6``), loaded through
+  :func:`leanfm.models.registry.load_model`, so names and paths have one source of truth.
+* :class:`SpeechEncoder` (log-mel frames -> one vector) and :class:`ImageEncoder` (a transformers ``ViTModel``,
+  so prompt tuning can insert prompts into its layers) are trained from scratch: CWCL aligns them to the
+  frozen text space; compositional SLU and MMPT reuse them.
+
+Each trainable tower keeps its constructor arguments in ``.config`` so a saved one can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+from leanfm.errors import LeanfmError
+from leanfm.models.registry import list_models, load_model
+
+SENTENCE_ENCODER = "sentence-encoder"  # the ModelSpec.kind a frozen text encoder must have
+
+
+def text_encoder_names() -> list[str]:
+    """Registered models usable as the frozen text encoder, in registration order."""
+    return [spec.name for spec in list_models() if spec.kind == SENTENCE_ENCODER]
+
+
+def check_text_encoder(name: str) -> str:
+    """``name`` if it is a registered sentence encoder, else a one-line error (cheap: loads nothing)."""
+    names = text_encoder_names()
+    if name not in names:
+        raise LeanfmError(f"unknown frozen model '{name}'; accepted: {', '.join(names)}")
+    return name
+
+
+def _max_tokens(tokenizer: Any) -> int:
+    """The sequence length the sentence encoder was trained with (``sentence_bert_config.json``), else 512."""
+    config = Path(str(getattr(tokenizer, "name_or_path", ""))) / "sentence_bert_config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["max_seq_length"])
+    return min(int(tokenizer.model_max_length), 512)
+
+
+class TextEncoder(nn.Module):
+    """A frozen sentence encoder: token states -> masked mean -> unit norm, ``[N, d]`` float32.
+
+    This is the all-MiniLM-L6-v2 pipeline (its ``modules.json``: Transformer -> mean Pooling -> Normalize),
+    written with plain transformers. It reproduces sentence-transformers' ``encode(normalize_embeddings=True)``
+    bit for bit, which the benchmark figures were computed with: texts are batched longest first (fewer pad
+    tokens) and normalised twice, the model's Normalize and then encode's (a no-op up to one ulp).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_tokens: int | None = None) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens or _max_tokens(tokenizer)
+        config: Any = getattr(model, "config", None)
+        self.dim = int(config.hidden_size)  # width of the pooled embedding
+
+    @torch.no_grad()
+    def forward(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        """Unit-norm embeddings ``[len(texts), d]`` in the order of ``texts``."""
+        if not texts:
+            return torch.empty(0, self.dim)
+        device = next(self.model.parameters()).device
+        order = np.argsort([-len(t) for t in texts]).tolist()  # longest first, as sentence-transformers
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            tokens = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                    max_length=self.max_tokens, return_tensors="pt").to(device)
+            states = self.model(**tokens).last_hidden_state  # [B, L, d]
+            mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)  # [B, L, 1]
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, d]
+            unit = nn.functional.normalize(nn.functional.normalize(pooled, dim=1), dim=1)
+            for i, row in zip(index, unit.float().cpu(), strict=True):
+                rows[i] = row
+        return torch.stack(rows)
+
+
+def text_encoder(name: str = "minilm-l6") -> TextEncoder:
+    """The frozen text encoder ``name`` (a registered sentence encoder), on the CPU in eval mode."""
+    model, tokenizer = load_model(check_text_encoder(name))
+    return TextEncoder(model, tokenizer)
+
+
+def embed_texts(encoder: TextEncoder, texts: list[str]) -> torch.Tensor:
+    """Unit-norm embeddings ``[N, d]`` (float32, CPU) of ``texts`` by the frozen ``encoder``."""
+    return encoder(texts)
+
+
+class SpeechEncoder(nn.Module):
+    """log-mel ``[B, T, n_mels]`` -> conv front-end (8x down-sampling) -> transformer -> masked mean -> ``[B, out]``.
+
+    Sized for CPU training (128 wide, 3 layers): the first version (192 wide, 4 layers, 4x down-sampling) took
+    over 2 s per batch of 128 utterances on 2 cores. ``n_mels`` defaults to :mod:`leanfm.data.speech`'s 64 bands.
+    """
+
+    def __init__(self, out_dim: int = 384, width: int = 128, layers: int = 3, heads: int = 4,
+                 max_frames: int = 1024, n_mels: int = 64) -> None:
+        super().__init__()
+        self.config = {"out_dim": out_dim, "width": width, "layers": layers, "heads": heads, "max_frames": max_frames,
+                       "n_mels": n_mels}
+        self.norm_in = nn.LayerNorm(n_mels)
+        self.front = nn.ModuleList([nn.Conv1d(n_mels if i == 0 else width, width, 5, stride=2, padding=2)
+                                    for i in range(3)])  # 8x down-sampling: 80 ms per token
+        self.position = nn.Parameter(torch.zeros(1, max_frames // 8 + 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim)
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[B, T, n_mels]`` zero-padded after ``lengths``; padding never changes the output."""
+        x = self.norm_in(features).transpose(1, 2)  # [B, n_mels, T]
+        valid_len = lengths.to(x.device)
+        for conv in self.front:  # zero the padded frames before each conv, as a conv on the unpadded input sees
+            x = x * (torch.arange(x.shape[-1], device=x.device)[None] < valid_len[:, None])[:, None]
+            x = nn.functional.gelu(conv(x))
+            valid_len = torch.div(valid_len + 1, 2, rounding_mode="floor")
+        x = x.transpose(1, 2)[:, : self.position.shape[1]]  # [B, T/8, width]
+        steps = valid_len.clamp(1, x.shape[1])
+        valid = torch.arange(x.shape[1], device=x.device)[None] < steps[:, None]  # [B, T/8]
+        x = self.transformer(x + self.position[:, : x.shape[1]], src_key_padding_mask=~valid)
+        x = self.norm_out(x) * valid[..., None]
+        return self.proj(x.sum(1) / steps[:, None])
+
+
+class ImageEncoder(nn.Module):
+    """A small transformers ViT (patch 4: 64 tokens at 32 px) whose class token is projected to ``out_dim``.
+
+    Pixels in [0, 1] are centred and scaled, ``(x - 0.5) / 0.25``, before the patch embedding.
+    """
+
+    def __init__(self, out_dim: int = 384, hidden: int = 128, layers: int = 3, heads: int = 4,
+                 image_size: int = 32) -> None:
+        super().__init__()
+        self.config = {"out_dim": out_dim, "hidden": hidden, "layers": layers, "heads": heads, "image_size": image_size}
+        self.vit = ViTModel(ViTConfig(image_size=image_size, patch_size=4, num_channels=3, hidden_size=hidden,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      intermediate_size=2 * hidden), add_pooling_layer=False)
+        self.proj = nn.Linear(hidden, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` ``[B, 3, H, W]`` in [0, 1] -> ``[B, out_dim]``."""
+        cls = self.vit(pixel_values=(images - 0.5) / 0.25).last_hidden_state[:, 0]  # [B, hidden]
+        return self.proj(cls)
