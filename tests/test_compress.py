@@ -8,12 +8,12 @@ from conftest import TINY
 from leanfm import load_model
 from leanfm.cli import main
 from leanfm.compress import ModegptConfig, compress_model, save_compressed
-from leanfm.compress.modegpt import allocate_sparsity
-from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
+from leanfm.compress.base import allocate_sparsity
 from leanfm.compress.surgery import gather_heads, load_block_weights, qkv_params
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.models import get_adapter
+from leanfm.models.compressed import LayerSpec, dense_spec, restructure_block
 
 SMALL = {"calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
 

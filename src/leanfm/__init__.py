@@ -15,9 +15,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-from leanfm.compress import structure as _structure  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import EvalResult, evaluate
+from leanfm.models import compressed as _compressed  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.models import list_models, load_model
 
 __all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_models", "load_model"]

@@ -7,6 +7,9 @@ model subclass of the base ``*ForCausalLM`` whose constructor rebuilds the small
 ``import leanfm``, ``AutoModelForCausalLM.from_pretrained(folder)`` therefore works without
 ``trust_remote_code``, and ``generate()`` is the base class's own.
 
+This module lives in ``models`` (not ``compress``) because *loading* a compressed checkpoint is a models-layer
+job: ``leanfm.load_model`` and ``import leanfm`` register these classes without importing any compressor.
+
 Attention with compressed heads is :class:`CompressedAttention`. Query/key head dims are laid out
 ``[kept rotary first halves (P) | their partners (P) | kept non-rotary dims]``; each kept rotary pair keeps its
 *original* frequency (``rope_index``), because a rotary embedding rebuilt for the smaller head size would
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -235,8 +239,7 @@ def dense_spec(model: nn.Module, adapter: ArchAdapter, index: int) -> LayerSpec:
 
 
 def _compressed_classes(base: str) -> tuple[type, type]:
-    import transformers
-
+    """The ``leanfm_<base>`` config class and the model class that rebuilds ``leanfm_layers`` on construction."""
     config_name, model_name = _BASE_CLASSES[base]
     base_config, base_model = getattr(transformers, config_name), getattr(transformers, model_name)
 
