@@ -1,11 +1,11 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config
 
 from conftest import TINY
 from leanfm import load_model
 from leanfm.errors import LeanfmError
-from leanfm.models import get_adapter
+from leanfm.models import AttentionLayout, get_adapter
 from leanfm.models.tiny import build_tiny
 
 EXPECTED = {  # heads, kv heads, head_dim, rotary dim
@@ -66,6 +66,15 @@ def test_neox_fused_qkv_split_matches_hf_layout():
 def test_parallel_and_post_norm_flags():
     assert get_adapter(build_tiny("tiny-phi")).is_parallel(build_tiny("tiny-phi"))
     assert not get_adapter(build_tiny("tiny-llama")).is_parallel(build_tiny("tiny-llama"))
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64))
+    adapter = get_adapter(bert)
+    assert adapter.post_norm and len(adapter.blocks(bert)) == 2
+    assert adapter.layout(bert) == AttentionLayout(2, 2, 16, 0)
+
+
+@pytest.mark.slow  # the real MiniLM
+def test_minilm_adapter():
     minilm, _ = load_model("minilm-l6")
     adapter = get_adapter(minilm)
     assert adapter.post_norm and len(adapter.blocks(minilm)) == 6

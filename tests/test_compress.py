@@ -1,19 +1,29 @@
+import dataclasses
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 from conftest import TINY
 from leanfm import load_model
 from leanfm.cli import main
-from leanfm.compress import ModegptConfig, compress_model, save_compressed
-from leanfm.compress.modegpt import allocate_sparsity
-from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
+from leanfm.compress import (
+    DispConfig,
+    ModegptConfig,
+    SvdLlmConfig,
+    WandaSpConfig,
+    check_architecture,
+    compress_model,
+    save_compressed,
+)
+from leanfm.compress.base import allocate_sparsity
 from leanfm.compress.surgery import gather_heads, load_block_weights, qkv_params
+from leanfm.config import get_method, list_methods
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.models import get_adapter
+from leanfm.models.compressed import LayerSpec, dense_spec, restructure_block
 
 SMALL = {"calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
 
@@ -146,9 +156,13 @@ def test_compress_bad_input(capsys, tmp_path, argv, fragment):
     assert code == 2 and err.count("\n") == 1 and fragment in err and not (tmp_path / "o").exists()
 
 
-def test_compress_refuses_encoder_and_non_empty_out(capsys, tmp_path):
+@pytest.mark.slow  # loads the real MiniLM; test_every_entry_refuses_an_encoder covers the check on a tiny BERT
+def test_compress_cli_refuses_an_encoder(capsys, tmp_path):
     assert main(["--quiet", "compress", "minilm-l6", "--ratio", "0.3", "--out", str(tmp_path / "m")]) == 2
     assert "unsupported architecture 'bert' for compression; supported: llama" in capsys.readouterr().err
+
+
+def test_compress_refuses_non_empty_out(capsys, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["--quiet", "compress", "tiny-llama", "--ratio", "0.3", "--out", str(tmp_path / "full")]) == 2
@@ -189,6 +203,7 @@ def test_whitened_svd_is_optimal_on_the_calibration_data():
     assert torch.linalg.norm(x @ (w - up @ down).T) < torch.linalg.norm(x @ (w - plain).T)
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end (~10 s)
 def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
     pytest.importorskip("lm_eval")
     from leanfm.eval.lm_eval_adapter import run_cloze
@@ -198,3 +213,77 @@ def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
     save_compressed(model, tokenizer, tmp_path / "c", report)
     metrics = run_cloze(str(tmp_path / "c"), tmp_path / "task", limit=4)
     assert metrics["sample_len"] == 4 and 0.0 <= metrics["acc,none"] <= 1.0
+
+
+# ---------------------------------------------------------------- the method registry
+
+COMPRESSORS = {"modegpt": ModegptConfig, "wanda-sp": WandaSpConfig, "svd-llm": SvdLlmConfig, "disp": DispConfig}
+
+
+def test_every_compressor_is_registered_with_its_config():
+    specs = list_methods("compress")
+    assert {s.name: s.config for s in specs} == COMPRESSORS
+    assert specs[0].name == "modegpt"  # the default comes first in errors and help
+    for spec in specs:
+        config = spec.config(ratio=0.3)
+        again = spec.config.from_dict(json.loads(config.to_json()))
+        assert type(again) is spec.config and again == config
+        with pytest.raises(TypeError):
+            spec.config()  # ratio has no default anywhere
+
+
+def test_unknown_compressor_lists_the_registered_ones(tokenizer):
+    model, _ = load_model("tiny-llama")
+    with pytest.raises(LeanfmError, match=r"^unknown method 'sparse'; accepted: modegpt, wanda-sp, svd-llm, disp$"):
+        compress_model(model, tokenizer, method="sparse", ratio=0.3)
+    with pytest.raises(LeanfmError, match="unknown method 'tome'"):
+        get_method("tome", "compress")
+
+
+@pytest.mark.parametrize(
+    ("method", "setting"),
+    [("wanda-sp", {"ridge": 1e-2}), ("svd-llm", {"ridge": 1e-2}), ("modegpt", {"steps": 5}),
+     ("modegpt", {"lam": 1.0}), ("disp", {"allocation": "uniform"}), ("disp", {"calib_samples": 8})],
+)
+def test_a_setting_of_another_method_is_refused(method, setting, tokenizer):
+    config_cls = COMPRESSORS[method]
+    with pytest.raises(TypeError):
+        config_cls(ratio=0.3, **setting)
+    model, _ = load_model("tiny-llama")
+    name = next(iter(setting))
+    with pytest.raises(LeanfmError, match=rf"^unknown {config_cls.__name__} setting\(s\) {name}; accepted: .*ratio"):
+        compress_model(model, tokenizer, method=method, ratio=0.3, **setting)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "settings", "message"),
+    [(WandaSpConfig, {"ratio": 1.5}, r"ratio 1\.5 is out of range; accepted: 0 < ratio < 1"),
+     (SvdLlmConfig, {"ratio": 0.3, "allocation": "even"}, "unknown allocation 'even'; accepted: global, uniform"),
+     (ModegptConfig, {"ratio": 0.3, "calib_samples": 0}, "calib_samples 0 is invalid"),
+     (ModegptConfig, {"ratio": 0.3, "epsilon": 0}, "epsilon 0"),
+     (DispConfig, {"ratio": 0}, "ratio 0 is out of range"),
+     (DispConfig, {"ratio": 0.3, "device": "tpu"}, "unknown device 'tpu'; accepted: auto, cpu, cuda, cuda:N")],
+)
+def test_config_validation_is_one_line(config_cls, settings, message):
+    with pytest.raises(LeanfmError, match=message) as err:
+        config_cls(**settings)
+    assert "\n" not in str(err.value)
+
+
+def test_disp_config_cli_metadata_and_tau_default():
+    fields = {f.name: f for f in dataclasses.fields(DispConfig)}
+    assert fields["lam"].metadata["flag"] == "lambda" and fields["device"].default == "auto"
+    assert DispConfig(ratio=0.3).tau == 1.0 and DispConfig(ratio=0.3, sampler="gumbel").tau == 0.4
+    assert "autocast" in DispConfig.RESUMABLE and "lam" not in DispConfig.RESUMABLE
+
+
+def test_every_entry_refuses_an_encoder(tokenizer):
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    bert = BertModel(config)
+    message = r"^unsupported architecture 'bert' for compression; supported: llama, opt, phi, gpt_neox$"
+    with pytest.raises(LeanfmError, match=message):
+        check_architecture(bert)
+    for spec in list_methods("compress"):  # called directly (benchmarks, other code), not only via compress_model
+        with pytest.raises(LeanfmError, match=message):
+            spec.entry(bert, tokenizer, spec.config(ratio=0.3))

@@ -115,6 +115,7 @@ def _trainer(model, tokenizer, tmp_path, **overrides):
     return DispTrainer(model, tokenizer, config, checkpoint=tmp_path / "ckpt")
 
 
+@pytest.mark.training  # 30 steps (~10 s); the resume test below trains 4
 def test_training_moves_towards_the_target_ratio(tokenizer, tmp_path):
     model, _ = load_model("tiny-llama")
     trainer = _trainer(model, tokenizer, tmp_path, steps=30, checkpoint_every=100)
@@ -182,6 +183,7 @@ def _cli_args(out, extra=()):
             "--json", str(out) + ".json", *extra]
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) follows the 1-process run with the same global batch."""
     assert main(_cli_args(tmp_path / "one")) == 0
@@ -222,6 +224,7 @@ def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # loads the real MiniLM; test_compress.py checks every entry on a tiny BERT
 def test_encoder_is_refused(tmp_path, capsys):
     args = _cli_args(tmp_path / "x")
     args[args.index("tiny-llama")] = "minilm-l6"

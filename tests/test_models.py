@@ -3,6 +3,7 @@ import torch
 
 from conftest import TINY
 from leanfm import load_model
+from leanfm.cli import main
 from leanfm.errors import LeanfmError
 from leanfm.models import ModelSpec, list_models, register_model, unregister_model
 from leanfm.models.tiny import build_tiny
@@ -63,6 +64,26 @@ def test_bad_model_names(name, message):
         load_model(name)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [('{"model_type": "llama", "hidden_size": ', "is not valid JSON"),
+     ('{"model_type": "llama-9000"}', "has unknown model_type 'llama-9000'; accepted: .*leanfm_llama"),
+     ("[1, 2]", "holds a JSON list")],
+)
+def test_corrupt_config_json_is_a_one_line_error(text, message, tmp_path, capsys):
+    """A checkpoint folder whose config.json is broken: one line naming the file, not transformers' traceback."""
+    load_model("tiny-llama")[0].config.save_pretrained(tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(text)
+    with pytest.raises(LeanfmError, match=message) as err:
+        load_model(str(tmp_path / "ckpt"))
+    assert str(err.value).startswith(f"'{config}' ") and "\n" not in str(err.value)
+    assert main(["--quiet", "eval", str(tmp_path / "ckpt"), "--windows", "1", "--cloze", "0", "--no-speed"]) == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and str(config) in out.err
+
+
+@pytest.mark.slow  # the real MiniLM
 def test_minilm_loads_and_embeds():
     model, tokenizer = load_model("minilm-l6")
     sentences = ["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell"]

@@ -8,9 +8,9 @@ Library entry points mirror the CLI::
     print(result.perplexity)
 """
 
-from leanfm.compress import structure as _structure  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import EvalResult, evaluate
+from leanfm.models import compressed as _compressed  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.models import list_models, load_model
 from leanfm.version import __version__
 

@@ -83,7 +83,7 @@ def _ratio(text: str) -> float:
 
 
 def _add_compress(sub: Any) -> None:
-    from leanfm.compress.modegpt import ALLOCATIONS
+    from leanfm.compress.base import ALLOCATIONS
 
     p = sub.add_parser("compress", help="structured compression (modegpt, disp, baselines wanda-sp, svd-llm)")
     p.add_argument("model", help="registered name, checkpoint folder or hub id")
@@ -333,11 +333,12 @@ def _interrupted(checkpoint: Path) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     import leanfm
-    from leanfm.compress.api import check_method, compress_model, save_compressed
+    from leanfm.compress.api import compress_model, save_compressed
+    from leanfm.config import get_method
     from leanfm.models import resolve_dtype
     from leanfm.paths import check_output_dir, check_writable_file
 
-    check_method(args.method)
+    get_method(args.method, "compress")
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     dtype = resolve_dtype(args.dtype)

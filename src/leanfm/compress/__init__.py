@@ -1,17 +1,31 @@
-"""Structured compression of causal LMs: the shared checkpoint format, layer-by-layer engine and methods."""
+"""Structured compression of causal LMs: the shared base, the layer-by-layer engine and the methods.
 
-from leanfm.compress.api import BLOCK_METHODS, compress_model, save_compressed
-from leanfm.compress.modegpt import CompressionReport, ModegptConfig
-from leanfm.compress.structure import CompressedAttention, LayerSpec, finalize, restructure_block
+Importing this package imports every compressor module, and each registers itself with the method registry
+(:func:`leanfm.config.register_method`, family ``compress``): ``modegpt``, ``wanda-sp``, ``svd-llm``, ``disp``.
+The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
+"""
+
+# import order = registration order = the order in which errors and `leanfm compress --help` list the methods
+# isort: off
+from leanfm.compress import modegpt  # noqa: F401
+from leanfm.compress import baselines  # noqa: F401
+from leanfm.compress import disp  # noqa: F401
+
+# isort: on
+from leanfm.compress.api import compress_model, save_compressed
+from leanfm.compress.base import CompressionReport, LayerwiseConfig, check_architecture
+from leanfm.compress.baselines import SvdLlmConfig, WandaSpConfig
+from leanfm.compress.disp import DispConfig
+from leanfm.compress.modegpt import ModegptConfig
 
 __all__ = [
-    "BLOCK_METHODS",
-    "CompressedAttention",
     "CompressionReport",
-    "LayerSpec",
+    "DispConfig",
+    "LayerwiseConfig",
     "ModegptConfig",
+    "SvdLlmConfig",
+    "WandaSpConfig",
+    "check_architecture",
     "compress_model",
-    "finalize",
-    "restructure_block",
     "save_compressed",
 ]

@@ -1,63 +1,35 @@
-"""One entry point for every training-free compressor: pick a method, compress, save a loadable checkpoint."""
+"""One entry point for every compressor: pick a method by name, compress, save a loadable checkpoint.
+
+The methods themselves are found in the method registry (:mod:`leanfm.config`): each compressor module
+registers ``name -> (config class, entry)`` in one line, and ``import leanfm.compress`` imports them all, so
+this module never names a method.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from leanfm.compress.baselines import svd_block, wanda_block
-from leanfm.compress.modegpt import CompressionReport, ModegptConfig, compress, compress_block
-from leanfm.compress.structure import COMPRESSED_CLASSES
-from leanfm.data.calibration import calibration_windows
-from leanfm.errors import LeanfmError
-from leanfm.models.adapters import get_adapter
+from leanfm.compress.base import CompressionReport, check_architecture
+from leanfm.config import get_method
 from leanfm.paths import atomic_directory, check_output_dir
-
-BLOCK_METHODS: dict[str, Callable[..., Any]] = {
-    "modegpt": compress_block, "wanda-sp": wanda_block, "svd-llm": svd_block,
-}
-TRAINED_METHODS = ("disp",)  # learn their structure by training instead of one calibration pass
-METHODS = (*BLOCK_METHODS, *TRAINED_METHODS)
-
-
-def check_method(method: str) -> str:
-    """``method`` if it is a known compressor; a one-line error lists the valid ones."""
-    if method not in METHODS:
-        raise LeanfmError(f"unknown method '{method}'; accepted: {', '.join(METHODS)}")
-    return method
-
-
-def check_architecture(model: nn.Module) -> None:
-    """Fail early when ``model`` cannot be compressed (e.g. an encoder such as bert)."""
-    model_type = get_adapter(model).model_type
-    if model_type not in COMPRESSED_CLASSES:
-        raise LeanfmError(
-            f"unsupported architecture '{model_type}' for compression; supported: {', '.join(COMPRESSED_CLASSES)}"
-        )
 
 
 def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **settings: Any) -> CompressionReport:
-    """Compress ``model`` in place with ``method`` (see :data:`METHODS`) and return the report.
+    """Compress ``model`` in place with the registered compressor ``method`` and return the report.
 
-    ``settings`` are :class:`ModegptConfig` fields (``ratio`` required), or :class:`DispConfig` fields for
-    ``disp``; calibration windows come from the ``calib`` split with the config's seed, so every
-    training-free method sees identical data.
+    ``settings`` are fields of that method's config class (``ratio`` required): e.g. ``ridge`` for ``modegpt``,
+    ``steps`` for ``disp``. A setting the method does not have is a one-line error naming the accepted ones.
     """
-    check_method(method)
+    spec = get_method(method, "compress")
     check_architecture(model)
-    if method == "disp":
-        from leanfm.compress.disp import DispConfig, compress_disp
-
-        return compress_disp(model, tokenizer, DispConfig(**settings))
-    block_fn = BLOCK_METHODS[method]
-    config = ModegptConfig(**settings)
-    calib = calibration_windows(tokenizer, samples=config.calib_samples, seqlen=config.calib_seqlen, seed=config.seed)
-    return compress(model, calib, config, method=method, block_fn=block_fn)
+    assert spec.config is not None  # every compressor has a config class
+    config = spec.config.from_dict(settings)
+    return spec.entry(model, tokenizer, config)
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: CompressionReport,

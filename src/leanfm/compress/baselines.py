@@ -13,11 +13,14 @@ parameter-update step. It stands in for SliceGPT (see docs/ARCHITECTURE.md for w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
+from leanfm.compress.base import CompressionReport, LayerwiseConfig, compress_layerwise
 from leanfm.compress.engine import BlockStats
-from leanfm.compress.structure import LayerSpec, dense_spec, restructure_block
 from leanfm.compress.surgery import (
     gather_heads,
     gather_rows,
@@ -26,7 +29,19 @@ from leanfm.compress.surgery import (
     qkv_params,
     select_head_dims,
 )
+from leanfm.config import register_method
 from leanfm.models.adapters import get_adapter
+from leanfm.models.compressed import LayerSpec, dense_spec, restructure_block
+
+
+@dataclass
+class WandaSpConfig(LayerwiseConfig):
+    """Settings of wanda-sp: the layer-wise ones only (no reconstruction, so no ridge)."""
+
+
+@dataclass
+class SvdLlmConfig(LayerwiseConfig):
+    """Settings of svd-llm: the layer-wise ones only (the whitening ridge is fixed, see :func:`whitened_low_rank`)."""
 
 
 def _wanda_rows(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -34,9 +49,8 @@ def _wanda_rows(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     return (weight.abs().double() * input_norm[None]).sum(-1)
 
 
-def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float = 0.0) -> LayerSpec:
+def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> LayerSpec:
     """Prune block ``index`` in place to keep fraction ``keep`` of each inner width; returns its spec."""
-    del ridge  # no solve in this baseline
     adapter = get_adapter(model)
     layout = adapter.layout(model)
     block = adapter.blocks(model)[index]
@@ -84,9 +98,8 @@ def whitened_low_rank(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tu
     return down.to(weight.dtype), u[:, :rank].to(weight.dtype)
 
 
-def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float = 0.0) -> LayerSpec:
+def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> LayerSpec:
     """Factorise every Linear of block ``index`` to keep fraction ``keep`` of its parameters (uniform)."""
-    del ridge
     adapter = get_adapter(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
@@ -113,3 +126,19 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridg
             if bias is not None:
                 low.up.bias.copy_(bias)
     return spec
+
+
+def compress_wanda_sp(model: nn.Module, tokenizer: Any, config: WandaSpConfig) -> CompressionReport:
+    """Prune ``model`` in place with wanda-sp (the ``compress`` family's entry point)."""
+    return compress_layerwise(model, tokenizer, config, "wanda-sp", wanda_block)
+
+
+def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig) -> CompressionReport:
+    """Factorise ``model`` in place with svd-llm (the ``compress`` family's entry point)."""
+    return compress_layerwise(model, tokenizer, config, "svd-llm", svd_block)
+
+
+register_method("wanda-sp", "compress", WandaSpConfig, compress_wanda_sp,
+                description="baseline: Wanda scores over whole structures, pruned without reconstruction")
+register_method("svd-llm", "compress", SvdLlmConfig, compress_svd_llm,
+                description="baseline: activation-whitened truncated SVD of every Linear (stands in for SliceGPT)")

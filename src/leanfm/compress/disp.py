@@ -29,21 +29,25 @@ an uninterrupted run would have taken.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanfm.compress.base import RATIO_HELP, CompressionReport, check_architecture, check_ratio
 from leanfm.compress.engine import block_parameter_count
-from leanfm.compress.modegpt import CompressionReport
-from leanfm.compress.structure import ChannelLinear, LayerSpec, dense_spec, finalize, restructure_block
+from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.calibration import random_windows, split_token_ids
 from leanfm.errors import LeanfmError
+from leanfm.eval.harness import count_parameters
+from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import ArchAdapter, BlockParts, get_adapter
+from leanfm.models.compressed import ChannelLinear, LayerSpec, dense_spec, finalize, restructure_block
 from leanfm.progress import progress
 from leanfm.training import (
     DistributedContext,
@@ -62,7 +66,7 @@ _RESUME_KEYS = ("ratio", "lam", "sampler", "tau", "offset", "lr", "weight_decay"
 
 
 @dataclass
-class DispConfig:
+class DispConfig(MethodConfig):
     """Settings of a DISP-LLM run; ``ratio`` is the fraction of transformer-block parameters removed.
 
     Defaults follow the reference (METHODS.md section 2) — AdamW at a constant rate with weight decay 0.05,
@@ -70,37 +74,46 @@ class DispConfig:
     the rate and λ: the paper's 1e-3 and λ = 6 are tuned for 10k steps; at the few hundred steps a CPU affords,
     the pruned ratio stayed at ~0.09 for 25 steps (target 0.5) while lr 1e-2 with the official
     code's λ = 16 reaches the target in ~30 steps (measured on SmolLM2-135M, BENCHMARKS.md).
+    ``tau=None`` resolves to the sampler's default when the config is built.
     """
 
-    ratio: float
-    steps: int = 200
-    lr: float = 1e-2
-    weight_decay: float = 0.05
-    lam: float = 16.0  # λ of the parameter regulariser (paper 6, official code 16)
-    sampler: str = "reinmax"  # or "gumbel" (the official code's straight-through Gumbel-sigmoid)
-    tau: float | None = None  # None: 1.0 for reinmax, 0.4 for gumbel
-    offset: float = 3.0  # added to every logit before sampling
-    batch_size: int = 4  # global batch (windows), split across ranks
-    seqlen: int = 256
-    split: str = "train"
-    seed: int = 0
-    checkpoint_every: int = 25
-    autocast: bool = True  # bfloat16 autocast for the frozen model's forward/backward (~2.7x faster on CPU)
+    # a resumed run may train longer, checkpoint at another interval, or change device/autocast (speed only)
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "device", "autocast")
+
+    ratio: float = option(help=RATIO_HELP)
+    steps: int = option(200, "training steps")
+    lr: float = option(1e-2, "hypernetwork learning rate")
+    weight_decay: float = option(0.05, "AdamW weight decay of the hypernetwork", cli=False)
+    lam: float = option(16.0, "parameter regulariser weight λ (paper 6, official code 16)", flag="lambda")
+    sampler: str = option("reinmax", "mask sampler (gumbel: the official code's straight-through Gumbel-sigmoid)",
+                          choices=SAMPLERS)
+    tau: float | None = option(None, "sampler temperature (default 1.0 reinmax, 0.4 gumbel)")
+    offset: float = option(3.0, "added to every mask logit before sampling", cli=False)
+    batch_size: int = option(4, "global batch of windows, split across ranks")
+    seqlen: int = option(256, "tokens per training window")
+    split: str = option("train", "corpus split the training windows come from", cli=False)
+    seed: int = option(0, "seed of the hypernetwork, the mask noise and the batches", cli=False)
+    checkpoint_every: int = option(25, "steps between checkpoints")
+    # bfloat16 autocast for the frozen model's forward/backward (~2.7x faster on CPU)
+    autocast: bool = option(True, "bfloat16 autocast for the frozen model (off: train in float32)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise LeanfmError(f"ratio {self.ratio} is out of range; accepted: 0 < ratio < 1")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: an integer >= 1")
-        if self.seqlen < 2:
-            raise LeanfmError(f"seqlen {self.seqlen} is too small; accepted: an integer >= 2")
-        if self.sampler not in SAMPLERS:
-            raise LeanfmError(f"unknown sampler '{self.sampler}'; accepted: {', '.join(SAMPLERS)}")
         if self.tau is None:
             self.tau = 1.0 if self.sampler == "reinmax" else 0.4
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_ratio(self.ratio)
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every")
+        if self.seqlen < 2:
+            raise LeanfmError(f"seqlen {self.seqlen} is too small; accepted: an integer >= 2")
+        super().validate()  # choices: the sampler
+        assert self.tau is not None  # resolved in __post_init__
         if self.lr <= 0 or self.lam < 0 or self.tau <= 0:
             raise LeanfmError(f"lr {self.lr}, lambda {self.lam}, tau {self.tau}: accepted lr > 0, lambda >= 0, tau > 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # availability is checked when the run starts
+            raise LeanfmError(f"unknown device '{self.device}'; accepted: auto, cpu, cuda, cuda:N")
 
 
 # ---------------------------------------------------------------- parameter counting
@@ -433,11 +446,11 @@ class DispTrainer:
 
 def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoint: Path | None = None,
                   resume: bool = False, context: DistributedContext | None = None) -> CompressionReport:
-    """Train the hypernetwork (resumable, data-parallel under torchrun), then prune ``model`` in place."""
-    from leanfm.compress.api import check_architecture
-    from leanfm.eval.harness import count_parameters
-    from leanfm.eval.speed import peak_rss_mb
+    """Train the hypernetwork (resumable, data-parallel under torchrun), then prune ``model`` in place.
 
+    Called as the ``compress`` family's entry point (``model, tokenizer, config``) it trains from scratch in
+    one process without a checkpoint; the CLI passes ``checkpoint``, ``resume`` and the torchrun ``context``.
+    """
     check_architecture(model)
     start = time.perf_counter()
     context = context or init_distributed()
@@ -447,7 +460,7 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
     history = trainer.run(resume=resume)
     masks = trainer.final_masks()
     specs = prune_to_masks(model, masks)
-    finalize(model, specs, {"method": "disp", **asdict(config)})
+    finalize(model, specs, {"method": "disp", **config.to_dict()})
     per_block_after = [sum(p.numel() for p in b.parameters()) for b in get_adapter(model).blocks(model)]
     block_after = block_parameter_count(model)
     return CompressionReport(
@@ -461,3 +474,7 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
         training={"steps": trainer.step, "world_size": context.world_size, "train_seconds": trainer.train_seconds,
                   "tokens_seen": trainer.step * config.batch_size * config.seqlen, "history": history},
     )
+
+
+register_method("disp", "compress", DispConfig, compress_disp,
+                description="DISP-LLM: per-block residual channels learned by a hypernetwork (trained)")

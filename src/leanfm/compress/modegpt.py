@@ -15,29 +15,23 @@ shrunk inside so that its output on calibration data is reconstructed as well as
   ``R = V1 S1^-1 U2_k``: ``W_V' = W_V R`` (stays in W_V's span, no ``C^-1/2`` needed), ``W_O' = S2_k V2_k^T``.
 
 Global sparsity allocation: ``φ_i = L φ softmax(-s/ε)_i`` from the layer importance ``s_i = 1 - cos(in, out)``,
-capped at ``max_sparsity`` with the excess redistributed; ``allocation="uniform"`` gives every layer ``φ``.
+capped at ``max_sparsity`` with the excess redistributed; ``allocation="uniform"`` gives every layer ``φ``. The
+allocation and the layer-by-layer driver are shared with the baselines (:mod:`leanfm.compress.base`).
 Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from leanfm.compress.engine import (
-    BlockStats,
-    block_parameter_count,
-    capture_block_inputs,
-    collect_stats,
-    layer_importance,
-    run_block,
-)
-from leanfm.compress.structure import LayerSpec, finalize, restructure_block
+from leanfm.compress.base import CompressionReport, LayerwiseConfig, compress_layerwise
+from leanfm.compress.engine import BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
     gather_rows,
@@ -46,50 +40,24 @@ from leanfm.compress.surgery import (
     qkv_params,
     select_head_dims,
 )
+from leanfm.config import option, register_method
 from leanfm.errors import LeanfmError
 from leanfm.models.adapters import AttentionLayout, get_adapter
-from leanfm.progress import progress
+from leanfm.models.compressed import LayerSpec, restructure_block
 
 log = logging.getLogger(__name__)
-ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
-class ModegptConfig:
-    """Settings of a MoDeGPT run. ``ratio`` is the fraction of transformer-block parameters removed."""
+class ModegptConfig(LayerwiseConfig):
+    """Settings of a MoDeGPT run: the layer-wise ones plus the ridge of the Nyström leverage scores."""
 
-    ratio: float
-    allocation: str = "global"
-    epsilon: float = 0.1  # softmax temperature of the global allocation (METHODS.md: 0.05-0.15, unsure)
-    max_sparsity: float = 0.8  # no layer loses more than this (excess goes to the others)
-    ridge: float = 1e-2  # λ of the ridge leverage scores, relative to the mean diagonal of C
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    batch_size: int = 4
-    seed: int = 0
+    ridge: float = option(1e-2, "λ of the ridge leverage scores, relative to the mean diagonal of C", cli=False)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise LeanfmError(f"ratio {self.ratio} is out of range; accepted: 0 < ratio < 1")
-        if self.allocation not in ALLOCATIONS:
-            raise LeanfmError(f"unknown allocation '{self.allocation}'; accepted: {', '.join(ALLOCATIONS)}")
-        if not 0 < self.max_sparsity <= 1 or self.epsilon <= 0:
-            raise LeanfmError("max_sparsity must be in (0, 1] and epsilon > 0")
-
-
-def allocate_sparsity(importance: torch.Tensor, ratio: float, epsilon: float, cap: float) -> torch.Tensor:
-    """Per-layer sparsity φ_i = L φ softmax(-s/ε)_i, capped at ``cap`` with the excess redistributed."""
-    n = importance.numel()
-    phi = n * ratio * torch.softmax(-importance.double() / epsilon, dim=0)
-    for _ in range(n):
-        over = phi > cap
-        if not over.any():
-            break
-        excess = float((phi[over] - cap).sum())
-        phi[over] = cap
-        free = phi < cap
-        phi[free] += excess * phi[free] / phi[free].sum()
-    return phi.float()
+    def validate(self) -> None:
+        super().validate()
+        if self.ridge < 0:
+            raise LeanfmError(f"ridge {self.ridge} is invalid; accepted: ridge >= 0")
 
 
 def _cholesky_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -183,63 +151,11 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     return spec
 
 
-@dataclass
-class CompressionReport:
-    """What ``leanfm compress`` reports (``--json``)."""
-
-    method: str
-    ratio: float
-    params_before: int
-    params_after: int
-    block_params_before: int
-    block_params_after: int
-    achieved_ratio: float
-    layer_sparsity: list[float]
-    seconds: float
-    peak_rss_mb: float
-    calibration: dict[str, Any]
-    training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+def compress_modegpt(model: nn.Module, tokenizer: Any, config: ModegptConfig) -> CompressionReport:
+    """Compress ``model`` in place with MoDeGPT (the ``compress`` family's entry point)."""
+    block_fn = functools.partial(compress_block, ridge=config.ridge)
+    return compress_layerwise(model, tokenizer, config, "modegpt", block_fn)
 
 
-@torch.no_grad()
-def compress(model: nn.Module, calib: torch.Tensor, config: ModegptConfig, method: str = "modegpt",
-             block_fn: Any = None) -> CompressionReport:
-    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]``.
-
-    ``block_fn(model, index, stats, keep, ridge) -> LayerSpec`` rewrites one block (MoDeGPT's
-    :func:`compress_block` by default; the baselines pass their own).
-    """
-    from leanfm.eval.harness import count_parameters
-    from leanfm.eval.speed import peak_rss_mb
-
-    start = time.perf_counter()
-    block_fn = block_fn or compress_block
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    params_before, block_before = count_parameters(model), block_parameter_count(model)
-    if config.allocation == "global":
-        importance = layer_importance(model, calib, config.batch_size)
-        sparsity = allocate_sparsity(importance, config.ratio, config.epsilon, config.max_sparsity)
-    else:
-        sparsity = torch.full((len(blocks),), config.ratio)
-    inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
-    specs = []
-    for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
-        stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
-        specs.append(block_fn(model, index, stats, 1.0 - float(sparsity[index]), config.ridge))
-        inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
-        del stats
-    finalize(model, specs, {"method": method, **asdict(config)})
-    block_after = block_parameter_count(model)
-    return CompressionReport(
-        method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
-        block_params_before=block_before, block_params_after=block_after,
-        achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
-        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-        calibration={"corpus": "austen", "split": "calib", "samples": int(calib.shape[0]),
-                     "seqlen": int(calib.shape[1]), "seed": config.seed},
-    )
+register_method("modegpt", "compress", ModegptConfig, compress_modegpt,
+                description="MoDeGPT: modular decomposition (Nyström, CR, SVD) with global sparsity allocation")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import __version__ as transformers_version
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from leanfm.errors import LeanfmError
 from leanfm.models import smollm2, tiny
+from leanfm.models.compressed import COMPRESSED_CLASSES  # importing it registers leanfm_* with the Auto classes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,6 +94,7 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
             raise LeanfmError(f"model path '{name}' does not exist or is not a folder")
         if not (folder / "config.json").is_file():
             raise LeanfmError(f"model path '{name}' has no config.json; expected a transformers checkpoint folder")
+        check_config_file(folder / "config.json")
         return _from_pretrained(str(folder))
     if "/" in name:
         try:
@@ -102,9 +107,27 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
     )
 
 
-def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
-    import leanfm.compress.structure  # noqa: F401  (registers compressed-checkpoint classes with Auto*)
+def check_config_file(path: Path) -> None:
+    """One-line error when a checkpoint's ``config.json`` is not JSON or names an architecture nobody registered.
 
+    transformers would raise from deep inside ``AutoConfig`` (a 46-line traceback for a truncated file); the
+    user needs the file's name and what is wrong with it. A ``model_type`` of ``leanfm_<base>`` is ours
+    (:mod:`leanfm.models.compressed`); any other must be one this transformers version knows.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LeanfmError(f"'{path}' is not valid JSON ({err}); expected a transformers config.json") from None
+    if not isinstance(data, dict):
+        raise LeanfmError(f"'{path}' holds a JSON {type(data).__name__}; expected an object with a model_type")
+    model_type = data.get("model_type")
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
+        ours = ", ".join(cls.model_type for cls, _ in COMPRESSED_CLASSES.values())
+        raise LeanfmError(f"'{path}' has unknown model_type {model_type!r}; accepted: a model type of "
+                          f"transformers {transformers_version} (e.g. llama, opt) or {ours}")
+
+
+def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
     config = AutoConfig.from_pretrained(source)
     causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
     factory = AutoModelForCausalLM if causal else AutoModel

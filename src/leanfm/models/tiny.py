@@ -7,6 +7,8 @@ vocabulary size, which is the point: they test shapes and plumbing, not language
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -19,7 +21,7 @@ from transformers import (
 )
 
 VOCAB = 49152
-_COMMON = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+_COMMON: dict[str, Any] = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 def tiny_configs() -> dict[str, PretrainedConfig]:

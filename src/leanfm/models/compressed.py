@@ -7,6 +7,9 @@ model subclass of the base ``*ForCausalLM`` whose constructor rebuilds the small
 ``import leanfm``, ``AutoModelForCausalLM.from_pretrained(folder)`` therefore works without
 ``trust_remote_code``, and ``generate()`` is the base class's own.
 
+This module lives in ``models`` (not ``compress``) because *loading* a compressed checkpoint is a models-layer
+job: ``leanfm.load_model`` and ``import leanfm`` register these classes without importing any compressor.
+
 Attention with compressed heads is :class:`CompressedAttention`. Query/key head dims are laid out
 ``[kept rotary first halves (P) | their partners (P) | kept non-rotary dims]``; each kept rotary pair keeps its
 *original* frequency (``rope_index``), because a rotary embedding rebuilt for the smaller head size would
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
@@ -234,9 +238,8 @@ def dense_spec(model: nn.Module, adapter: ArchAdapter, index: int) -> LayerSpec:
     )
 
 
-def _compressed_classes(base: str) -> tuple[type, type]:
-    import transformers
-
+def _compressed_classes(base: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
+    """The ``leanfm_<base>`` config class and the model class that rebuilds ``leanfm_layers`` on construction."""
     config_name, model_name = _BASE_CLASSES[base]
     base_config, base_model = getattr(transformers, config_name), getattr(transformers, model_name)
 
@@ -249,10 +252,12 @@ def _compressed_classes(base: str) -> tuple[type, type]:
         self.post_init()
 
     model_cls = type(f"Leanfm{model_name}", (base_model,), {"config_class": config_cls, "__init__": __init__})
-    return config_cls, model_cls
+    return cast(type[PretrainedConfig], config_cls), cast(type[PreTrainedModel], model_cls)
 
 
-COMPRESSED_CLASSES: dict[str, tuple[type, type]] = {base: _compressed_classes(base) for base in _BASE_CLASSES}
+COMPRESSED_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    base: _compressed_classes(base) for base in _BASE_CLASSES
+}
 for _config_cls, _model_cls in COMPRESSED_CLASSES.values():
     AutoConfig.register(_config_cls.model_type, _config_cls)
     AutoModelForCausalLM.register(_config_cls, _model_cls)

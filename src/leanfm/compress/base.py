@@ -1,0 +1,168 @@
+"""What every compressor shares: the report, the layer-wise driver and its config, the architecture check.
+
+Why here: MoDeGPT, the training-free baselines (wanda-sp, svd-llm) and DISP-LLM all return the same
+:class:`CompressionReport` and refuse the same architectures; the three training-free methods also share one
+driver (:func:`compress`) and differ only in the ``block_fn`` that rewrites one block. Keeping these out of
+any one method's module lets each method import them without importing another method.
+
+The driver: calibration activations enter block 0; for each block in turn its statistics are collected
+(:mod:`leanfm.compress.engine`), ``block_fn`` rewrites it at keep fraction ``1 - φ_i``, and the *compressed*
+block's outputs feed the next block. ``φ_i`` is the per-layer sparsity: ``φ`` everywhere
+(``allocation="uniform"``) or MoDeGPT's global rule (section 3.4), ``φ_i = L φ softmax(-s/ε)_i`` from the
+layer importance ``s_i = 1 - cos(in, out)``, capped at ``max_sparsity`` with the excess redistributed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanfm.compress.engine import (
+    BlockStats,
+    block_parameter_count,
+    capture_block_inputs,
+    collect_stats,
+    layer_importance,
+    run_block,
+)
+from leanfm.config import MethodConfig, check_at_least, option
+from leanfm.data.calibration import calibration_windows
+from leanfm.errors import LeanfmError
+from leanfm.eval.harness import count_parameters
+from leanfm.eval.speed import peak_rss_mb
+from leanfm.models.adapters import get_adapter
+from leanfm.models.compressed import COMPRESSED_CLASSES, LayerSpec, finalize
+from leanfm.progress import progress
+
+ALLOCATIONS = ("global", "uniform")
+RATIO_HELP = "fraction of block parameters to remove, 0 < R < 1"
+# block_fn(model, index, stats, keep) rewrites block ``index`` in place to keep fraction ``keep``; returns its spec
+BlockFn = Callable[[nn.Module, int, BlockStats, float], LayerSpec]
+
+
+def check_ratio(ratio: float) -> None:
+    """One-line error unless ``0 < ratio < 1`` (the fraction of block parameters removed)."""
+    if not 0 < ratio < 1:
+        raise LeanfmError(f"ratio {ratio} is out of range; accepted: 0 < ratio < 1")
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Fail early when ``model`` cannot be compressed (e.g. an encoder such as bert)."""
+    model_type = get_adapter(model).model_type
+    if model_type not in COMPRESSED_CLASSES:
+        raise LeanfmError(
+            f"unsupported architecture '{model_type}' for compression; supported: {', '.join(COMPRESSED_CLASSES)}"
+        )
+
+
+@dataclass
+class CompressionReport:
+    """What ``leanfm compress`` reports (``--json``)."""
+
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    block_params_before: int
+    block_params_after: int
+    achieved_ratio: float
+    layer_sparsity: list[float]
+    seconds: float
+    peak_rss_mb: float
+    calibration: dict[str, Any]
+    training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class LayerwiseConfig(MethodConfig):
+    """Settings every layer-wise (training-free) compressor shares; ``ratio`` has no default on purpose."""
+
+    ratio: float = option(help=RATIO_HELP)
+    allocation: str = option("global", "per-layer sparsity rule", choices=ALLOCATIONS)
+    # softmax temperature of the global allocation (METHODS.md: 0.05-0.15, unsure)
+    epsilon: float = option(0.1, "softmax temperature of the global allocation")
+    max_sparsity: float = option(0.8, "no layer loses more than this (the excess goes to the others)", cli=False)
+    calib_samples: int = option(32, "calibration windows")
+    calib_seqlen: int = option(512, "tokens per window")
+    batch_size: int = option(4, "calibration windows per forward pass", cli=False)
+    seed: int = option(0, "seed of the calibration windows", cli=False)
+
+    def validate(self) -> None:
+        super().validate()
+        check_ratio(self.ratio)
+        if not 0 < self.max_sparsity <= 1 or self.epsilon <= 0:
+            raise LeanfmError(f"max_sparsity {self.max_sparsity}, epsilon {self.epsilon}: "
+                              "accepted 0 < max_sparsity <= 1, epsilon > 0")
+        check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size")
+
+
+def allocate_sparsity(importance: torch.Tensor, ratio: float, epsilon: float, cap: float) -> torch.Tensor:
+    """Per-layer sparsity φ_i = L φ softmax(-s/ε)_i, capped at ``cap`` with the excess redistributed."""
+    n = importance.numel()
+    phi = n * ratio * torch.softmax(-importance.double() / epsilon, dim=0)
+    for _ in range(n):
+        over = phi > cap
+        if not over.any():
+            break
+        excess = float((phi[over] - cap).sum())
+        phi[over] = cap
+        free = phi < cap
+        phi[free] += excess * phi[free] / phi[free].sum()
+    return phi.float()
+
+
+def layer_sparsity(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig) -> torch.Tensor:
+    """φ_i for every block under ``config.allocation`` (see the module docstring)."""
+    if config.allocation == "global":
+        importance = layer_importance(model, calib, config.batch_size)
+        return allocate_sparsity(importance, config.ratio, config.epsilon, config.max_sparsity)
+    return torch.full((len(get_adapter(model).blocks(model)),), config.ratio)
+
+
+@torch.no_grad()
+def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, method: str,
+             block_fn: BlockFn) -> CompressionReport:
+    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``."""
+    start = time.perf_counter()
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    params_before, block_before = count_parameters(model), block_parameter_count(model)
+    sparsity = layer_sparsity(model, calib, config)
+    inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
+    specs = []
+    for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
+        stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
+        specs.append(block_fn(model, index, stats, 1.0 - float(sparsity[index])))
+        inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
+        del stats
+    finalize(model, specs, {"method": method, **config.to_dict()})
+    block_after = block_parameter_count(model)
+    return CompressionReport(
+        method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
+        block_params_before=block_before, block_params_after=block_after,
+        achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
+        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+        calibration={"corpus": "austen", "split": "calib", "samples": int(calib.shape[0]),
+                     "seqlen": int(calib.shape[1]), "seed": config.seed},
+    )
+
+
+def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig, method: str,
+                       block_fn: BlockFn) -> CompressionReport:
+    """Check the architecture, draw the calibration windows and run :func:`compress`.
+
+    Windows come from the ``calib`` split with the config's seed, so every training-free method sees the
+    same data and their results compare.
+    """
+    check_architecture(model)
+    calib = calibration_windows(tokenizer, samples=config.calib_samples, seqlen=config.calib_seqlen, seed=config.seed)
+    return compress(model, calib, config, method, block_fn)
