@@ -78,6 +78,10 @@ class MethodConfig:
         if unknown:
             raise LeanfmError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; "
                               f"accepted: {', '.join(sorted(names))}")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise LeanfmError(f"{cls.__name__} needs {', '.join(missing)}")
         return cls(**data)
 
     def to_json(self) -> str:

