@@ -45,6 +45,7 @@ from leanfm.data.calibration import random_windows, split_token_ids
 from leanfm.errors import LeanfmError
 from leanfm.models.adapters import ArchAdapter, BlockParts, get_adapter
 from leanfm.training import DistributedContext, Runtime, Task, fit
+from leanfm.training.options import check_device_name
 
 log = logging.getLogger(__name__)
 MASK_NAMES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")
@@ -92,6 +93,7 @@ class DispConfig(MethodConfig):
             self.tau = 1.0 if self.sampler == "reinmax" else 0.4
         if self.lr <= 0 or self.lam < 0 or self.tau <= 0:
             raise LeanfmError(f"lr {self.lr}, lambda {self.lam}, tau {self.tau}: accepted lr > 0, lambda >= 0, tau > 0")
+        check_device_name(self.device)
 
 
 # ---------------------------------------------------------------- parameter counting

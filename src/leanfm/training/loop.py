@@ -147,12 +147,21 @@ def fit(task: Task, config: MethodConfig, runtime: Runtime, *, steps: int | None
 
 
 def _place(task: Task, device: torch.device) -> None:
-    """Move every module to ``device`` (``Module.to`` keeps parameter identity: the optimizer stays valid)."""
+    """Move every module to ``device``; the optimizer is pointed at the moved parameters.
+
+    ``Module.to`` keeps a parameter object for some moves (CPU -> CUDA) and makes a new one for others (-> meta,
+    or with ``torch.__future__``'s overwrite flag), so the optimizer the trainer built is remapped either way.
+    """
     for module in task.frozen:
         module.requires_grad_(False)
         module.to(device).eval()
+    moved: dict[int, nn.Parameter] = {}
     for module in task.modules.values():
+        before = list(module.parameters())
         module.to(device).train()
+        moved.update({id(old): new for old, new in zip(before, module.parameters(), strict=True)})
+    for group in task.optimizer.param_groups:
+        group["params"] = [moved.get(id(p), p) for p in group["params"]]
 
 
 def _restore(task: Task, config: MethodConfig, runtime: Runtime, state: dict[str, Any], folder: Path,
@@ -234,16 +243,18 @@ def _fmt(value: Any) -> str:
 def _held_interrupt() -> Iterator[None]:
     """Hold Ctrl-C until the block ends, then raise it: an optimizer update is never cut in half.
 
-    Only the main thread receives signals; elsewhere this is a no-op.
+    Only where Python's own Ctrl-C handler is installed (the main thread; not when SIGINT is ignored, as in a
+    background job, or handled by someone else); elsewhere this is a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if pending:
         raise KeyboardInterrupt
