@@ -172,3 +172,18 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
     _one_line_error(lambda: contract.run(contract.config(**contract.other), tmp_path, True),
                     f"was trained with {key}=")
     assert value != getattr(contract.config(), key)
+
+
+@pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig)])
+def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
+    """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
+    import inspect
+
+    from leanfm.config import get_method
+
+    spec = get_method(name, "train")
+    assert spec.config is config_class and spec.description
+    params = inspect.signature(spec.entry).parameters
+    assert list(params)[:2] == ["config", "out"]
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY and params[k].default is False
+               for k in ("resume", "overwrite"))

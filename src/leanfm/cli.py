@@ -400,11 +400,11 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
     from leanfm.decode import dynamo
 
     if args.dynamo_command == "train":
-        config = dynamo.DynamoTrainConfig(model=args.model, heads=args.heads, steps=args.steps, lr=args.lr,
-                                          batch_size=args.batch_size, seqlen=args.seqlen, init=args.init,
-                                          checkpoint_every=args.checkpoint_every)
+        train_config = dynamo.DynamoTrainConfig(model=args.model, heads=args.heads, steps=args.steps, lr=args.lr,
+                                                batch_size=args.batch_size, seqlen=args.seqlen, init=args.init,
+                                                checkpoint_every=args.checkpoint_every)
         out = Path(args.out)
-        summary = dynamo.train_and_save(config, out, resume=args.resume, overwrite=args.overwrite)
+        summary = dynamo.train_and_save(train_config, out, resume=args.resume, overwrite=args.overwrite)
         final = summary["history"][-1]["losses"] if summary["history"] else []
         _print_table([("out", str(out)), ("steps", str(summary["steps"])), ("seconds", _fmt(summary["seconds"])),
                       ("final head losses", " ".join(f"{x:.3f}" for x in final))])

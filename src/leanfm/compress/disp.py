@@ -333,7 +333,8 @@ class DispTrainer:
             raise LeanfmError("DISP-LLM needs blocks of equal widths (a shared hypernetwork head per mask kind)")
         self.optimizer = torch.optim.AdamW(self.hypernetwork.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
-        self.step, self.history, self.train_seconds = 0, [], 0.0
+        self.step, self.train_seconds = 0, 0.0
+        self.history: list[dict[str, Any]] = []
         self.ids = split_token_ids(self.tokenizer, "austen", self.config.split)
         if self.ids.numel() <= self.config.seqlen:
             raise LeanfmError(f"split '{self.config.split}' is too short for seqlen {self.config.seqlen}")
@@ -345,7 +346,8 @@ class DispTrainer:
         logits = self.hypernetwork()
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         sample = SAMPLER_FUNCTIONS[self.config.sampler]
-        return {n: sample(logits[n] + self.config.offset, self.config.tau, generator) for n in MASK_NAMES}
+        tau = float(self.config.tau)  # type: ignore[arg-type]  # resolved in __post_init__
+        return {n: sample(logits[n] + self.config.offset, tau, generator) for n in MASK_NAMES}
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's share of the global batch of ``step`` (on the CPU; the loop moves it)."""

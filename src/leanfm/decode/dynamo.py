@@ -509,7 +509,7 @@ def train_and_save(config: DynamoTrainConfig, out: Path, *, resume: bool = False
     summary = train_heads(model, tokenizer, config, checkpoint, resume, runtime.context)
     if runtime.context.is_main:
         model.cpu()
-        vocab = base.config.vocab_size
+        vocab = int(model.config.vocab_size)
         ids = split_token_ids(tokenizer, "austen", config.split)
         stats = NgramCounts.build(ids, vocab, packable_order(vocab, config.heads))
         save_dynamo(model, tokenizer, stats, out, {"base": config.model, "train": config.to_dict(),

@@ -90,7 +90,7 @@ class ViTTrainConfig(MethodConfig):
 
 def build_vit(config: ViTTrainConfig) -> ViTForImageClassification:
     """A fresh ViT classifier for 1-channel 28x28 images and 10 classes, seeded."""
-    vit_config = ViTConfig(
+    vit_config = ViTConfig(  # type: ignore[call-arg]  # num_labels goes to PretrainedConfig's **kwargs
         image_size=IMAGE_SIZE, patch_size=config.patch_size, num_channels=1, hidden_size=config.hidden_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, intermediate_size=config.mlp,
         num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -216,7 +216,7 @@ def _load_weights(model: ViTForImageClassification, folder: str) -> None:
 def _stages(config: ViTTrainConfig, metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The whole training history when runs continue one another (``init_from``): earlier stages, then this one."""
     stage = {k: metrics[k] for k in ("steps", "train_seconds", "accuracy")} | {"epochs": config.epochs, "lr": config.lr}
-    earlier = []
+    earlier: list[dict[str, Any]] = []
     if config.init_from and (Path(config.init_from) / "metrics.json").is_file():
         before = read_metrics(Path(config.init_from))
         earlier = before.get("stages") or [{k: before[k] for k in ("steps", "train_seconds", "accuracy")}
