@@ -103,6 +103,7 @@ def _fake_group(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.append(f"set_device {index}"))
     dist = distributed_module.dist
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.append(backend))
@@ -118,7 +119,7 @@ def test_nccl_is_never_chosen_for_cpu_tensors(monkeypatch):
     assert runtime.device == torch.device("cpu") and runtime.context.world_size == 2
     assert chosen == ["gloo", "gloo"]  # CUDA exists, but the tensors are on the CPU
     init_distributed("cuda")
-    assert chosen[-1] == "nccl"
+    assert chosen[-2:] == ["set_device 1", "nccl"]  # this rank's GPU (LOCAL_RANK) first
     assert local_device(torch.device("cuda"), DistributedContext(1, 2)) == torch.device("cuda", 1)  # LOCAL_RANK
 
 

@@ -70,6 +70,8 @@ def init_distributed(device: str | torch.device) -> DistributedContext:
         return DistributedContext()
     if not dist.is_initialized():
         backend = distributed_backend(resolve_device(device))
+        if backend == "nccl":  # one GPU per rank; nccl's own collectives (barrier) use the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
         log.info("joined %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     return DistributedContext(dist.get_rank(), dist.get_world_size())
