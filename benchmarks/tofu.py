@@ -38,15 +38,15 @@ VARIANTS = {  # label -> (method, tofu kwargs)
 def default_vit() -> Path:
     """The benchmark's ViT: 5 epochs at lr 2e-3, then 6 more from those weights at lr 1e-3 (both resumable).
 
-    Equivalent commands: ``leanfm vision train --out A`` then
-    ``leanfm vision train --out B --init-from A --epochs 6 --lr 1e-3``.
+    Equivalent commands: ``leanfm vision train --out A --resume`` then
+    ``leanfm vision train --out B --init-from A --epochs 6 --lr 1e-3 --resume``.
     """
     first = leanfm_home() / "vision" / "fashion-mnist-vit"
     second = leanfm_home() / "vision" / "fashion-mnist-vit-c11"
     if not (first / "metrics.json").is_file():
-        train_vit(first, ViTTrainConfig())
+        train_vit(ViTTrainConfig(), first, resume=True)
     if not (second / "metrics.json").is_file():
-        train_vit(second, ViTTrainConfig(epochs=6, lr=1e-3, init_from=str(first)))
+        train_vit(ViTTrainConfig(epochs=6, lr=1e-3, init_from=str(first)), second, resume=True)
     return second
 
 

@@ -1,7 +1,7 @@
-"""CWCL: loss identities, weights, gradients, 2-process gathered loss, trainer resume, the align CLI.
+"""CWCL: loss identities, weights, gradients, 2-process gathered loss, saved encoders, the align CLI.
 
 The data, encoders and zero-shot metric it uses have their own tests (test_speech, test_shapes, test_encoders,
-test_zero_shot).
+test_zero_shot); the align trainer's exact resume and resume errors are checked in test_contract.py.
 """
 
 import json
@@ -16,7 +16,6 @@ from torch import nn
 
 from leanfm.align.cwcl import ContrastiveLoss, clip_loss, cwcl_loss, intra_modal_weights
 from leanfm.align.pipeline import load_encoder, save_encoder
-from leanfm.align.trainer import AlignConfig, train_aligned
 from leanfm.cli import main
 from leanfm.errors import LeanfmError
 from leanfm.models.encoders import SpeechEncoder
@@ -114,41 +113,6 @@ def test_gathered_loss_on_two_gloo_ranks_equals_one_process():
     assert loss == pytest.approx(float(single.detach()), rel=1e-6)
     torch.testing.assert_close(grad, layer.weight.grad, atol=1e-6, rtol=1e-5)
     assert scale_grad == pytest.approx(float(loss_fn.log_scale.grad), rel=1e-5)
-
-
-def test_align_trainer_resume_is_exact(tmp_path, monkeypatch):
-    targets = _unit(32, d=8, seed=6)
-    inputs = torch.randn(32, 5, generator=torch.Generator().manual_seed(7))
-
-    def encoder():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.2), nn.Linear(16, 8))
-
-    def encode(enc, rows):
-        return enc(inputs[rows])
-
-    config = AlignConfig(steps=6, batch_size=8, warmup=2, checkpoint_every=2)
-    torch.manual_seed(11)
-    straight = encoder()
-    done = train_aligned(straight, encode, targets, config, tmp_path / "a")
-    assert done["history"][-1]["loss"] < done["history"][0]["loss"] * 1.5
-
-    calls = []
-
-    def interrupting(enc, rows):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return encode(enc, rows)
-
-    torch.manual_seed(11)
-    with pytest.raises(KeyboardInterrupt):
-        train_aligned(encoder(), interrupting, targets, config, tmp_path / "b")
-    resumed = encoder()
-    again = train_aligned(resumed, encode, targets, config, tmp_path / "b", resume=True)
-    assert again["history"] == done["history"]
-    assert all(torch.equal(x, y) for x, y in zip(resumed.state_dict().values(), straight.state_dict().values(),
-                                                  strict=True))
 
 
 def test_saved_encoder_reloads_including_folders_written_before_the_move(tmp_path):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
@@ -173,57 +175,69 @@ def test_fashion_mnist_reader():
         fashion_mnist("validation")
 
 
-def test_train_resume_and_bench_cli(tmp_path, capsys, monkeypatch):
+TINY_VIT = {"hidden_size": 32, "heads": 2, "mlp": 64, "layers": 2, "epochs": 1, "batch_size": 32, "train_limit": 192,
+            "eval_limit": 64, "checkpoint_every": 3, "warmup_steps": 2, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tmp_path_factory):
+    """A tiny ViT trained once for this module (6 steps; accuracy on 64 test images). Exact resume: test_contract."""
+    from leanfm.vision.train import ViTTrainConfig, train_vit
+
+    out = tmp_path_factory.mktemp("vit") / "a"
+    return out, train_vit(ViTTrainConfig(**TINY_VIT), out)
+
+
+@pytest.mark.training
+def test_train_writes_model_and_metrics_with_its_checkpoint_beside(trained_vit):
+    import json
+
+    from leanfm.training import STATE_FILE, checkpoint_path
+
+    out, metrics = trained_vit
+    assert metrics["steps"] == 6 and metrics["images"] == 64 and len(metrics["history"]) == 6
+    assert 0 <= metrics["accuracy"] <= 1 and all(math.isfinite(h["loss"]) for h in metrics["history"])
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert (out / "model" / "config.json").is_file() and not (out / "checkpoint").exists()
+    assert (checkpoint_path(out) / STATE_FILE).is_file()
+
+
+def test_bench_cli_on_a_saved_vit(tmp_path, capsys):
     import json
 
     from leanfm.cli import main
-    from leanfm.vision.train import ViTTrainConfig, load_vit, train_vit
 
-    config = ViTTrainConfig(hidden_size=32, heads=2, mlp=64, layers=2, epochs=1, batch_size=32, train_limit=192,
-                            checkpoint_every=3, warmup_steps=2)
-    first = train_vit(tmp_path / "a", config)
-    assert (tmp_path / "a" / "checkpoint" / "state.pt").is_file() and first["steps"] == 6
-
-    import leanfm.vision.train as train_module
-
-    original_lr = train_module._lr_at
-
-    def interrupt_at_step_4(step, total, cfg):
-        if step == 4:
-            raise KeyboardInterrupt  # Ctrl-C after the step-3 checkpoint
-        return original_lr(step, total, cfg)
-
-    monkeypatch.setattr(train_module, "_lr_at", interrupt_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_vit(tmp_path / "b", config)
-    monkeypatch.undo()
-    assert not (tmp_path / "b" / "model").exists()
-    resumed = train_vit(tmp_path / "b", config)  # continues from step 3
-    assert resumed["accuracy"] == first["accuracy"]
-    a = load_vit(tmp_path / "a").state_dict()
-    b = load_vit(tmp_path / "b").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    code = main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tofu", "--r", "8", "--limit", "64",
+    out = tmp_path / "vit"
+    tiny_vit().save_pretrained(out / "model")  # bench needs a saved classifier, not a trained one
+    code = main(["--quiet", "vision", "bench", str(out), "--method", "tofu", "--r", "8", "--limit", "64",
                  "--json", "-"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["method"] == "tofu" and result["images"] == 64 and 0 <= result["accuracy"] <= 1
-    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tome", "--r", "-3"]) == 2
+    assert main(["--quiet", "vision", "bench", str(out), "--method", "tome", "--r", "-3"]) == 2
     assert "negative" in capsys.readouterr().err
-    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tofu", "--prune-layers", "x"]) == 2
-    assert "--prune-layers 'x' is invalid" in capsys.readouterr().err
-    assert main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "fast"]) == 2
+    assert main(["--quiet", "vision", "bench", str(out), "--method", "tofu", "--prune-layers", "x"]) == 2
+    assert "prune_layers 'x' is invalid" in capsys.readouterr().err
+    assert main(["--quiet", "vision", "bench", str(out), "--method", "fast"]) == 2
     assert "unknown method 'fast'; accepted: none, tome, tofu" in capsys.readouterr().err
-    code = main(["--quiet", "vision", "bench", str(tmp_path / "a"), "--method", "tome", "--r", "8", "--r-inflect", "-1",
+    code = main(["--quiet", "vision", "bench", str(out), "--method", "tome", "--r", "8", "--r-inflect", "-1",
                  "--limit", "64", "--json", "-"])
-    assert code == 0 and json.loads(capsys.readouterr().out)["r"] == [8, -1.0]  # the (r, inflect) schedule
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and (result["r"], result["r_inflect"]) == (8, -1.0)  # ToMe's (r, inflect) schedule
 
+
+@pytest.mark.training
+def test_init_from_continues_a_trained_vit_and_records_every_stage(trained_vit, tmp_path):
     from dataclasses import replace
 
-    continued = train_vit(tmp_path / "c", replace(config, init_from=str(tmp_path / "a")))
+    from leanfm.vision.train import ViTTrainConfig, train_vit
+
+    out, first = trained_vit
+    config = ViTTrainConfig(**TINY_VIT)
+    continued = train_vit(replace(config, init_from=str(out)), tmp_path / "c")
     assert [s["steps"] for s in continued["stages"]] == [6, 6]  # the whole history is recorded
     assert continued["stages"][0]["accuracy"] == first["accuracy"]
     with pytest.raises(LeanfmError, match="different architecture"):
-        train_vit(tmp_path / "d", replace(config, layers=3, init_from=str(tmp_path / "a")))
+        train_vit(replace(config, layers=3, init_from=str(out)), tmp_path / "d")
 
 
 def test_patch_configs_parse_r_and_refuse_bad_settings():
@@ -266,3 +280,34 @@ def test_registered_patches_match_apply_patch_and_undo(name, settings):
         assert not torch.allclose(patched, dense)
         spec.undo(model)
         assert torch.equal(model(pixel_values=x).logits, dense)
+
+
+
+def test_vision_train_refuses_an_unrelated_folder_and_old_checkpoints(tmp_path, capsys):
+    from leanfm.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"not ours")
+    assert main(["--quiet", "vision", "train", "--out", str(photos), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists and is not empty; pass --overwrite" in err and len(err.splitlines()) == 1
+    assert (photos / "holiday.jpg").read_bytes() == b"not ours"
+    old = tmp_path / "old"
+    (old / "checkpoint").mkdir(parents=True)
+    (old / "checkpoint" / "state.pt").write_bytes(b"")  # the layout before the one training loop
+    assert main(["--quiet", "vision", "train", "--out", str(old), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint of an older leanfm ViT trainer" in err and "old.training" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("setting", "message"), [({"hidden_size": 30}, "hidden_size 30 is not divisible by heads 4"),
+                                                  ({"patch_size": 3}, "patch_size 3 does not divide"),
+                                                  ({"eval_limit": 0}, "eval_limit 0 is invalid"),
+                                                  ({"dataset": "cifar"}, "unknown dataset 'cifar'")])
+def test_bad_vit_settings_are_one_line_errors(setting, message):
+    from leanfm.vision.train import ViTTrainConfig
+
+    with pytest.raises(LeanfmError, match=message):
+        ViTTrainConfig(**setting)

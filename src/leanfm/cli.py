@@ -187,11 +187,12 @@ def _add_vision(sub: Any) -> None:
     vsub = p.add_subparsers(dest="vision_command", parser_class=_Parser, required=True)
     t = vsub.add_parser("train", help="train a small ViT on Fashion-MNIST (196 tokens per image)")
     t.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
-    t.add_argument("--out", required=True, help="output folder (model/, metrics.json, checkpoint/)")
+    t.add_argument("--out", required=True, help="output folder (model/, metrics.json; checkpoint in OUT.training)")
     t.add_argument("--epochs", type=_positive_int, default=5)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine)")
     t.add_argument("--init-from", default=None, help="continue from a trained ViT folder with a fresh schedule")
-    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the training checkpoint (OUT.training)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and its checkpoint")
     b = vsub.add_parser("bench", help="test accuracy and images/s with a token-reduction method")
     b.add_argument("model", help="folder written by 'leanfm vision train'")
     b.add_argument("--method", default="none", help="none (default), tome or tofu")
@@ -308,29 +309,6 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_checkpoint(out: Path, args: argparse.Namespace) -> Path:
-    """The training checkpoint beside ``out`` (or ``--checkpoint``); never silently restarted or continued."""
-    checkpoint = Path(getattr(args, "checkpoint", None) or out.with_name(out.name + ".training"))
-    if checkpoint.exists() and not args.resume and not args.overwrite:
-        raise LeanfmError(f"training checkpoint '{checkpoint}' exists; pass --resume to continue it "
-                          "or --overwrite to start over")
-    return checkpoint
-
-
-def _discard_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
-    """``--overwrite`` without ``--resume``: start over."""
-    import shutil
-
-    if checkpoint.exists() and not args.resume:
-        shutil.rmtree(checkpoint)
-
-
-def _interrupted(checkpoint: Path) -> int:
-    print(f"leanfm: interrupted; training checkpoint saved in '{checkpoint}' (continue with --resume)",
-          file=sys.stderr)
-    return 130
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     import leanfm
     from leanfm.compress.api import compress_model, save_compressed
@@ -361,23 +339,18 @@ def _compress_disp(args: argparse.Namespace, out: Path, dtype: Any) -> int:
     import leanfm
     from leanfm.compress.api import save_compressed
     from leanfm.compress.disp import DispConfig, compress_disp
-    from leanfm.training import init_distributed
+    from leanfm.training import init_distributed, prepare_run
 
     config = DispConfig(
         ratio=args.ratio, steps=args.steps, lr=args.lr, lam=args.lam, sampler=args.sampler, tau=args.tau,
         batch_size=args.batch_size,
         seqlen=args.seqlen, checkpoint_every=args.checkpoint_every, autocast=not args.no_autocast,
     )
-    checkpoint = _training_checkpoint(out, args)
-    context = init_distributed()
-    if context.is_main:
-        _discard_checkpoint(checkpoint, args)
-    context.barrier()
+    context = init_distributed(config.device)
+    checkpoint = prepare_run(out, resume=args.resume, overwrite=args.overwrite, checkpoint=args.checkpoint,
+                             context=context)
     model, tokenizer = leanfm.load_model(args.model)
-    try:
-        report = compress_disp(model, tokenizer, config, checkpoint, resume=args.resume, context=context)
-    except KeyboardInterrupt:
-        return _interrupted(checkpoint) if context.is_main else 130
+    report = compress_disp(model, tokenizer, config, checkpoint, resume=args.resume, context=context)
     if context.is_main:
         save_compressed(model.to(dtype), tokenizer, out, report, overwrite=args.overwrite)
         _print_compression(args, out, report)
@@ -397,8 +370,8 @@ def cmd_vision(args: argparse.Namespace) -> int:
     if args.vision_command == "train":
         from leanfm.vision.train import ViTTrainConfig, train_vit
 
-        config = ViTTrainConfig(epochs=args.epochs, lr=args.lr, init_from=args.init_from)
-        metrics = train_vit(Path(args.out), config, resume=not args.no_resume)
+        config = ViTTrainConfig(dataset=args.dataset, epochs=args.epochs, lr=args.lr, init_from=args.init_from)
+        metrics = train_vit(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
         _print_table([(k, _fmt(metrics[k])) for k in ("accuracy", "images_per_s", "steps", "train_seconds")])
         return 0
     from leanfm.paths import check_writable_file
@@ -420,19 +393,13 @@ def cmd_vision(args: argparse.Namespace) -> int:
 
 def cmd_dynamo(args: argparse.Namespace) -> int:
     from leanfm.decode import dynamo
-    from leanfm.paths import check_output_dir
 
     if args.dynamo_command == "train":
-        config = dynamo.DynamoTrainConfig(heads=args.heads, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                          seqlen=args.seqlen, init=args.init, checkpoint_every=args.checkpoint_every)
+        train_config = dynamo.DynamoTrainConfig(model=args.model, heads=args.heads, steps=args.steps, lr=args.lr,
+                                                batch_size=args.batch_size, seqlen=args.seqlen, init=args.init,
+                                                checkpoint_every=args.checkpoint_every)
         out = Path(args.out)
-        check_output_dir(out, args.overwrite)
-        checkpoint = _training_checkpoint(out, args)
-        _discard_checkpoint(checkpoint, args)
-        try:
-            summary = dynamo.train_and_save(args.model, out, config, checkpoint, resume=args.resume)
-        except KeyboardInterrupt:
-            return _interrupted(checkpoint)
+        summary = dynamo.train_and_save(train_config, out, resume=args.resume, overwrite=args.overwrite)
         final = summary["history"][-1]["losses"] if summary["history"] else []
         _print_table([("out", str(out)), ("steps", str(summary["steps"])), ("seconds", _fmt(summary["seconds"])),
                       ("final head losses", " ".join(f"{x:.3f}" for x in final))])
@@ -461,7 +428,8 @@ def cmd_dynamo(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from leanfm.align import pipeline
     from leanfm.align.trainer import AlignConfig
-    from leanfm.paths import check_output_dir, check_writable_file
+    from leanfm.paths import check_writable_file
+    from leanfm.training import init_distributed, prepare_run
 
     if args.json and args.json != "-":
         check_writable_file(args.json)
@@ -475,17 +443,13 @@ def cmd_align(args: argparse.Namespace) -> int:
         if args.align_command == "speech" and args.phrases + args.sentences == 0:
             raise LeanfmError("--phrases 0 and --sentences 0 leave no training speech; accepted: at least one >= 1")
         out = Path(args.out)
-        check_output_dir(out, args.overwrite)
-        checkpoint = _training_checkpoint(out, args)
-        _discard_checkpoint(checkpoint, args)
-        try:
-            if args.align_command == "speech":
-                meta = pipeline.align_speech(out, args.frozen, config, args.sentences, args.renditions, args.resume,
-                                             checkpoint, phrases=args.phrases)
-            else:
-                meta = pipeline.align_image(out, args.frozen, config, args.per_combo, args.resume, checkpoint)
-        except KeyboardInterrupt:
-            return _interrupted(checkpoint)
+        context = init_distributed(config.device)
+        checkpoint = prepare_run(out, resume=args.resume, overwrite=args.overwrite, context=context)
+        if args.align_command == "speech":
+            meta = pipeline.align_speech(out, args.frozen, config, args.sentences, args.renditions, args.resume,
+                                         checkpoint, context, phrases=args.phrases)
+        else:
+            meta = pipeline.align_image(out, args.frozen, config, args.per_combo, args.resume, checkpoint, context)
         metrics = meta["metrics"]
     if metrics and args.json != "-":
         _print_table([(k, _fmt(v)) for k, v in metrics.items()])
@@ -536,8 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeanfmError as err:
         print(f"leanfm: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("leanfm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        checkpoint = getattr(err, "checkpoint", None)  # leanfm.training.TrainingInterrupted saved one first
+        saved = f"; training checkpoint saved in '{checkpoint}' (continue with --resume)" if checkpoint else ""
+        print(f"leanfm: interrupted{saved}", file=sys.stderr)
         return 130
 
 

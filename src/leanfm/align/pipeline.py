@@ -122,7 +122,7 @@ def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | Non
     Texts equal to an evaluation command or keyword are dropped from training, so the zero-shot sets stay unseen.
     """
     config = config or AlignConfig()
-    context = context or init_distributed()
+    context = context or init_distributed(config.device)
     text_model = text_encoder(frozen)
     speech.espeak_binary()
     if sentences + phrases < 1:
@@ -137,7 +137,7 @@ def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | Non
     targets = embed_texts(text_model, data.labels)
     torch.manual_seed(config.seed)
     encoder = SpeechEncoder()
-    summary = train_aligned(encoder, lambda enc, rows: enc(*data.batch(rows)), targets, config, checkpoint, resume,
+    summary = train_aligned(encoder, data.batch, targets, config, checkpoint, resume,
                             context)
     metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
     meta = {"kind": "speech", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
@@ -154,14 +154,14 @@ def align_image(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None
                 context: DistributedContext | None = None) -> dict[str, Any]:
     """Render captioned shapes (held-out combinations excluded), align a ViT to ``frozen``, evaluate, save."""
     config = config or AlignConfig()
-    context = context or init_distributed()
+    context = context or init_distributed(config.device)
     text_model = text_encoder(frozen)
     train_combos, _ = shapes.split_combinations(config.seed)
     images, captions = shapes.render_set(train_combos, per_combo, seed=config.seed)
     targets = embed_texts(text_model, captions)
     torch.manual_seed(config.seed)
     encoder = ImageEncoder()
-    summary = train_aligned(encoder, lambda enc, rows: enc(images[rows]), targets, config, checkpoint, resume,
+    summary = train_aligned(encoder, lambda rows: images[rows], targets, config, checkpoint, resume,
                             context)
     metrics = evaluate_image(encoder, text_model, config.seed) if context.is_main else {}
     meta = {"kind": "image", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,

@@ -2,18 +2,16 @@
 
 Either tower can be the frozen one: the trainer only sees the trainable encoder and the frozen side's
 embeddings of every training pair, computed once (the frozen tower never changes, so re-running it every step
-would be wasted work). Data parallel under torchrun: each rank encodes its rows of a seeded global batch, the
-loss gathers every rank's rows with gradients (:func:`leanfm.align.cwcl.gather`) and gradients are averaged, so
-N processes take the same steps as one process with the same global batch. Checkpoints are atomic and resume is
-exact (step-seeded batches, dropout RNG saved).
+would be wasted work). The loop is :func:`leanfm.training.fit`: data parallel under torchrun (each rank encodes
+its rows of a seeded global batch, the loss gathers every rank's rows with gradients —
+:func:`leanfm.align.cwcl.gather` — and gradients are averaged, so N processes take the same steps as one
+process), atomic checkpoints and exact resume (step-seeded batches, the dropout RNG saved).
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,103 +19,77 @@ import torch
 from torch import nn
 
 from leanfm.align.cwcl import LOSSES, ContrastiveLoss
+from leanfm.config import MethodConfig, check_at_least, option
 from leanfm.errors import LeanfmError
-from leanfm.progress import progress
-from leanfm.training import (
-    DistributedContext,
-    average_gradients,
-    load_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
-
-log = logging.getLogger(__name__)
+from leanfm.training import DistributedContext, Runtime, Task, fit, warmup_cosine_lr
+from leanfm.training.options import DEVICE_HELP, check_device_name
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(MethodConfig):
     """Optimisation settings shared by the speech and image alignments."""
 
-    loss: str = "cwcl"
-    other: str = "cwcl"  # the frozen->trainable direction of CWCL: cwcl or clip (METHODS.md: unsure)
-    weight_power: float = 1.0  # CWCL weights ** power (1 = the paper's; see align/cwcl.py)
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup: int = 100
-    tau: float = 0.07
-    seed: int = 0
-    checkpoint_every: int = 250
+    loss: str = option("cwcl", "cwcl or clip (the baseline)", choices=LOSSES)
+    other: str = option("cwcl", "CWCL's frozen->trainable direction: cwcl or clip (METHODS.md: unsure)",
+                        choices=LOSSES)
+    weight_power: float = option(1.0, "raise CWCL's weights to this power (1 = the paper's; >1 sharpens, "
+                                      "see BENCHMARKS.md)")
+    steps: int = option(1500, "training steps")
+    batch_size: int = option(128, "global batch of training pairs, split across ranks")
+    lr: float = option(1e-3, "peak learning rate (warm-up, then cosine)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    warmup: int = option(100, "warm-up steps")
+    tau: float = option(0.07, "initial temperature of the contrastive loss (learned)")
+    seed: int = option(0, "seed of the batches (and of the data the pipelines build)")
+    checkpoint_every: int = option(250, "steps between training checkpoints")
+    device: str = option("auto", DEVICE_HELP)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.loss not in LOSSES or self.other not in LOSSES:
             raise LeanfmError(f"unknown loss '{self.loss}'/'{self.other}'; accepted: {', '.join(LOSSES)}")
         if not self.weight_power > 0:
             raise LeanfmError(f"weight power {self.weight_power} is invalid; accepted: a number > 0")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: an integer >= 1")
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every")
+        check_device_name(self.device)
+        super().validate()
 
 
-def train_aligned(encoder: nn.Module, encode: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                  targets: torch.Tensor, config: AlignConfig, checkpoint: Path | None = None, resume: bool = False,
+Inputs = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
+
+
+def train_aligned(encoder: nn.Module, inputs: Inputs, targets: torch.Tensor, config: AlignConfig,
+                  checkpoint: Path | None = None, resume: bool = False,
                   context: DistributedContext | None = None) -> dict[str, Any]:
-    """Train ``encoder`` so that ``encode(encoder, rows)`` matches the frozen embeddings ``targets[rows]``.
+    """Train ``encoder`` so that ``encoder(*inputs(rows))`` matches the frozen embeddings ``targets[rows]``.
 
-    ``encode`` turns a LongTensor of example indices into trainable-tower embeddings ``[len(rows), d]``.
-    Returns steps, seconds and the loss curve.
+    ``inputs`` maps a LongTensor of example indices to the encoder's input tensor(s), on the CPU (the loop moves
+    them to ``config.device``; the encoder returns to its own device afterwards). Returns steps, seconds and the
+    loss curve.
     """
-    context = context or DistributedContext()
+    runtime = Runtime.for_config(config, context)
+    world = runtime.context.world_size
+    if config.batch_size % world:
+        raise LeanfmError(f"batch size {config.batch_size} must be divisible by the {world} processes")
     loss_fn = ContrastiveLoss(config.loss, config.tau, config.other, power=config.weight_power)
     params = list(encoder.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    step, history, seconds = 0, [], 0.0
-    if resume and checkpoint is not None and (state := load_checkpoint(checkpoint)) is not None:
-        if state["config"] != asdict(config) | {"steps": state["config"]["steps"]}:
-            raise LeanfmError(f"checkpoint in '{checkpoint}' was trained with other settings; use the same ones "
-                              "or --overwrite")
-        encoder.load_state_dict(state["encoder"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
-
-    def save() -> None:
-        if checkpoint is not None and context.is_main:
-            save_checkpoint(checkpoint, {"encoder": encoder.state_dict(), "loss": loss_fn.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                         "step": step, "history": history, "seconds": seconds,
-                                         "config": asdict(config)})
-
-    if config.batch_size % context.world_size:
-        raise LeanfmError(f"batch size {config.batch_size} must be divisible by the {context.world_size} processes")
     count = targets.shape[0]
-    encoder.train()
-    try:
-        for _ in progress(range(step, config.steps), desc=f"align {config.loss}", total=config.steps - step):
-            tick = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(step, config.steps, config.warmup)
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            rows = torch.randperm(count, generator=generator)[: config.batch_size]
-            local = context.shard(rows)
-            loss = loss_fn(encode(encoder, local), targets[local])
-            loss.backward()
-            average_gradients(params, context)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds += time.perf_counter() - tick
-            history.append({"step": step, "loss": float(loss.detach()), "tau": float(loss_fn.tau.detach())})
-            if step % 50 == 0:
-                log.info("align step %d loss %.4f tau %.4f", step, history[-1]["loss"], history[-1]["tau"])
-            if step % config.checkpoint_every == 0:
-                save()
-    except KeyboardInterrupt:
-        save()
-        raise
-    save()
-    encoder.eval()
-    return {"steps": step, "seconds": seconds, "history": history}
+
+    def batch(step: int) -> tuple[Any, torch.Tensor]:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        rows = runtime.context.shard(torch.randperm(count, generator=generator)[: config.batch_size])
+        return inputs(rows), targets[rows]
+
+    def loss(_step: int, pair: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, Callable[[], dict[str, float]]]:
+        x, q = pair
+        value = loss_fn(encoder(*x) if isinstance(x, tuple) else encoder(x), q)
+        return value, lambda: {"loss": float(value.detach()), "tau": float(loss_fn.tau.detach())}  # tau: updated
+
+    task = Task(f"align {config.loss}", {"encoder": encoder, "loss": loss_fn}, optimizer, batch, loss,
+                lr=warmup_cosine_lr(config.lr, config.steps, config.warmup), log_every=50)
+    origin = next(encoder.parameters()).device
+    result = fit(task, config, runtime, checkpoint=checkpoint, resume=resume)
+    encoder.to(origin)  # trained on config.device; handed back where it came from (evaluation reads CPU data)
+    return {"steps": result.step, "seconds": result.seconds, "world_size": world, "device": str(runtime.device),
+            "history": result.history}
 

@@ -29,14 +29,12 @@ an uninterrupted run would have taken.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from leanfm.compress.base import RATIO_HELP, CompressionReport, check_architecture, check_ratio
@@ -48,21 +46,12 @@ from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import ArchAdapter, BlockParts, get_adapter
 from leanfm.models.compressed import ChannelLinear, LayerSpec, dense_spec, finalize, restructure_block
-from leanfm.progress import progress
-from leanfm.training import (
-    DistributedContext,
-    average_gradients,
-    init_distributed,
-    load_checkpoint,
-    save_checkpoint,
-)
+from leanfm.training import DistributedContext, Runtime, Task, fit
+from leanfm.training.options import check_device_name
 
 log = logging.getLogger(__name__)
 MASK_NAMES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")
 SAMPLERS = ("reinmax", "gumbel")
-# settings a resumed run must share with its checkpoint (the others, e.g. steps, may change)
-_RESUME_KEYS = ("ratio", "lam", "sampler", "tau", "offset", "lr", "weight_decay", "batch_size", "seqlen", "split",
-                "seed")
 
 
 @dataclass
@@ -112,8 +101,7 @@ class DispConfig(MethodConfig):
         assert self.tau is not None  # resolved in __post_init__
         if self.lr <= 0 or self.lam < 0 or self.tau <= 0:
             raise LeanfmError(f"lr {self.lr}, lambda {self.lam}, tau {self.tau}: accepted lr > 0, lambda >= 0, tau > 0")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # availability is checked when the run starts
-            raise LeanfmError(f"unknown device '{self.device}'; accepted: auto, cpu, cuda, cuda:N")
+        check_device_name(self.device)
 
 
 # ---------------------------------------------------------------- parameter counting
@@ -199,7 +187,7 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, generator: torch.Generator)
 
     ``g = log u - log(1 - u)`` is logistic noise (the difference of two Gumbel samples).
     """
-    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + (soft - soft.detach())  # parenthesised: exactly 0 or 1 forward
@@ -213,7 +201,7 @@ def reinmax(logits: torch.Tensor, tau: float, generator: torch.Generator) -> tor
     ``D + π2 - sg(π2)`` is exactly ``D`` forward. For two classes ``[l, 0]`` softmax is the sigmoid.
     """
     p0 = torch.sigmoid(logits)
-    u = torch.rand(logits.shape, generator=generator)
+    u = torch.rand(logits.shape, generator=generator).to(logits.device)
     hard = (u < p0.detach()).to(logits.dtype)
     p1 = ((hard + torch.sigmoid(logits / tau).detach()) / 2).clamp(1e-6, 1 - 1e-6)
     p1 = torch.sigmoid(torch.logit(p1) + logits - logits.detach())
@@ -330,13 +318,17 @@ def prune_to_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Lay
 
 @dataclass
 class DispTrainer:
-    """Trains the hypernetwork on a frozen model; ``run`` resumes from ``checkpoint`` when asked."""
+    """Trains the hypernetwork on a frozen model with :func:`leanfm.training.fit` (the one training loop).
+
+    The step function is :meth:`loss`: masks sampled for the step, the masked model's CE on the step's batch,
+    plus the parameter regulariser. ``run`` resumes from ``checkpoint`` when asked.
+    """
 
     model: nn.Module
     tokenizer: Any
     config: DispConfig
     checkpoint: Path | None = None
-    context: DistributedContext = field(default_factory=DistributedContext)
+    context: DistributedContext | None = None
 
     def __post_init__(self) -> None:
         adapter = get_adapter(self.model)
@@ -349,92 +341,56 @@ class DispTrainer:
             raise LeanfmError("DISP-LLM needs blocks of equal widths (a shared hypernetwork head per mask kind)")
         self.optimizer = torch.optim.AdamW(self.hypernetwork.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
-        self.step, self.history, self.train_seconds = 0, [], 0.0
+        self.step, self.train_seconds = 0, 0.0
+        self.history: list[dict[str, Any]] = []
         self.ids = split_token_ids(self.tokenizer, "austen", self.config.split)
         if self.ids.numel() <= self.config.seqlen:
             raise LeanfmError(f"split '{self.config.split}' is too short for seqlen {self.config.seqlen}")
-
-    def state(self) -> dict[str, Any]:
-        """Everything a resumed run needs (tensors and plain data only)."""
-        return {"hypernetwork": self.hypernetwork.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "history": self.history, "train_seconds": self.train_seconds,
-                "config": asdict(self.config)}
-
-    def load(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint; settings that shape the loss curve must match."""
-        for key in _RESUME_KEYS:
-            if state["config"][key] != getattr(self.config, key):
-                raise LeanfmError(f"checkpoint was trained with {key}={state['config'][key]!r}, not "
-                                  f"{getattr(self.config, key)!r}; use the same setting or --overwrite")
-        self.hypernetwork.load_state_dict(state["hypernetwork"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history, self.train_seconds = state["step"], state["history"], state["train_seconds"]
-
-    def save(self) -> None:
-        """Write the checkpoint (main rank only)."""
-        if self.checkpoint is not None and self.context.is_main:
-            save_checkpoint(self.checkpoint, self.state())
+        self.runtime = Runtime.for_config(self.config, self.context)
+        self.hooks: ChannelMasks | None = None
 
     def sample_masks(self, step: int) -> dict[str, torch.Tensor]:
         """Masks for ``step``: same noise on every rank and after a resume."""
         logits = self.hypernetwork()
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         sample = SAMPLER_FUNCTIONS[self.config.sampler]
-        return {n: sample(logits[n] + self.config.offset, self.config.tau, generator) for n in MASK_NAMES}
+        tau = float(self.config.tau)  # type: ignore[arg-type]  # resolved in __post_init__
+        return {n: sample(logits[n] + self.config.offset, tau, generator) for n in MASK_NAMES}
 
     def batch(self, step: int) -> torch.Tensor:
-        """This rank's share of the global batch of ``step``."""
+        """This rank's share of the global batch of ``step`` (on the CPU; the loop moves it)."""
         windows = random_windows(self.ids, self.config.batch_size, self.config.seqlen,
                                  self.config.seed * 1_000_003 + 7919 * (step + 1))
-        return self.context.shard(windows)
+        return self.runtime.context.shard(windows)
 
-    def train_step(self, hooks: ChannelMasks) -> dict[str, float]:
-        """One optimisation step; returns the logged values (averaged over ranks)."""
-        masks = self.sample_masks(self.step)
-        hooks.masks = masks
-        ids = self.batch(self.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.autocast):
+    def loss(self, step: int, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``CE(masked model) + λ |log(P(masks) / target)|`` for ``step``; the record's CE is averaged over ranks."""
+        if self.hooks is None:
+            raise RuntimeError("DispTrainer.loss runs inside DispTrainer.run (the mask hooks are not attached)")
+        masks = self.sample_masks(step)
+        self.hooks.masks = masks
+        with self.runtime.autocast():
             ce = self.model(input_ids=ids, labels=ids, use_cache=False).loss.float()
         kept = masks_count(self.shapes, masks)
         regulariser = self.config.lam * torch.log(kept / self.target).abs()
-        loss = ce + regulariser.float()
-        loss.backward()
-        average_gradients(self.hypernetwork.parameters(), self.context)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        ce_value = ce.detach().clone()
-        if self.context.distributed:
-            dist.all_reduce(ce_value)
-            ce_value /= self.context.world_size
-        return {"step": self.step + 1, "ce": float(ce_value), "regulariser": float(regulariser.detach()),
-                "ratio": 1 - float(kept.detach()) / self.block_params}
+        record = {"ce": float(self.runtime.context.mean(ce)), "regulariser": float(regulariser.detach()),
+                  "ratio": 1 - float(kept.detach()) / self.block_params}
+        return ce + regulariser.float(), record
+
+    def task(self) -> Task:
+        """The hypernetwork's part of the training loop (the model itself is frozen)."""
+        return Task("disp", {"hypernetwork": self.hypernetwork}, self.optimizer, self.batch, self.loss,
+                    frozen=(self.model,))
 
     def run(self, resume: bool = False) -> list[dict[str, float]]:
         """Train up to ``config.steps``; checkpoints every ``checkpoint_every`` steps and on Ctrl-C."""
-        if resume and self.checkpoint is not None and (state := load_checkpoint(self.checkpoint)) is not None:
-            self.load(state)
-            log.info("resuming DISP-LLM training at step %d of %d", self.step, self.config.steps)
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        self.model.train(False)
-        hooks = ChannelMasks(self.model)
-        bar = progress(range(self.step, self.config.steps), desc="disp", total=self.config.steps - self.step)
+        self.hooks = ChannelMasks(self.model)
         try:
-            for _ in bar:
-                tick = time.perf_counter()
-                record = self.train_step(hooks)
-                self.step += 1
-                self.train_seconds += time.perf_counter() - tick
-                self.history.append(record)
-                log.info("disp step %d ce %.4f ratio %.4f", record["step"], record["ce"], record["ratio"])
-                if self.step % self.config.checkpoint_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
+            result = fit(self.task(), self.config, self.runtime, checkpoint=self.checkpoint, resume=resume)
         finally:
-            hooks.remove()
-        self.save()
+            self.hooks.remove()
+            self.hooks = None
+        self.step, self.history, self.train_seconds = result.step, result.history, result.seconds
         return self.history
 
     @torch.no_grad()
@@ -448,18 +404,19 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
                   resume: bool = False, context: DistributedContext | None = None) -> CompressionReport:
     """Train the hypernetwork (resumable, data-parallel under torchrun), then prune ``model`` in place.
 
+    ``checkpoint``/``resume`` follow :func:`leanfm.training.prepare_run`'s rule (the caller applies it first).
     Called as the ``compress`` family's entry point (``model, tokenizer, config``) it trains from scratch in
     one process without a checkpoint; the CLI passes ``checkpoint``, ``resume`` and the torchrun ``context``.
     """
     check_architecture(model)
     start = time.perf_counter()
-    context = context or init_distributed()
     params_before, block_before = count_parameters(model), block_parameter_count(model)
     per_block_before = [sum(p.numel() for p in b.parameters()) for b in get_adapter(model).blocks(model)]
+    origin = next(model.parameters()).device
     trainer = DispTrainer(model, tokenizer, config, checkpoint, context)
     history = trainer.run(resume=resume)
-    masks = trainer.final_masks()
-    specs = prune_to_masks(model, masks)
+    masks = {name: mask.to(origin) for name, mask in trainer.final_masks().items()}
+    specs = prune_to_masks(model.to(origin), masks)  # training ran on config.device; pruning where it came from
     finalize(model, specs, {"method": "disp", **config.to_dict()})
     per_block_after = [sum(p.numel() for p in b.parameters()) for b in get_adapter(model).blocks(model)]
     block_after = block_parameter_count(model)
@@ -471,7 +428,8 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
         calibration={"corpus": "austen", "split": config.split, "samples": config.steps * config.batch_size,
                      "seqlen": config.seqlen, "seed": config.seed},
-        training={"steps": trainer.step, "world_size": context.world_size, "train_seconds": trainer.train_seconds,
+        training={"steps": trainer.step, "world_size": trainer.runtime.context.world_size,
+                  "device": str(trainer.runtime.device), "train_seconds": trainer.train_seconds,
                   "tokens_seen": trainer.step * config.batch_size * config.seqlen, "history": history},
     )
 

@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,16 @@ from safetensors.torch import load_file, save
 from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
 
+from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.calibration import random_windows, split_token_ids
 from leanfm.decode.ngrams import NgramCounts
 from leanfm.errors import LeanfmError
 from leanfm.eval.perplexity import summed_nll
+from leanfm.models import load_model
 from leanfm.models.adapters import get_adapter
 from leanfm.paths import atomic_directory, atomic_write_bytes
-from leanfm.progress import progress
-from leanfm.training import load_checkpoint, save_checkpoint, warmup_cosine
+from leanfm.training import DistributedContext, Runtime, Task, fit, prepare_run, warmup_cosine_lr
+from leanfm.training.options import DEVICE_HELP, check_device_name
 
 log = logging.getLogger(__name__)
 HEADS_FILE, STATS_FILE, META_FILE = "dynamo_heads.safetensors", "cooccurrence.safetensors", "dynamo.json"
@@ -149,8 +151,6 @@ class DynamoModel(nn.Module):
 
 def load(folder: str | Path, dtype: str = "float32") -> tuple[DynamoModel, Any, NgramCounts | None]:
     """Load a folder written by :func:`save_dynamo`: (model with heads, tokenizer, co-occurrence counts)."""
-    from leanfm.models import load_model
-
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise LeanfmError(f"'{folder}' has no DynaMo heads ({META_FILE} missing); train them with 'leanfm dynamo "
@@ -403,31 +403,33 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
 
 
 @dataclass
-class DynamoTrainConfig:
-    """Head training settings (the base model stays frozen)."""
+class DynamoTrainConfig(MethodConfig):
+    """Head training settings (the base model stays frozen); ``model`` is the base the heads are trained on."""
 
-    heads: int = 3
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 4
-    seqlen: int = 256
-    init: str = "copy"
-    split: str = "train"
-    seed: int = 0
-    checkpoint_every: int = 50
-    autocast: bool = True
+    model: str = option("smollm2-135m", "base model: registered name, checkpoint folder or hub id", cli=False)
+    heads: int = option(3, "total heads incl. the base model's")
+    steps: int = option(300, "training steps")
+    lr: float = option(1e-3, "learning rate of the new heads (warm-up over 1% of the steps, then cosine)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    batch_size: int = option(4, "global batch of training windows, split across ranks")
+    seqlen: int = option(256, "tokens per training window")
+    init: str = option("copy", "new layers start as a copy of the last block (copy) or random", choices=INITS)
+    split: str = option("train", "Austen split the heads train on (and the n-grams are counted on)")
+    seed: int = option(0, "seed of the batches and of random head weights")
+    checkpoint_every: int = option(50, "steps between training checkpoints")
+    autocast: bool = option(True, "bfloat16 autocast for the forward pass (false: float32)")
+    device: str = option("auto", DEVICE_HELP)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.heads < 2:
             raise LeanfmError(f"heads {self.heads} is too few; accepted: an integer >= 2 (head 1 is the base model)")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: an integer >= 1")
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every")
         if self.seqlen <= self.heads:
             raise LeanfmError(f"seqlen {self.seqlen} is too short for {self.heads} heads")
         if self.init not in INITS:
             raise LeanfmError(f"unknown head init '{self.init}'; accepted: {', '.join(INITS)}")
+        check_device_name(self.device)
+        super().validate()
 
 
 def head_losses(model: DynamoModel, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -440,55 +442,33 @@ def head_losses(model: DynamoModel, ids: torch.Tensor) -> list[torch.Tensor]:
     return losses
 
 
-def train_heads(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, checkpoint: Path | None = None,
-                resume: bool = False) -> dict[str, Any]:
-    """Train the extra heads on the frozen base (resumable); returns steps, seconds and the loss curve."""
-    for param in model.base.parameters():
-        param.requires_grad_(False)
-    params = list(model.heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    step, history, seconds = 0, [], 0.0
-    if resume and checkpoint is not None and (state := load_checkpoint(checkpoint)) is not None:
-        if state["config"] != asdict(config) | {"steps": state["config"]["steps"]}:
-            raise LeanfmError(f"checkpoint in '{checkpoint}' was trained with other settings; use the same ones "
-                              "or --overwrite")
-        model.heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
+def heads_task(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, runtime: Runtime) -> Task:
+    """The heads' part of the training loop: seeded windows of the split, loss ``Σ_j CE_j`` under autocast."""
+    optimizer = torch.optim.AdamW(model.heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ids = split_token_ids(tokenizer, "austen", config.split)
 
-    def save_state() -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, {"heads": model.heads.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "step": step, "history": history, "seconds": seconds,
-                                         "config": asdict(config)})
+    def batch(step: int) -> torch.Tensor:
+        windows = random_windows(ids, config.batch_size, config.seqlen, config.seed * 1_000_003 + 7919 * (step + 1))
+        return runtime.context.shard(windows)
 
-    model.base.eval()
-    model.heads.train()
-    try:
-        for _ in progress(range(step, config.steps), desc="dynamo heads", total=config.steps - step):
-            tick = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(step, config.steps, max(1, round(0.01 * config.steps)))
-            batch = random_windows(ids, config.batch_size, config.seqlen, config.seed * 1_000_003 + 7919 * (step + 1))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
-                losses = head_losses(model, batch)
-            sum(losses).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds += time.perf_counter() - tick
-            history.append({"step": step, "losses": [float(x.detach()) for x in losses]})
-            log.info("dynamo step %d losses %s", step, " ".join(f"{x:.3f}" for x in history[-1]["losses"]))
-            if step % config.checkpoint_every == 0:
-                save_state()
-    except KeyboardInterrupt:
-        save_state()
-        raise
-    save_state()
-    model.heads.eval()
-    return {"steps": step, "seconds": seconds, "tokens_seen": step * config.batch_size * config.seqlen,
-            "history": history}
+    def loss(_step: int, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        with runtime.autocast():
+            losses = head_losses(model, windows)
+        return sum(losses), {"losses": [float(runtime.context.mean(x)) for x in losses]}  # type: ignore[return-value]
+
+    warmup = max(1, round(0.01 * config.steps))
+    return Task("dynamo heads", {"heads": model.heads}, optimizer, batch, loss,
+                lr=warmup_cosine_lr(config.lr, config.steps, warmup), frozen=(model.base,))
+
+
+def train_heads(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, checkpoint: Path | None = None,
+                resume: bool = False, context: DistributedContext | None = None) -> dict[str, Any]:
+    """Train the extra heads on the frozen base with the one training loop; returns steps, seconds, loss curve."""
+    runtime = Runtime.for_config(config, context)
+    result = fit(heads_task(model, tokenizer, config, runtime), config, runtime, checkpoint=checkpoint, resume=resume)
+    return {"steps": result.step, "seconds": result.seconds, "tokens_seen": result.step * config.batch_size
+            * config.seqlen, "world_size": runtime.context.world_size, "device": str(runtime.device),
+            "history": result.history}
 
 
 @torch.no_grad()
@@ -515,16 +495,28 @@ def packable_order(vocab: int, wanted: int) -> int:
     return order
 
 
-def train_and_save(model_name: str, out: Path, config: DynamoTrainConfig, checkpoint: Path | None = None,
-                   resume: bool = False) -> dict[str, Any]:
-    """``leanfm dynamo train``: add heads to ``model_name``, train them, count n-grams, save to ``out``."""
-    from leanfm.models import load_model
+def train_and_save(config: DynamoTrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
+                   context: DistributedContext | None = None) -> dict[str, Any]:
+    """``leanfm dynamo train``: add heads to ``config.model``, train them, count n-grams, save to ``out``.
 
-    base, tokenizer = load_model(model_name)
+    The checkpoint is ``OUT.training`` (:func:`leanfm.training.prepare_run`'s rule). Returns the training summary.
+    """
+    out = Path(out)
+    runtime = Runtime.for_config(config, context)
+    checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=runtime.context)
+    base, tokenizer = load_model(config.model)
     model = DynamoModel(base, config.heads, config.init, config.seed)
-    summary = train_heads(model, tokenizer, config, checkpoint, resume)
-    vocab = base.config.vocab_size
-    ids = split_token_ids(tokenizer, "austen", config.split)
-    stats = NgramCounts.build(ids, vocab, packable_order(vocab, config.heads))
-    save_dynamo(model, tokenizer, stats, out, {"base": model_name, "train": asdict(config), "training": summary})
+    summary = train_heads(model, tokenizer, config, checkpoint, resume, runtime.context)
+    if runtime.context.is_main:
+        model.cpu()
+        vocab = int(model.config.vocab_size)
+        ids = split_token_ids(tokenizer, "austen", config.split)
+        stats = NgramCounts.build(ids, vocab, packable_order(vocab, config.heads))
+        save_dynamo(model, tokenizer, stats, out, {"base": config.model, "train": config.to_dict(),
+                                                   "training": summary})
+    runtime.context.barrier()
     return summary
+
+
+register_method("dynamo", "train", DynamoTrainConfig, train_and_save,
+                description="DynaMo: extra heads for multi-token decoding, trained on a frozen base")

@@ -1,8 +1,9 @@
 """Train a small transformers ViT on Fashion-MNIST (the base model for the token-reduction benchmarks).
 
 Patch size 2 on 28x28 images gives 196 patch tokens + 1 class token, the token count of ImageNet ViTs at
-224/16, so token reduction has the same room to work. Training checkpoints atomically every
-``checkpoint_every`` steps (model, optimizer, schedule position, RNG) and ``resume`` continues from there.
+224/16, so token reduction has the same room to work. Training runs on the one training loop
+(:func:`leanfm.training.fit`): checkpoints in ``OUT.training`` every ``checkpoint_every`` steps and on Ctrl-C
+(model, optimizer, step, RNG and the augmentation generator), ``resume`` continues one exactly.
 """
 
 from __future__ import annotations
@@ -11,24 +12,37 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
+from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.images import fashion_mnist, to_pixel_values
 from leanfm.errors import LeanfmError
-from leanfm.paths import atomic_directory, atomic_write_json
+from leanfm.paths import atomic_directory
 from leanfm.progress import progress
-from leanfm.training import load_checkpoint, save_checkpoint, warmup_cosine
+from leanfm.training import (
+    DistributedContext,
+    Runtime,
+    Task,
+    checkpoint_path,
+    fit,
+    prepare_run,
+    warmup_cosine_lr,
+)
+from leanfm.training.options import DEVICE_HELP, check_device_name
 
 log = logging.getLogger(__name__)
+DATASETS = ("fashion-mnist",)
+IMAGE_SIZE = 28
 
 
 @dataclass
-class ViTTrainConfig:
+class ViTTrainConfig(MethodConfig):
     """Model and optimisation settings.
 
     Measured: the defaults (5 epochs, ~63 min on one CPU thread) reach 81.6% test accuracy; 6 more epochs from
@@ -37,30 +51,47 @@ class ViTTrainConfig:
     BENCHMARKS.md, ToFu section).
     """
 
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    mlp: int = 256
-    patch_size: int = 2  # 14 x 14 = 196 patch tokens, like ViT-B/16 at 224
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 200
-    seed: int = 0
-    checkpoint_every: int = 100
-    train_limit: int | None = None  # use only the first N training images (tests)
-    init_from: str | None = None  # start from a trained model folder (a further run with a fresh schedule)
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("epochs", "checkpoint_every", "device", "eval_limit")
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.hidden_size % self.heads:
-            raise LeanfmError("epochs and batch_size must be >= 1 and hidden_size divisible by heads")
+    dataset: str = option("fashion-mnist", "training and test images", choices=DATASETS)
+    hidden_size: int = option(128, "ViT width")
+    layers: int = option(4, "transformer layers")
+    heads: int = option(4, "attention heads")
+    mlp: int = option(256, "MLP width")
+    patch_size: int = option(2, "patch size in pixels (2: 14 x 14 = 196 patch tokens, like ViT-B/16 at 224)")
+    epochs: int = option(5, "passes over the training images")
+    batch_size: int = option(128, "images per step (global, split across ranks)")
+    lr: float = option(2e-3, "peak learning rate (warm-up, then cosine)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    warmup_steps: int = option(200, "warm-up steps")
+    seed: int = option(0, "seed of the weights, the epoch orders and the augmentation")
+    checkpoint_every: int = option(100, "steps between training checkpoints")
+    train_limit: int | None = option(None, "train on the first N training images only")
+    eval_limit: int | None = option(None, "measure accuracy on the first N test images only (default: all)")
+    init_from: str | None = option(None, "continue from a trained ViT folder with a fresh schedule")
+    autocast: bool = option(True, "bfloat16 autocast for the forward pass (false: float32)")
+    device: str = option("auto", DEVICE_HELP)
+
+    def validate(self) -> None:
+        check_at_least(self, 1, "hidden_size", "layers", "heads", "mlp", "patch_size", "epochs", "batch_size",
+                       "checkpoint_every")
+        if self.hidden_size % self.heads:
+            raise LeanfmError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}; "
+                              "accepted: a multiple of heads")
+        if IMAGE_SIZE % self.patch_size:
+            raise LeanfmError(f"patch_size {self.patch_size} does not divide the {IMAGE_SIZE}-pixel images; "
+                              "accepted: 1, 2, 4, 7, 14 or 28")
+        for name in ("train_limit", "eval_limit"):
+            if getattr(self, name) is not None:
+                check_at_least(self, 1, name)
+        check_device_name(self.device)
+        super().validate()
 
 
 def build_vit(config: ViTTrainConfig) -> ViTForImageClassification:
     """A fresh ViT classifier for 1-channel 28x28 images and 10 classes, seeded."""
-    vit_config = ViTConfig(
-        image_size=28, patch_size=config.patch_size, num_channels=1, hidden_size=config.hidden_size,
+    vit_config = ViTConfig(  # type: ignore[call-arg]  # num_labels goes to PretrainedConfig's **kwargs
+        image_size=IMAGE_SIZE, patch_size=config.patch_size, num_channels=1, hidden_size=config.hidden_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, intermediate_size=config.mlp,
         num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
@@ -79,82 +110,118 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy_and_throughput(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> dict:
-    """Top-1 accuracy and images/s (inference, batches of ``batch_size``) on uint8 ``images``."""
+    """Top-1 accuracy and images/s (inference, batches of ``batch_size``) on uint8 ``images``, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     correct, seconds = 0, 0.0
     for start in progress(range(0, len(images), batch_size), desc="eval", total=math.ceil(len(images) / batch_size)):
-        pixels = to_pixel_values(images[start : start + batch_size])
+        pixels = to_pixel_values(images[start : start + batch_size]).to(device)
         tick = time.perf_counter()
         logits = model(pixel_values=pixels).logits
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds += time.perf_counter() - tick
-        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+        correct += int((logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum())
     return {"accuracy": correct / len(images), "images_per_s": len(images) / seconds, "images": len(images)}
 
 
-def _lr_at(step: int, total: int, config: ViTTrainConfig) -> float:
-    return config.lr * warmup_cosine(step, total, config.warmup_steps)
+def vit_task(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: ViTTrainConfig,
+             runtime: Runtime) -> tuple[Task, int]:
+    """The classifier's part of the training loop, and the total number of steps.
+
+    Each epoch visits the images in a permutation seeded by ``seed + epoch``; the global batch is augmented
+    with the checkpointed generator, then split across ranks.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    orders: dict[int, torch.Tensor] = {}
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in orders:  # a fresh permutation per epoch, the same after a resume
+            orders.clear()
+            orders[epoch] = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed + epoch))
+        rows = orders[epoch][index * config.batch_size : (index + 1) * config.batch_size]
+        pixels = augment(to_pixel_values(images[rows]), generator)
+        return runtime.context.shard(pixels), runtime.context.shard(labels[rows])
+
+    def loss(step: int, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels, target = pair
+        with runtime.autocast():
+            value = nn.functional.cross_entropy(model(pixel_values=pixels).logits.float(), target)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        return value, {"loss": float(runtime.context.mean(value))}
+
+    task = Task("train vit", {"model": model}, optimizer, batch, loss,
+                lr=warmup_cosine_lr(config.lr, total, config.warmup_steps), generators={"augment": generator},
+                log_every=50)
+    return task, total
 
 
-def train_vit(out: Path, config: ViTTrainConfig | None = None, resume: bool = True) -> dict:
-    """Train (or resume) and save ``out/model`` (``save_pretrained``) and ``out/metrics.json``; returns metrics."""
-    config = config or ViTTrainConfig()
+def train_vit(config: ViTTrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+              context: DistributedContext | None = None) -> dict[str, Any]:
+    """``leanfm vision train``: train (or resume) and save ``out/model`` and ``out/metrics.json``; returns metrics.
+
+    The checkpoint is ``OUT.training`` (:func:`leanfm.training.prepare_run`'s rule); ``out`` is written whole,
+    atomically, at the end.
+    """
+    out = Path(out)
+    _refuse_old_checkpoint(out, overwrite)
+    runtime = Runtime.for_config(config, context)
+    checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=runtime.context)
     images, labels = fashion_mnist("train")
     if config.train_limit:
         images, labels = images[: config.train_limit], labels[: config.train_limit]
     model = build_vit(config)
     if config.init_from:
-        trained = load_vit(Path(config.init_from))
-        shape = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                 "num_attention_heads", "intermediate_size", "num_labels")
-        if any(getattr(trained.config, k) != getattr(model.config, k) for k in shape):
-            raise LeanfmError(f"--init-from '{config.init_from}' has a different architecture; accepted: a model "
-                              "trained with the same layers/width/MLP/patch size")
-        model.load_state_dict(trained.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    total, step = steps_per_epoch * config.epochs, 0
-    checkpoint = out / "checkpoint"
-    if resume and (state := load_checkpoint(checkpoint)) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
-        log.info("resuming ViT training at step %d of %d", step, total)
-    start = time.perf_counter()
-    model.train()
-    for epoch_step in progress(range(step, total), desc="train vit", total=total - step):
-        epoch, index = divmod(epoch_step, steps_per_epoch)
-        if index == 0 or epoch_step == step:  # a fresh permutation per epoch, reproducible after resume
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed + epoch))
-        batch = order[index * config.batch_size : (index + 1) * config.batch_size]
-        pixels = augment(to_pixel_values(images[batch]), generator)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(epoch_step, total, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(pixel_values=pixels).logits.float(), labels[batch])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {epoch_step}")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (epoch_step + 1) % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "step": epoch_step + 1, "generator": generator.get_state()})
+        _load_weights(model, config.init_from)
+    task, total = vit_task(model, images, labels, config, runtime)
+    result = fit(task, config, runtime, steps=total, checkpoint=checkpoint, resume=resume)
     test_images, test_labels = fashion_mnist("test")
-    metrics = {**accuracy_and_throughput(model, test_images, test_labels), "train_seconds": time.perf_counter() - start,
-               "steps": total, "config": asdict(config)}
+    if config.eval_limit:
+        test_images, test_labels = test_images[: config.eval_limit], test_labels[: config.eval_limit]
+    metrics = {**accuracy_and_throughput(model, test_images, test_labels), "train_seconds": result.seconds,
+               "steps": total, "config": config.to_dict()}
+    metrics["stages"] = _stages(config, metrics)
+    metrics["history"] = result.history
+    if runtime.context.is_main:
+        with atomic_directory(out) as tmp:
+            model.cpu().save_pretrained(tmp / "model")
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    runtime.context.barrier()
+    return metrics
+
+
+def _refuse_old_checkpoint(out: Path, overwrite: bool) -> None:
+    """Checkpoints of the trainer before the one training loop lived in ``OUT/checkpoint``: refuse, clearly."""
+    if (out / "checkpoint" / "state.pt").is_file() and not overwrite:
+        raise LeanfmError(f"'{out / 'checkpoint'}' is a checkpoint of an older leanfm ViT trainer and cannot be "
+                          f"resumed (checkpoints now live in '{checkpoint_path(out)}'); pass --overwrite to start over")
+
+
+def _load_weights(model: ViTForImageClassification, folder: str) -> None:
+    """Start from a trained model of the same architecture (a further run with a fresh schedule)."""
+    trained = load_vit(Path(folder))
+    shape = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "num_labels")
+    if any(getattr(trained.config, k) != getattr(model.config, k) for k in shape):
+        raise LeanfmError(f"--init-from '{folder}' has a different architecture; accepted: a model "
+                          "trained with the same layers/width/MLP/patch size")
+    model.load_state_dict(trained.state_dict())
+
+
+def _stages(config: ViTTrainConfig, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole training history when runs continue one another (``init_from``): earlier stages, then this one."""
     stage = {k: metrics[k] for k in ("steps", "train_seconds", "accuracy")} | {"epochs": config.epochs, "lr": config.lr}
-    earlier = []
+    earlier: list[dict[str, Any]] = []
     if config.init_from and (Path(config.init_from) / "metrics.json").is_file():
         before = read_metrics(Path(config.init_from))
         earlier = before.get("stages") or [{k: before[k] for k in ("steps", "train_seconds", "accuracy")}
                                            | {"epochs": before["config"]["epochs"], "lr": before["config"]["lr"]}]
-    metrics["stages"] = [*earlier, stage]  # the whole training history when runs continue one another
-    with atomic_directory(out / "model") as tmp:
-        model.save_pretrained(tmp)
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    return [*earlier, stage]
 
 
 def load_vit(folder: Path) -> ViTForImageClassification:
@@ -168,3 +235,7 @@ def load_vit(folder: Path) -> ViTForImageClassification:
 def read_metrics(folder: Path) -> dict:
     """The metrics saved beside a trained model."""
     return json.loads((folder / "metrics.json").read_text())
+
+
+register_method("vit", "train", ViTTrainConfig, train_vit,
+                description="a small ViT on Fashion-MNIST, the base model of the token-reduction benchmarks")
