@@ -21,7 +21,25 @@ def _run_cli(capsys, *argv):
     [
         (["eval", "no-such-model", "--no-speed"], "unknown model 'no-such-model'"),
         (["eval", "./missing/checkpoint"], "model path './missing/checkpoint' does not exist"),
-        (["eval", "tiny-llama", "--seqlen", "0"], "argument --seqlen: 0 is invalid; accepted: an integer >= 1"),
+        (["eval", "tiny-llama", "--seqlen", "0"], "seqlen 0 is invalid; accepted: an integer >= 2"),
+        (["eval", "tiny-llama", "--seqlen", "x"], "argument --seqlen: invalid int value: 'x'"),
+        (["eval", "tiny-llama", "--device", "tpu"], "unknown device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
+        (["compress", "tiny-llama", "--ratio", "0.3", "--out", "{tmp}/c", "--steps", "5"],
+         "--steps does not apply to --method modegpt; its flags: --ratio, --allocation"),
+        (["compress", "tiny-llama", "--method", "disp", "--ratio", "0.3", "--out", "{tmp}/c", "--allocation",
+          "uniform"], "--allocation does not apply to --method disp"),
+        (["compress", "tiny-llama", "--method", "wanda-sp", "--ratio", "0.3", "--out", "{tmp}/c", "--lambda", "3"],
+         "--lambda does not apply to --method wanda-sp"),
+        (["compress", "tiny-llama", "--ratio", "0.3", "--out", "{tmp}/c", "--resume"],
+         "--resume does not apply to --method modegpt"),
+        (["compress", "tiny-llama", "--out", "{tmp}/c"], "--ratio is required"),
+        (["compress", "tiny-llama", "--ratio", "1.5", "--out", "{tmp}/c"], "ratio 1.5 is out of range"),
+        (["compress", "tiny-llama", "--method", "sparsegpt", "--ratio", "0.3", "--out", "{tmp}/c"],
+         "unknown method 'sparsegpt'; accepted: modegpt, wanda-sp, svd-llm, disp"),
+        (["vision", "bench", "{tmp}", "--r", "4"], "--r does not apply to --method none"),
+        (["vision", "bench", "{tmp}", "--method", "tome", "--merge", "average"],
+         "--merge does not apply to --method tome"),
+        (["dynamo", "generate", "{tmp}", "--prompt", "a", "--threshold", "2"], "threshold 2.0 is out of range"),
         (["eval", "tiny-llama", "--split", "test"], "unknown split 'test' of corpus 'austen'; accepted"),
         (["eval", "tiny-llama", "--json", "/no/such/dir/out.json"], "directory '/no/such/dir' does not exist"),
         (["eval", "tiny-llama", "--dtype", "int8", "--no-speed"], "unknown dtype 'int8'"),
@@ -29,12 +47,13 @@ def _run_cli(capsys, *argv):
         (["report", "/no/such.json"], "results file '/no/such.json' does not exist"),
     ],
 )
-def test_bad_input_gives_one_line_error(capsys, argv, fragment):
-    code, out, err = _run_cli(capsys, "--quiet", *argv)
+def test_bad_input_gives_one_line_error(capsys, tmp_path, argv, fragment):
+    code, out, err = _run_cli(capsys, "--quiet", *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("leanfm: error: ")
     assert fragment in err
     assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "c").exists()  # nothing half-written
 
 
 def test_unwritable_json_path_fails_before_any_work(capsys):

@@ -141,9 +141,9 @@ def test_kept_rotary_pairs_rotate_with_their_original_frequencies(name):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--ratio", "0"], "argument --ratio: 0.0 is out of range; accepted: 0 < ratio < 1"),
-        (["--ratio", "1"], "argument --ratio: 1.0 is out of range"),
-        (["--ratio", "-0.1"], "argument --ratio: -0.1 is out of range"),
+        (["--ratio", "0"], "ratio 0.0 is out of range; accepted: 0 < ratio < 1"),
+        (["--ratio", "1"], "ratio 1.0 is out of range"),
+        (["--ratio", "-0.1"], "ratio -0.1 is out of range"),
         (["--ratio", "0.3", "--method", "sparse"], "unknown method 'sparse'; accepted: modegpt, wanda-sp, svd-llm"),
     ],
 )

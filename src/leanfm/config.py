@@ -19,9 +19,12 @@ and entry point, so the library, the CLI and the benchmarks agree on what exists
 Each family fixes the entry point's signature:
 
 - ``compress``: ``entry(model, tokenizer, config) -> CompressionReport`` (the model is changed in place);
-- ``patch`` (token reduction): ``entry(model, **settings)`` applies, ``undo(model)`` restores;
+- ``patch`` (token reduction): ``entry(model, config)`` applies, ``undo(model)`` restores;
 - ``train``: ``entry(config, out, *, resume, overwrite, device) -> dict`` (a run folder with its metrics);
 - ``decode``: ``entry(folder) -> (model, tokenizer, extras)`` loads; generation is the family module's.
+
+A method may be registered once per family (DynaMo trains heads, family ``train``, and decodes with them,
+family ``decode``).
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ class MethodSpec:
     description: str = ""
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: dict[tuple[str, str], MethodSpec] = {}  # (name, family): a method may have a trainer and a decoder
 
 
 def register_method(name: str, family: str, config: type[MethodConfig] | None, entry: Callable[..., Any],
@@ -148,20 +151,23 @@ def register_method(name: str, family: str, config: type[MethodConfig] | None, e
     if family not in FAMILIES:
         raise ValueError(f"unknown method family '{family}'; accepted: {', '.join(FAMILIES)}")
     spec = MethodSpec(name, family, config, entry, undo, description)
-    existing = _METHODS.get(name)
+    existing = _METHODS.get((name, family))
     if existing is not None and existing.entry is not entry:
-        raise ValueError(f"method '{name}' is already registered by {existing.entry.__module__}")
-    _METHODS[name] = spec
+        raise ValueError(f"method '{name}' ({family}) is already registered by {existing.entry.__module__}")
+    _METHODS[(name, family)] = spec
     return spec
 
 
 def get_method(name: str, family: str | None = None) -> MethodSpec:
     """The registered method ``name`` (of ``family`` when given); a one-line error lists the accepted names."""
-    spec = _METHODS.get(name)
-    if spec is None or (family is not None and spec.family != family):
-        accepted = ", ".join(s.name for s in list_methods(family))
-        raise LeanfmError(f"unknown method '{name}'; accepted: {accepted}")
-    return spec
+    found = [s for s in list_methods(family) if s.name == name]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        families = ", ".join(s.family for s in found)
+        raise LeanfmError(f"method '{name}' is registered in several families ({families}); name one")
+    accepted = ", ".join(dict.fromkeys(s.name for s in list_methods(family)))
+    raise LeanfmError(f"unknown method '{name}'; accepted: {accepted}")
 
 
 def list_methods(family: str | None = None) -> list[MethodSpec]:

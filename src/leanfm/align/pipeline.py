@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from leanfm.align.trainer import AlignConfig, train_aligned
+from leanfm.config import check_at_least, option, register_method
 from leanfm.data import shapes, speech
 from leanfm.errors import LeanfmError
 from leanfm.eval.zero_shot import zero_shot_accuracy
@@ -33,10 +34,11 @@ from leanfm.models.encoders import (
     text_encoder,
 )
 from leanfm.paths import atomic_directory, atomic_write_bytes
-from leanfm.training import DistributedContext, init_distributed
+from leanfm.training import DistributedContext, init_distributed, prepare_run
 
-__all__ = ["KINDS", "align_image", "align_speech", "check_text_encoder", "embed_texts", "evaluate_folder",
-           "evaluate_image", "evaluate_speech", "load_encoder", "save_encoder", "text_encoder"]
+__all__ = ["KINDS", "ImageAlignConfig", "SpeechAlignConfig", "align_image", "align_speech", "check_text_encoder",
+           "embed_texts", "evaluate_folder", "evaluate_image", "evaluate_speech", "load_encoder", "save_encoder",
+           "text_encoder"]
 
 KINDS = ("speech", "image")
 
@@ -114,58 +116,89 @@ def evaluate_image(encoder: nn.Module, text_model: TextEncoder, seed: int = 0,
             "chance_all": 1 / len(every), "chance_unseen": 1 / len(unseen), "items": len(captions)}
 
 
-def align_speech(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, sentences: int = 0,
-                 renditions: int = 1, resume: bool = False, checkpoint: Path | None = None,
-                 context: DistributedContext | None = None, phrases: int = 20000) -> dict[str, Any]:
+@dataclass
+class SpeechAlignConfig(AlignConfig):
+    """``leanfm align speech``: the optimisation settings plus the frozen model and the speech to synthesise."""
+
+    frozen: str = option("minilm-l6", "frozen text encoder (a registered sentence encoder)")
+    phrases: int = option(20000, "random 1-4 word Austen spans to synthesise")
+    sentences: int = option(0, "whole Austen sentences to add")
+    renditions: int = option(1, "voices/speeds/pitches per text")
+
+    def validate(self) -> None:
+        super().validate()
+        check_text_encoder(self.frozen)
+        check_at_least(self, 0, "phrases", "sentences")
+        check_at_least(self, 1, "renditions")
+        if self.phrases + self.sentences < 1:
+            raise LeanfmError("phrases 0 and sentences 0 leave no training speech; accepted: at least one >= 1")
+
+
+@dataclass
+class ImageAlignConfig(AlignConfig):
+    """``leanfm align image``: the optimisation settings plus the frozen model and the images per combination."""
+
+    frozen: str = option("minilm-l6", "frozen text encoder (a registered sentence encoder)")
+    per_combo: int = option(120, "training images per attribute-object combination")
+
+    def validate(self) -> None:
+        super().validate()
+        check_text_encoder(self.frozen)
+        check_at_least(self, 1, "per_combo")
+
+
+def align_speech(config: SpeechAlignConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 context: DistributedContext | None = None) -> dict[str, Any]:
     """Synthesise Austen phrases (and sentences), align a speech encoder to ``frozen``, evaluate, save to ``out``.
 
     Texts equal to an evaluation command or keyword are dropped from training, so the zero-shot sets stay unseen.
+    The checkpoint is ``OUT.training`` (:func:`leanfm.training.prepare_run`'s rule).
     """
-    config = config or AlignConfig()
+    out = Path(out)
     context = context or init_distributed(config.device)
-    text_model = text_encoder(frozen)
+    checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=context)
     speech.espeak_binary()
-    if sentences + phrases < 1:
-        raise LeanfmError("no training speech: pass --phrases N and/or --sentences N with N >= 1")
-    texts = speech.training_texts(phrases, sentences)
+    text_model = text_encoder(config.frozen)
+    texts = speech.training_texts(config.phrases, config.sentences)
     if not context.is_main:
         context.barrier()  # rank 0 synthesises (and caches) first
-    data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=renditions,
+    data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=config.renditions,
                                    name="austen")
     if context.is_main:
         context.barrier()
     targets = embed_texts(text_model, data.labels)
     torch.manual_seed(config.seed)
     encoder = SpeechEncoder()
-    summary = train_aligned(encoder, data.batch, targets, config, checkpoint, resume,
-                            context)
+    summary = train_aligned(encoder, data.batch, targets, config, checkpoint, resume, context)
     metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
-    meta = {"kind": "speech", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
-            "data": {"phrases": phrases, "sentences": sentences, "renditions": renditions, "utterances": len(data),
-                     "hours": round(speech.seconds_of(data) / 3600, 3), "voices": list(speech.train_voices())}}
+    meta = {"kind": "speech", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
+            "metrics": metrics,
+            "data": {"phrases": config.phrases, "sentences": config.sentences, "renditions": config.renditions,
+                     "utterances": len(data), "hours": round(speech.seconds_of(data) / 3600, 3),
+                     "voices": list(speech.train_voices())}}
     if context.is_main:
         save_encoder(out, encoder, meta)
     context.barrier()
     return meta
 
 
-def align_image(out: Path, frozen: str = "minilm-l6", config: AlignConfig | None = None, per_combo: int = 120,
-                resume: bool = False, checkpoint: Path | None = None,
+def align_image(config: ImageAlignConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                 context: DistributedContext | None = None) -> dict[str, Any]:
     """Render captioned shapes (held-out combinations excluded), align a ViT to ``frozen``, evaluate, save."""
-    config = config or AlignConfig()
+    out = Path(out)
     context = context or init_distributed(config.device)
-    text_model = text_encoder(frozen)
+    checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=context)
+    text_model = text_encoder(config.frozen)
     train_combos, _ = shapes.split_combinations(config.seed)
-    images, captions = shapes.render_set(train_combos, per_combo, seed=config.seed)
+    images, captions = shapes.render_set(train_combos, config.per_combo, seed=config.seed)
     targets = embed_texts(text_model, captions)
     torch.manual_seed(config.seed)
     encoder = ImageEncoder()
-    summary = train_aligned(encoder, lambda rows: images[rows], targets, config, checkpoint, resume,
-                            context)
+    summary = train_aligned(encoder, lambda rows: images[rows], targets, config, checkpoint, resume, context)
     metrics = evaluate_image(encoder, text_model, config.seed) if context.is_main else {}
-    meta = {"kind": "image", "frozen": frozen, "train": asdict(config), "training": summary, "metrics": metrics,
-            "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": per_combo}}
+    meta = {"kind": "image", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
+            "metrics": metrics,
+            "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": config.per_combo}}
     if context.is_main:
         save_encoder(out, encoder, meta)
     context.barrier()
@@ -179,3 +212,9 @@ def evaluate_folder(folder: str | Path) -> dict[str, Any]:
     if meta["kind"] == "speech":
         return evaluate_speech(encoder, text_model)
     return evaluate_image(encoder, text_model, meta["train"]["seed"])
+
+
+register_method("cwcl-speech", "train", SpeechAlignConfig, align_speech,
+                description="CWCL: align a speech encoder (espeak-ng) to a frozen text encoder")
+register_method("cwcl-image", "train", ImageAlignConfig, align_image,
+                description="CWCL: align an image encoder (rendered shapes) to a frozen text encoder")

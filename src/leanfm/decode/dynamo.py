@@ -185,19 +185,21 @@ def save_dynamo(model: DynamoModel, tokenizer: Any, stats: NgramCounts | None, o
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(MethodConfig):
     """How many tokens to emit per step. ``threshold`` is ε_b in [0, 1]; ``temperature`` 0 means greedy."""
 
-    threshold: float = 0.5
-    temperature: float = 0.7
-    repetition_penalty: float = 1.1
-    top_k: int = 50
-    alpha: float = 1.0
-    mask: bool = True  # co-occurrence weighted masking
-    adaptive: bool = True  # Otsu threshold
-    blur: bool = True  # 3-tap Gaussian blur before Otsu
+    threshold: float = option(0.5, "ε_b in [0, 1]: accept a multi-token candidate above it; 1 = the base model's "
+                              "decoding")
+    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
+    repetition_penalty: float = option(1.1, "transformers' repetition penalty on head 1")
+    top_k: int = option(50, "top-k filtering of head 1")
+    alpha: float = option(1.0, "exponent of the co-occurrence weighting")
+    mask: bool = option(True, "co-occurrence weighted masking of the joint")
+    adaptive: bool = option(True, "Otsu threshold on the weighted joint")
+    blur: bool = option(True, "3-tap Gaussian blur before Otsu")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         if not 0 <= self.threshold <= 1:
             raise LeanfmError(f"threshold {self.threshold} is out of range; accepted: 0 <= threshold <= 1")
         if self.temperature < 0 or self.repetition_penalty <= 0 or self.top_k < 1:
@@ -520,3 +522,5 @@ def train_and_save(config: DynamoTrainConfig, out: Path, *, resume: bool = False
 
 register_method("dynamo", "train", DynamoTrainConfig, train_and_save,
                 description="DynaMo: extra heads for multi-token decoding, trained on a frozen base")
+register_method("dynamo", "decode", DecodeConfig, load,
+                description="DynaMo: 1..n tokens per step from the trained heads (ε_b = 1 equals generate())")
