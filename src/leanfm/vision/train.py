@@ -23,6 +23,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.images import fashion_mnist, to_pixel_values
 from leanfm.errors import LeanfmError
+from leanfm.models.artifacts import MANIFEST, read_manifest
 from leanfm.paths import atomic_directory
 from leanfm.progress import progress
 from leanfm.training import (
@@ -217,23 +218,30 @@ def _stages(config: ViTTrainConfig, metrics: dict[str, Any]) -> list[dict[str, A
     """The whole training history when runs continue one another (``init_from``): earlier stages, then this one."""
     stage = {k: metrics[k] for k in ("steps", "train_seconds", "accuracy")} | {"epochs": config.epochs, "lr": config.lr}
     earlier: list[dict[str, Any]] = []
-    if config.init_from and (Path(config.init_from) / "metrics.json").is_file():
+    if config.init_from and any((Path(config.init_from) / f).is_file() for f in ("metrics.json", MANIFEST)):
         before = read_metrics(Path(config.init_from))
         earlier = before.get("stages") or [{k: before[k] for k in ("steps", "train_seconds", "accuracy")}
                                            | {"epochs": before["config"]["epochs"], "lr": before["config"]["lr"]}]
     return [*earlier, stage]
 
 
-def load_vit(folder: Path) -> ViTForImageClassification:
-    """Load a trained classifier saved by :func:`train_vit` (``folder`` or ``folder/model``)."""
+def load_vit(folder: str | Path) -> ViTForImageClassification:
+    """Load a trained classifier saved by :func:`train_vit` (``folder`` or ``folder/model``), in float32.
+
+    bf16 artifacts (:mod:`leanfm.models.artifacts`) are upcast, so every ViT runs in the same precision.
+    """
+    folder = Path(folder)
     path = folder / "model" if (folder / "model" / "config.json").is_file() else folder
     if not (path / "config.json").is_file():
         raise LeanfmError(f"no trained ViT in '{folder}'; run 'leanfm vision train --out {folder}' first")
-    return ViTForImageClassification.from_pretrained(path).eval()
+    return ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def read_metrics(folder: Path) -> dict:
-    """The metrics saved beside a trained model."""
+def read_metrics(folder: str | Path) -> dict:
+    """The metrics saved beside a trained model (``metrics.json``), or a committed artifact's manifest."""
+    folder = Path(folder)
+    if not (folder / "metrics.json").is_file() and (folder / MANIFEST).is_file():
+        return read_manifest(folder)
     return json.loads((folder / "metrics.json").read_text())
 
 
