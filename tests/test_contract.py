@@ -29,6 +29,7 @@ import leanfm.compress.disp as disp
 import leanfm.decode.dynamo as dynamo
 import leanfm.vision.train as vit
 from leanfm import load_model
+from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig
 from leanfm.config import MethodConfig
 from leanfm.errors import LeanfmError
 from leanfm.training import TrainingInterrupted, load_checkpoint
@@ -174,7 +175,9 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
     assert value != getattr(contract.config(), key)
 
 
-@pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig)])
+@pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig),
+                                                   ("cwcl-speech", SpeechAlignConfig),
+                                                   ("cwcl-image", ImageAlignConfig)])
 def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
     """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
     import inspect

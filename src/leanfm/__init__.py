@@ -8,10 +8,25 @@ Library entry points mirror the CLI::
     print(result.perplexity)
 """
 
+from leanfm.config import MethodSpec
+from leanfm.config import list_methods as _list_methods
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import EvalResult, evaluate
 from leanfm.models import compressed as _compressed  # noqa: F401  registers leanfm_* with transformers' Auto classes
 from leanfm.models import list_models, load_model
 from leanfm.version import __version__
 
-__all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_models", "load_model"]
+__all__ = ["EvalResult", "LeanfmError", "__version__", "evaluate", "list_methods", "list_models", "load_model"]
+
+
+def list_methods(family: str | None = None) -> list[MethodSpec]:
+    """Every registered method (optionally of one family), after importing the method packages that register them.
+
+    ``import leanfm`` stays light (no method is imported until asked for); this is the one place that loads them all.
+    """
+    import leanfm.align
+    import leanfm.compress
+    import leanfm.decode
+    import leanfm.vision  # noqa: F401  (each package registers its methods on import)
+
+    return _list_methods(family)

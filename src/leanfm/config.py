@@ -20,7 +20,8 @@ Each family fixes the entry point's signature:
 
 - ``compress``: ``entry(model, tokenizer, config) -> CompressionReport`` (the model is changed in place);
 - ``patch`` (token reduction): ``entry(model, config)`` applies, ``undo(model)`` restores;
-- ``train``: ``entry(config, out, *, resume, overwrite, device) -> dict`` (a run folder with its metrics);
+- ``train``: ``entry(config, out, *, resume=False, overwrite=False, context=None) -> dict`` (a run folder with
+  its metrics; the device is ``config.device``, ``context`` the torchrun process group);
 - ``decode``: ``entry(folder) -> (model, tokenizer, extras)`` loads; generation is the family module's.
 
 A method may be registered once per family (DynaMo trains heads, family ``train``, and decodes with them,

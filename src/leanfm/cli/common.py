@@ -112,8 +112,10 @@ def _scalar_type(annotation: Any) -> type:
 
 
 def flag_name(field: dataclasses.Field) -> str:
-    """``--calib-samples`` for ``calib_samples``; ``flag=`` metadata renames (``lam`` -> ``--lambda``)."""
-    return "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
+    """``--calib-samples`` for ``calib_samples``; ``flag=`` renames (``lam`` -> ``--lambda``); ``--no-x`` for a
+    boolean that is on by default (the flag turns it off)."""
+    name = "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
+    return name.replace("--", "--no-", 1) if field.default is True else name
 
 
 def cli_fields(config: type[MethodConfig]) -> list[dataclasses.Field]:
@@ -128,7 +130,7 @@ def _default_text(field: dataclasses.Field) -> str:
     if default is None:
         return ""
     if isinstance(default, bool):
-        return f" [default {'on' if default else 'off'}]"
+        return " [on by default; this flag turns it off]" if default else " [off by default]"
     return f" [default {default}]"
 
 
@@ -157,11 +159,10 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         choices = field.metadata.get("choices")
         if choices:
             text += f" ({', '.join(map(str, choices))})"
-        text = f"{text}{_default_text(field)}".strip()
+        text = f"{text}{_default_text(field)}".strip().replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            default_on = field.default is True
-            name = flag_name(field).replace("--", "--no-", 1) if default_on else flag_name(field)
-            parser.add_argument(name, dest=field.name, action="store_false" if default_on else "store_true",
+            parser.add_argument(flag_name(field), dest=field.name,
+                                action="store_false" if field.default is True else "store_true",
                                 default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag_name(field), dest=field.name, type=kind, default=argparse.SUPPRESS,
