@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig, align_image, align_speech, evaluate_folder
@@ -16,8 +17,10 @@ from leanfm.cli.common import (
     emit,
     out_path,
 )
+from leanfm.config import MethodConfig
 
-KINDS = {"speech": (SpeechAlignConfig, align_speech), "image": (ImageAlignConfig, align_image)}
+KINDS: dict[str, tuple[type[MethodConfig], Callable[..., dict[str, Any]]]] = {
+    "speech": (SpeechAlignConfig, align_speech), "image": (ImageAlignConfig, align_image)}
 
 
 def add_parsers(sub: Any) -> None:

@@ -124,9 +124,12 @@ def cli_fields(config: type[MethodConfig]) -> list[dataclasses.Field]:
 
 
 def _default_text(field: dataclasses.Field) -> str:
-    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
         return " [required]"
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if default is None:
         return ""
     if isinstance(default, bool):

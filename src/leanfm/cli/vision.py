@@ -39,6 +39,7 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--method", default="none", help=f"{', '.join(bench_methods())} [default none]")
     offered: dict[str, str] = {}
     for spec in list_methods("patch"):
+        assert spec.config is not None  # every token-reduction method has a config class
         add_config_flags(b.add_argument_group(f"{spec.name}: {spec.description}"), spec.config, known=offered)
     b.set_defaults(patch_flags=offered)
     b.add_argument("--batch-size", type=positive_int, default=64, help="[default 64]")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from leanfm.compress.base import CompressionReport, check_architecture
 from leanfm.config import get_method
@@ -39,7 +40,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: Compres
     if out.exists() and overwrite:
         shutil.rmtree(out)
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        cast(PreTrainedModel, model).save_pretrained(tmp, safe_serialization=True)  # a compressed transformers model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

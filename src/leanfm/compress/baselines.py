@@ -14,7 +14,7 @@ parameter-update step. It stands in for SliceGPT (see docs/ARCHITECTURE.md for w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from leanfm.compress.surgery import (
 )
 from leanfm.config import register_method
 from leanfm.models.adapters import get_adapter
-from leanfm.models.compressed import LayerSpec, dense_spec, restructure_block
+from leanfm.models.compressed import LayerSpec, LowRankLinear, dense_spec, restructure_block
 
 
 @dataclass
@@ -103,8 +103,12 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> L
     adapter = get_adapter(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
-    linears = {adapter.qkv: (parts.qkv, stats.attn_in)} if parts.qkv is not None else {
-        adapter.q: (parts.q, stats.attn_in), adapter.k: (parts.k, stats.attn_in), adapter.v: (parts.v, stats.attn_in)}
+    attention_in = {adapter.qkv: parts.qkv} if parts.qkv is not None else {
+        adapter.q: parts.q, adapter.k: parts.k, adapter.v: parts.v}
+    linears: dict[str, tuple[nn.Linear, torch.Tensor]] = {}
+    for path, projection in attention_in.items():
+        assert path is not None and projection is not None  # the adapter names each projection the block has
+        linears[path] = (projection, stats.attn_in)
     linears[adapter.o] = (parts.o, stats.o_in)
     linears.update({path: (lin, stats.mlp_in) for path, lin in zip(adapter.mlp_in, parts.mlp_in, strict=True)})
     linears[adapter.mlp_out] = (parts.mlp_out, stats.mlp_mid)
@@ -120,7 +124,7 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> L
     restructure_block(model, index, spec)
     with torch.no_grad():
         for path, (_, down, up, bias) in factors.items():
-            low = block.get_submodule(path)
+            low = cast(LowRankLinear, block.get_submodule(path))  # restructure_block factorised it
             low.down.weight.copy_(down)
             low.up.weight.copy_(up)
             if bias is not None:

@@ -121,7 +121,7 @@ class BlockShape:
     constant: int  # norms, q/k/v biases and anything else channel pruning leaves alone
 
 
-def _attention_inputs(parts: BlockParts) -> list[nn.Module]:
+def _attention_inputs(parts: BlockParts) -> list[nn.Linear]:
     return [lin for lin in (parts.q, parts.k, parts.v, parts.qkv) if lin is not None]
 
 
@@ -165,6 +165,8 @@ class DispHypernetwork(nn.Module):
     One bias-free linear head per mask kind, shared across blocks (so the size does not grow with depth); the
     GRU lets neighbouring blocks coordinate their choices (DISP-LLM section 3.2, official code's layout).
     """
+
+    z: torch.Tensor  # the fixed noise input, a registered buffer
 
     def __init__(self, num_blocks: int, widths: dict[str, int], seed: int = 0, z_dim: int = 32,
                  hidden: int = 64) -> None:
@@ -291,7 +293,8 @@ def prune_to_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Lay
         parts = adapter.parts(block)
         kept = {name: torch.nonzero(masks[name][index]).flatten() for name in MASK_NAMES}
         a_in, a_out, m_in, mid, m_out = (kept[n] for n in MASK_NAMES)
-        new_weights = [(lin.weight[:, a_in], lin.bias) for lin in _attention_inputs(parts)]
+        new_weights: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+            (lin.weight[:, a_in], lin.bias) for lin in _attention_inputs(parts)]
         new_weights.append((parts.o.weight[a_out], parts.o.bias[a_out] if parts.o.bias is not None else None))
         for lin in parts.mlp_in:
             new_weights.append((lin.weight[mid][:, m_in], lin.bias[mid] if lin.bias is not None else None))
@@ -308,6 +311,7 @@ def prune_to_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Lay
             assert isinstance(linear, ChannelLinear)
             linear.weight.data = weight.detach().clone()
             if bias is not None:
+                assert linear.bias is not None  # built with a bias where the original had one
                 linear.bias.data = bias.detach().clone()
         specs.append(spec)
     return specs
@@ -354,7 +358,8 @@ class DispTrainer:
         logits = self.hypernetwork()
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         sample = SAMPLER_FUNCTIONS[self.config.sampler]
-        tau = float(self.config.tau)  # type: ignore[arg-type]  # resolved in __post_init__
+        assert self.config.tau is not None  # resolved in __post_init__
+        tau = float(self.config.tau)
         return {n: sample(logits[n] + self.config.offset, tau, generator) for n in MASK_NAMES}
 
     def batch(self, step: int) -> torch.Tensor:

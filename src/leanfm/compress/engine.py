@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from leanfm.models.adapters import ArchAdapter, get_adapter
 from leanfm.progress import progress
@@ -76,6 +77,7 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
     """Run ``block`` on ``inputs`` while accumulating :class:`BlockStats`; returns ``(stats, outputs)``."""
     parts = adapter.parts(block)
     first_proj = parts.q or parts.qkv
+    assert first_proj is not None  # a block has q or the fused qkv
     acc: dict[str, torch.Tensor] = {}
 
     def gram(name: str) -> Callable:
@@ -115,7 +117,8 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
             sums[i] += (1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum()
 
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
-    body = model.base_model  # the decoder stack without the LM head: no [batch, T, vocab] logits to hold
+    # the decoder stack without the LM head: no [batch, T, vocab] logits to hold
+    body = cast(PreTrainedModel, model).base_model
     try:
         for batch in progress(calib.split(batch_size), desc="importance"):
             body(input_ids=batch, use_cache=False)

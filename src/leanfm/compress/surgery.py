@@ -7,12 +7,13 @@ restructured block are the same for all of them and live here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
 
 from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
+from leanfm.models.compressed import CompressedAttention
 
 
 def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
@@ -48,7 +49,18 @@ def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, k
     return int(min(mid, max(1, round((budget - per_head_dim * head_width) / mlp_per_channel))))
 
 
-def qkv_params(adapter: ArchAdapter, block: nn.Module, layout: AttentionLayout) -> dict[str, torch.Tensor | None]:
+class QKVParams(TypedDict):
+    """q/k/v weights ``[rows, in]`` (always there) and biases (None where the projection has none)."""
+
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+
+
+def qkv_params(adapter: ArchAdapter, block: nn.Module, layout: AttentionLayout) -> QKVParams:
     """q/k/v weights ``[rows, in]`` and biases of a block, splitting a fused projection when needed."""
     parts = adapter.parts(block)
     wq, wk, wv = adapter.split_qkv(block, layout)
@@ -79,7 +91,7 @@ def load_block_weights(model: nn.Module, index: int, mlp_in: list, down: tuple, 
     adapter = get_adapter(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
-    attention = block.get_submodule(adapter.attn)
+    attention = cast(CompressedAttention, block.get_submodule(adapter.attn))  # restructure_block put it there
     targets = [*zip(parts.mlp_in, mlp_in, strict=True), (parts.mlp_out, down), (attention.q_proj, q),
                (attention.k_proj, k), (attention.v_proj, v), (attention.o_proj, o)]
     with torch.no_grad():

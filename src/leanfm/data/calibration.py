@@ -7,6 +7,7 @@ the compressors (random windows from the ``calib`` split, seeded, so every metho
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -15,9 +16,9 @@ from leanfm.errors import LeanfmError
 
 
 @functools.lru_cache(maxsize=8)
-def split_token_ids(tokenizer: object, corpus_name: str, split: str) -> torch.Tensor:
+def split_token_ids(tokenizer: Any, corpus_name: str, split: str) -> torch.Tensor:
     """All token ids of a corpus split as one 1-D tensor (cached per tokenizer object in this process)."""
-    ids = tokenizer(corpus(corpus_name, split), return_attention_mask=False)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(corpus(corpus_name, split), return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

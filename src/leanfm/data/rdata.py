@@ -48,22 +48,23 @@ class _XDRReader:
         self.pos += n
         return chunk
 
-    def int(self) -> int:
+    def int32(self) -> int:
+        """One big-endian signed 32-bit integer (not named ``int``: that would shadow the type in the class body)."""
         return struct.unpack(">i", self._take(4))[0]
 
     def header(self) -> None:
         if self._take(2) != b"X\n":
             raise ValueError("not an XDR R serialization (expected header 'X\\n')")
-        version = self.int()
-        self.int()  # R version that wrote it
-        self.int()  # minimal R version to read it
+        version = self.int32()
+        self.int32()  # R version that wrote it
+        self.int32()  # minimal R version to read it
         if version == 3:
-            self._take(self.int())  # native encoding name
+            self._take(self.int32())  # native encoding name
         elif version != 2:
             raise ValueError(f"unsupported R serialization version {version}; accepted: 2, 3")
 
     def item(self) -> Any:
-        flags = self.int()
+        flags = self.int32()
         sexptype = flags & 0xFF
         has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
         if sexptype in (_NILVALUE_SXP, _NILSXP, _EMPTYENV_SXP, _MISSINGARG_SXP):
@@ -71,14 +72,14 @@ class _XDRReader:
         if sexptype in (_GLOBALENV_SXP, _BASEENV_SXP, _BASENAMESPACE_SXP):
             return RObject(value=f"<environment {sexptype}>")
         if sexptype == _REFSXP:
-            index = flags >> 8 if flags >> 8 else self.int()
+            index = flags >> 8 if flags >> 8 else self.int32()
             return self.refs[index - 1]
         if sexptype == _SYMSXP:
             name = self.item()  # a CHARSXP
             self.refs.append(name)
             return name
         if sexptype == _CHARSXP:
-            length = self.int()
+            length = self.int32()
             return None if length == -1 else self._take(length).decode("utf-8", errors="replace")
         if sexptype == _LISTSXP:
             return self._pairlist(has_attr, has_tag)
@@ -101,7 +102,7 @@ class _XDRReader:
         return {str(k): v for k, v in attrs.value}
 
     def _vector(self, sexptype: int, has_attr: bool) -> RObject:
-        length = self.int()
+        length = self.int32()
         if sexptype == _STRSXP:
             value: Any = [self.item() for _ in range(length)]
         elif sexptype == _VECSXP:

@@ -40,12 +40,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
-from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+)
 
 from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.calibration import random_windows, split_token_ids
@@ -76,7 +82,8 @@ class DynamoModel(nn.Module):
             raise LeanfmError(f"heads {heads} is too few; accepted: an integer >= 2 (head 1 is the base model)")
         if init not in INITS:
             raise LeanfmError(f"unknown head init '{init}'; accepted: {', '.join(INITS)}")
-        self.base, self.num_heads, self.init = base, heads, init
+        self.base = cast(PreTrainedModel, base)  # a transformers causal LM (get_adapter checks its architecture)
+        self.num_heads, self.init = heads, init
         self.adapter = get_adapter(base)
         last = self.adapter.blocks(base)[-1]
         layers = []
@@ -85,10 +92,10 @@ class DynamoModel(nn.Module):
             for index in range(heads - 1):
                 layer = copy.deepcopy(last)
                 if init == "random":
-                    layer.apply(base._init_weights)
+                    layer.apply(self.base._init_weights)
                 for module in layer.modules():  # each extra layer owns slot `index` of the heads' cache
                     if hasattr(module, "layer_idx"):
-                        module.layer_idx = index
+                        module.layer_idx = index  # type: ignore[assignment]  # torch stub: __setattr__ takes any value
                 layers.append(layer)
         self.heads = nn.ModuleList(layers)
 
@@ -372,7 +379,9 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
         for b in range(rows):
             if done[b]:
                 continue
-            chosen = choices[b][: max_new_tokens - len(emitted[b])]  # type: ignore[index]
+            row = choices[b]
+            assert row is not None  # every row chose above: by select_tokens or a single draw
+            chosen = row[: max_new_tokens - len(emitted[b])]
             if eos is not None and eos in chosen:
                 chosen = chosen[: chosen.index(eos) + 1]
             choices[b] = chosen
@@ -388,9 +397,11 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
         new_ids = torch.full((rows, width), pad, dtype=torch.long)
         new_mask = torch.zeros((rows, width), dtype=attention.dtype)
         for b in range(rows):
-            count = 0 if done[b] else len(choices[b])  # type: ignore[arg-type]
+            row = choices[b]
+            assert row is not None  # as above: every row chose
+            count = 0 if done[b] else len(row)
             if count:
-                new_ids[b, :count] = torch.tensor(choices[b])
+                new_ids[b, :count] = torch.tensor(row)
                 new_mask[b, :count] = 1
             slot[b] = max(count, 1) - 1
         sequences = torch.cat([sequences, new_ids], dim=1)
@@ -456,7 +467,9 @@ def heads_task(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, ru
     def loss(_step: int, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with runtime.autocast():
             losses = head_losses(model, windows)
-        return sum(losses), {"losses": [float(runtime.context.mean(x)) for x in losses]}  # type: ignore[return-value]
+        total = sum(losses)
+        assert isinstance(total, torch.Tensor)  # heads >= 2: never the empty sum 0
+        return total, {"losses": [float(runtime.context.mean(x)) for x in losses]}
 
     warmup = max(1, round(0.01 * config.steps))
     return Task("dynamo heads", {"heads": model.heads}, optimizer, batch, loss,

@@ -68,14 +68,15 @@ def make_lm(name: str, batch_size: int = 8, dtype: str = "float32") -> Any:
 
 def register() -> None:
     """Register ``--model leanfm`` with lm-eval (idempotent)."""
-    _, register_model, hflm = _lm_eval()
+    _, register_model, _ = _lm_eval()
     from lm_eval.api import registry
+    from lm_eval.models.huggingface import HFLM  # installed: _lm_eval checked
 
     if "leanfm" in getattr(registry, "MODEL_REGISTRY", {}):
         return
 
     @register_model("leanfm")
-    class LeanfmLM(hflm):  # type: ignore[misc, valid-type]
+    class LeanfmLM(HFLM):
         """``pretrained`` is any name ``leanfm.load_model`` accepts."""
 
         def __init__(self, pretrained: str, batch_size: int | str = 8, dtype: str = "float32", **_: Any) -> None:

@@ -11,9 +11,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 
 
 def peak_rss_mb() -> float:
@@ -53,9 +55,11 @@ def decode_tokens_per_s(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: 
     ids = prompt_ids[:1].to(device)
     kwargs = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
 
+    lm = cast(GenerationMixin, model)  # a transformers causal LM
+
     def run(n: int) -> object:
         mask = torch.ones_like(ids)
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
     full = median_seconds(lambda: run(new_tokens), repeats=repeats)
     first = median_seconds(lambda: run(1), repeats=repeats)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from leanfm.errors import LeanfmError
 
@@ -92,7 +94,7 @@ class ArchAdapter:
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The ``ModuleList`` of transformer blocks, input to output."""
-        return self._resolve(model, self.blocks_path)  # type: ignore[return-value]
+        return cast(nn.ModuleList, self._resolve(model, self.blocks_path))
 
     def embeddings(self, model: nn.Module) -> nn.Module:
         """The token embedding module."""
@@ -109,14 +111,18 @@ class ArchAdapter:
         def opt(path: str | None) -> nn.Module | None:
             return get(path)(block) if path else None
 
+        def opt_linear(path: str | None) -> nn.Linear | None:  # the q/k/v/qkv paths name Linear layers
+            return get(path)(block) if path else None
+
         attention = get(self.attn)(block)
         if getattr(attention, "is_leanfm_compressed", False):  # leanfm's own attention: uniform names, no fusion
             q, k, v, qkv, o = attention.q_proj, attention.k_proj, attention.v_proj, None, attention.o_proj
         else:
-            q, k, v, qkv, o = opt(self.q), opt(self.k), opt(self.v), opt(self.qkv), get(self.o)(block)
+            q, k, v, qkv = opt_linear(self.q), opt_linear(self.k), opt_linear(self.v), opt_linear(self.qkv)
+            o = get(self.o)(block)
         return BlockParts(
             attn_norm=opt(self.attn_norm), mlp_norm=opt(self.mlp_norm),
-            q=q, k=k, v=v, qkv=qkv, o=o, mlp_in=tuple(get(p)(block) for p in self.mlp_in),  # type: ignore[arg-type]
+            q=q, k=k, v=v, qkv=qkv, o=o, mlp_in=tuple(get(p)(block) for p in self.mlp_in),
             mlp_out=get(self.mlp_out)(block), mlp_act=_activation_name(block),
         )
 
@@ -128,7 +134,7 @@ class ArchAdapter:
 
     def layout(self, model: nn.Module) -> AttentionLayout:
         """Head counts, head size and rotary width, read from the config and the live rotary module."""
-        cfg = model.config
+        cfg = cast(PretrainedConfig, model.config)  # a transformers model's config (nn.Module cannot say so)
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -138,9 +144,11 @@ class ArchAdapter:
         """q, k, v weights of ``block`` as ``[heads*head_dim, in]`` tensors (views into a fused weight if any)."""
         parts = self.parts(block)
         if parts.qkv is None:
-            return parts.q.weight, parts.k.weight, parts.v.weight  # type: ignore[union-attr]
+            assert parts.q is not None and parts.k is not None and parts.v is not None  # unfused: all three exist
+            return parts.q.weight, parts.k.weight, parts.v.weight
         weight = parts.qkv.weight.view(layout.num_heads, 3, layout.head_dim, -1)  # [heads, qkv, head_dim, in]
-        return tuple(weight[:, i].reshape(layout.num_heads * layout.head_dim, -1) for i in range(3))  # type: ignore[return-value]
+        q, k, v = (weight[:, i].reshape(layout.num_heads * layout.head_dim, -1) for i in range(3))
+        return q, k, v
 
 
 def _activation_name(block: nn.Module) -> str:

@@ -186,7 +186,7 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
     block = adapter.blocks(model)[index]
     if spec.low_rank:  # factorise Linears in place; head layout and widths stay as they are
         for path, rank in spec.low_rank.items():
-            old = block.get_submodule(path)
+            old = cast(nn.Linear, block.get_submodule(path))  # low_rank paths name Linear layers
             low = LowRankLinear(old.in_features, rank, old.out_features, old.bias is not None, old.weight.dtype)
             _set_module(block, path, low)
         return
@@ -201,6 +201,7 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
     has_bias = {"o": parts.o.bias is not None}
     for name in "qkv":
         linear = getattr(parts, name) or parts.qkv
+        assert linear is not None  # a block has q, k and v or the fused qkv
         has_bias[name] = linear.bias is not None
     attention = CompressedAttention(spec, hidden, has_bias, index, model.config)
     _set_module(block, adapter.attn, attention.to(parts.o.weight.dtype))
@@ -267,12 +268,13 @@ def finalize(model: nn.Module, specs: list[LayerSpec], extra: dict[str, Any] | N
     """Turn an in-place restructured model into its registered compressed class (for ``save_pretrained``)."""
     base = get_adapter(model).model_type
     config_cls, model_cls = COMPRESSED_CLASSES[base]
-    data = model.config.to_dict()
+    hf_model = cast(PreTrainedModel, model)  # get_adapter accepted it: a transformers model
+    data = hf_model.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         data.pop(key, None)
     data["leanfm_layers"] = [asdict(s) for s in specs]
     data["leanfm_compression"] = extra or {}
-    model.config = config_cls(**data)
-    model.config.architectures = [model_cls.__name__]
+    hf_model.config = config_cls(**data)
+    hf_model.config.architectures = [model_cls.__name__]
     model.__class__ = model_cls
     return model

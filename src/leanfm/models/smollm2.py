@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -39,7 +40,7 @@ def gguf_folder() -> Path:
     return folder
 
 
-def load_from_gguf() -> tuple[PreTrainedModel, object]:
+def load_from_gguf() -> tuple[PreTrainedModel, Any]:
     """De-quantise the GGUF into a float32 model without ``quantization_config`` (slow: ~20 s)."""
     folder = gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
@@ -68,5 +69,5 @@ def ensure_checkpoint() -> Path:
     model, tokenizer = load_from_gguf()
     with atomic_directory(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        tokenizer.save_pretrained(tmp)
     return folder

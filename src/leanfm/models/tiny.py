@@ -35,11 +35,11 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
             hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
             max_position_embeddings=2048, **_COMMON,
         ),
-        "tiny-phi": PhiConfig(
+        "tiny-phi": PhiConfig(  # type: ignore[call-arg]  # partial_rotary_factor: a legacy kwarg, read from **kwargs
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             partial_rotary_factor=0.5, max_position_embeddings=2048, **_COMMON,
         ),
-        "tiny-neox": GPTNeoXConfig(
+        "tiny-neox": GPTNeoXConfig(  # type: ignore[call-arg]  # rotary_pct: a legacy kwarg, read from **kwargs
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
             max_position_embeddings=2048, tie_word_embeddings=False, **_COMMON,
         ),

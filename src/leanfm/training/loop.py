@@ -35,6 +35,7 @@ from torch import nn
 
 from leanfm import device as devices
 from leanfm.config import MethodConfig
+from leanfm.errors import LeanfmError
 from leanfm.progress import progress
 from leanfm.training.checkpoint import (
     FORMAT,
@@ -134,7 +135,9 @@ def fit(task: Task, config: MethodConfig, runtime: Runtime, *, steps: int | None
     With ``resume`` and a checkpoint in ``checkpoint``, continue it (its settings must match ``config``'s
     fingerprint). Ctrl-C saves the checkpoint, then raises :class:`TrainingInterrupted`.
     """
-    total = config.steps if steps is None else steps  # type: ignore[attr-defined]
+    total = getattr(config, "steps", None) if steps is None else steps
+    if total is None:
+        raise LeanfmError(f"{type(config).__name__} has no steps setting; pass steps= to fit")
     _place(task, runtime.device)
     result = FitResult()
     if resume and checkpoint is not None and (state := load_checkpoint(checkpoint)) is not None:

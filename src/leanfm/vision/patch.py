@@ -11,11 +11,13 @@ attention mask argument the host already has.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from leanfm.errors import LeanfmError
 from leanfm.vision.merge import MODES, bipartite_soft_matching, reduce_tokens
@@ -43,6 +45,34 @@ class TokenReduction:
     handles: list[Any] = field(default_factory=list)
 
 
+class _ViTAttention(Protocol):
+    """What the patch uses of a transformers ``ViTAttention``."""
+
+    num_attention_heads: int
+    k_proj: nn.Module
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                 **kwargs: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+class _TimmAttention(Protocol):
+    """What the patch uses of a timm ``Attention`` (timm is an optional extra, untyped here)."""
+
+    num_heads: int
+    head_dim: int
+    qkv: nn.Module
+
+    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False) -> torch.Tensor: ...
+
+
+class _TimmVisionTransformer(Protocol):
+    """What the patch reads from a timm ``VisionTransformer``."""
+
+    patch_embed: Any
+    num_prefix_tokens: int
+
+
 def _vit_body(model: nn.Module) -> nn.Module:
     """The module holding the blocks: ``model.vit`` / a ``ViTModel`` (transformers) or a timm ViT itself."""
     body = getattr(model, "vit", model)
@@ -62,14 +92,16 @@ def _is_timm_vit(model: nn.Module) -> bool:
 def vit_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a transformers or timm ViT, in order."""
     body = _vit_body(model)
-    return list(body.blocks if _is_timm_vit(body) else body.layers)
+    blocks = body.blocks if _is_timm_vit(body) else body.layers
+    return list(cast(Iterable[nn.Module], blocks))  # a ModuleList (transformers) or a Sequential (timm)
 
 
 def token_count(model: nn.Module) -> int:
     """Tokens entering the first layer: patches plus the class token (timm: plus its prefix tokens)."""
     if _is_timm_vit(model):
-        return int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
-    cfg = model.config
+        timm_vit = cast(_TimmVisionTransformer, model)
+        return int(timm_vit.patch_embed.num_patches) + int(timm_vit.num_prefix_tokens)
+    cfg = cast(PretrainedConfig, model.config)
     return (cfg.image_size // cfg.patch_size) ** 2 + 1
 
 
@@ -77,10 +109,11 @@ def _protects_class_token(model: nn.Module) -> bool:
     """Whether token 0 is a class token to keep out of merges (timm models may pool without one)."""
     if not _is_timm_vit(model):
         return True
-    if model.num_prefix_tokens > 1:
-        raise LeanfmError(f"timm ViT with {model.num_prefix_tokens} prefix tokens (register/distillation tokens); "
+    prefix_tokens = cast(_TimmVisionTransformer, model).num_prefix_tokens
+    if prefix_tokens > 1:
+        raise LeanfmError(f"timm ViT with {prefix_tokens} prefix tokens (register/distillation tokens); "
                           "accepted: a class token only, or none")
-    return model.num_prefix_tokens == 1
+    return prefix_tokens == 1
 
 
 def parse_r(value: RValue | str) -> RValue:
@@ -135,6 +168,7 @@ def expand_r(r: RValue, layers: int, tokens: int) -> list[int]:
 class _TokenReducingBlock(nn.Module):
     """What both hosts share: reading the per-forward state and reducing tokens between attention and MLP."""
 
+    _leanfm_original_class: type[nn.Module]  # the host class, restored by remove_patch
     _leanfm_reduction: TokenReduction
     _leanfm_index: int
     _leanfm_keys: torch.Tensor | None  # the key source's output, stored by a forward hook
@@ -152,6 +186,10 @@ class _TokenReducingBlock(nn.Module):
         """Head-averaged keys ``[B, N, head_dim]`` from the key source's output (host specific)."""
         raise NotImplementedError
 
+    def _key_source(self) -> nn.Module:
+        """The module whose output :meth:`_metric` reads (host specific)."""
+        raise NotImplementedError
+
     def _reduce(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Match on the head-averaged keys and remove this layer's r tokens (ToMe's placement)."""
         reduction, index = self._leanfm_reduction, self._leanfm_index
@@ -160,6 +198,7 @@ class _TokenReducingBlock(nn.Module):
         if r == 0:
             return hidden_states
         state = reduction.state
+        assert keys is not None  # stored by the key source's forward hook during attention
         matching = bipartite_soft_matching(self._metric(keys), r, protect_first=reduction.protect_first)
         if state.size is None:
             state.size = hidden_states.new_ones(*hidden_states.shape[:2], 1)
@@ -169,6 +208,12 @@ class _TokenReducingBlock(nn.Module):
 
 class TokenReducingViTLayer(_TokenReducingBlock):
     """Forward of a patched transformers ``ViTLayer``: attention, token reduction, MLP (its own submodules)."""
+
+    attention: _ViTAttention  # the host ViTLayer's submodules
+    layernorm_before: nn.Module
+    layernorm_after: nn.Module
+    mlp: nn.Module
+    dropout: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         mask = self._attention_bias(hidden_states, attention_mask)
@@ -180,9 +225,21 @@ class TokenReducingViTLayer(_TokenReducingBlock):
     def _metric(self, keys: torch.Tensor) -> torch.Tensor:  # keys: k_proj output [B, N, heads * head_dim]
         return keys.view(*keys.shape[:2], self.attention.num_attention_heads, -1).mean(2)
 
+    def _key_source(self) -> nn.Module:
+        return self.attention.k_proj
+
 
 class TokenReducingTimmBlock(_TokenReducingBlock):
     """Forward of a patched timm ``Block``: the same steps with timm's layer-scale and drop-path."""
+
+    attn: _TimmAttention  # the host Block's submodules
+    norm1: nn.Module
+    norm2: nn.Module
+    ls1: nn.Module
+    ls2: nn.Module
+    drop_path1: nn.Module
+    drop_path2: nn.Module
+    mlp: nn.Module
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         mask = self._attention_bias(x, attn_mask)
@@ -191,6 +248,9 @@ class TokenReducingTimmBlock(_TokenReducingBlock):
 
     def _metric(self, keys: torch.Tensor) -> torch.Tensor:  # keys: fused qkv output [B, N, 3 * heads * head_dim]
         return keys.view(*keys.shape[:2], 3, self.attn.num_heads, self.attn.head_dim)[:, :, 1].mean(2)
+
+    def _key_source(self) -> nn.Module:
+        return self.attn.qkv
 
 
 def apply_token_reduction(
@@ -211,16 +271,17 @@ def apply_token_reduction(
     reduction.handles.append(body.register_forward_pre_hook(reset))
     mixin = TokenReducingTimmBlock if timm else TokenReducingViTLayer
     for index, layer in enumerate(layers):
-        layer._leanfm_original_class = layer.__class__
-        layer.__class__ = type("TokenReducing" + layer.__class__.__name__, (mixin, layer.__class__), {})
-        layer._leanfm_reduction, layer._leanfm_index, layer._leanfm_keys = reduction, index, None
+        original = layer.__class__
+        layer.__class__ = type("TokenReducing" + original.__name__, (mixin, original), {})
+        block = cast(_TokenReducingBlock, layer)  # the class swap just made it one
+        block._leanfm_original_class = original
+        block._leanfm_reduction, block._leanfm_index, block._leanfm_keys = reduction, index, None
 
-        def keep_keys(_m: nn.Module, _args: tuple, out: torch.Tensor, layer: nn.Module = layer) -> None:
-            layer._leanfm_keys = out
+        def keep_keys(_m: nn.Module, _args: tuple, out: torch.Tensor, block: _TokenReducingBlock = block) -> None:
+            block._leanfm_keys = out
 
-        key_source = layer.attn.qkv if timm else layer.attention.k_proj
-        reduction.handles.append(key_source.register_forward_hook(keep_keys))
-    model._leanfm_reduction = reduction
+        reduction.handles.append(block._key_source().register_forward_hook(keep_keys))
+    model._leanfm_reduction = reduction  # type: ignore[assignment]  # torch's stub: Module.__setattr__ takes any value
     return model
 
 
@@ -232,7 +293,7 @@ def remove_patch(model: nn.Module) -> nn.Module:
     for handle in reduction.handles:
         handle.remove()
     for layer in vit_layers(model):
-        layer.__class__ = layer._leanfm_original_class
+        layer.__class__ = cast(_TokenReducingBlock, layer)._leanfm_original_class
         for attr in ("_leanfm_original_class", "_leanfm_reduction", "_leanfm_index", "_leanfm_keys"):
             delattr(layer, attr)
     del model._leanfm_reduction

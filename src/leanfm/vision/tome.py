@@ -22,14 +22,14 @@ __all__ = ["TomeConfig", "apply_patch", "remove_patch"]
 class TomeConfig(MethodConfig):
     """Tokens removed per layer; ``r_inflect`` turns a constant ``r`` into ToMe's linear schedule."""
 
-    r: int | list[int] | str = option(0, "tokens removed per layer: N or a list N1,N2,... (one per layer)")
+    r: RValue | str = option(0, "tokens removed per layer: N or a list N1,N2,... (one per layer)")
     r_inflect: float | None = option(
         None, "schedule r linearly from r*(1-x) in the first layer to r*(1+x) in the last (ToMe's inflect, -1..1)")
     proportional_attention: bool = option(True, "add log(token size) to the attention logits", cli=False)
 
     def validate(self) -> None:
         super().validate()
-        self.r = parse_r(self.r)  # type: ignore[assignment]
+        self.r = parse_r(self.r)
         if self.r_inflect is not None:
             if not isinstance(self.r, int):
                 raise LeanfmError("r_inflect needs a single r value; accepted: r N with r_inflect X")

@@ -91,7 +91,7 @@ class ViTTrainConfig(MethodConfig):
 
 def build_vit(config: ViTTrainConfig) -> ViTForImageClassification:
     """A fresh ViT classifier for 1-channel 28x28 images and 10 classes, seeded."""
-    vit_config = ViTConfig(  # type: ignore[call-arg]  # num_labels goes to PretrainedConfig's **kwargs
+    vit_config = ViTConfig(  # type: ignore[call-arg]  # stub lacks **kwargs: num_labels goes to PretrainedConfig
         image_size=IMAGE_SIZE, patch_size=config.patch_size, num_channels=1, hidden_size=config.hidden_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, intermediate_size=config.mlp,
         num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
