@@ -16,7 +16,10 @@ run: setup
 	$(BIN)/leanfm eval results/smollm2-modegpt-0.3 --windows 20 --json results/main-modegpt.json
 	$(BIN)/leanfm report results/main-dense.json results/main-modegpt.json --out results/report
 
+# What CI runs: ruff, mypy, then every test (markers only group them; all run here).
 test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src/leanfm
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the slow, multi-process, speech and end-to-end training tests (< 2 min here).
