@@ -8,7 +8,6 @@ this module never names a method.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,11 +34,10 @@ def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: CompressionReport,
                     overwrite: bool = False) -> Path:
-    """Write model, tokenizer and ``compression.json`` to ``out`` atomically (all or nothing)."""
+    """Write model, tokenizer and ``compression.json`` to ``out`` atomically (all or nothing; a crash leaves a
+    previous ``out`` intact)."""
     check_output_dir(out, overwrite)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp:  # replaces an existing ``out`` only once the new one is complete
         cast(PreTrainedModel, model).save_pretrained(tmp, safe_serialization=True)  # a compressed transformers model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
