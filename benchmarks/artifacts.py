@@ -7,13 +7,16 @@ The ViT of the token-reduction benchmarks is trained in two stages, each a plain
 5 epochs at lr 2e-3 (``vit-fmnist-e5``, ~65 min on one core), then 6 more from those weights at lr 1e-3
 (``vit-fmnist-e11``, ~70 min). Each finished stage is exported as bf16 safetensors with a manifest; its accuracy
 is measured on the bf16 weights as saved (upcast to float32, as :func:`leanfm.vision.train.load_vit` loads them).
-A later session continues from a committed stage instead of starting over.
+A later session continues from a committed stage instead of starting over — or, when a stage could not finish
+within one session, from its committed training checkpoint ``artifacts/<stage>.training/state.pt`` (model,
+optimizer, step and RNG in the one training loop's layout), which is copied into ``--runs`` and resumed exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -63,10 +66,15 @@ def main() -> None:
     set_quiet(True)
     for name, (config, parent, _) in STAGES.items():
         run = args.runs / name
+        committed = ARTIFACTS / f"{name}.training"
+        training = run.parent / f"{run.name}.training"
+        if committed.is_dir() and not training.is_dir() and not (run / "metrics.json").is_file():
+            shutil.copytree(committed, training)  # continue the interrupted stage from the committed checkpoint
         if not args.export_only and not (run / "metrics.json").is_file():
             if parent is not None:
-                config = ViTTrainConfig.from_dict({**config.to_dict(), "init_from": str(args.runs / parent)})
-            train_vit(config, run, resume=(run.parent / f"{run.name}.training").is_dir())
+                start = args.runs / parent if (args.runs / parent / "metrics.json").is_file() else ARTIFACTS / parent
+                config = ViTTrainConfig.from_dict({**config.to_dict(), "init_from": str(start)})
+            train_vit(config, run, resume=training.is_dir())
         if (run / "metrics.json").is_file():
             print(f"exported {export(name, run)}", flush=True)
 
