@@ -74,13 +74,14 @@ def test_missing_files_and_uneven_line_counts_are_refused(tmp_path):
     with pytest.raises(LeanfmError, match=r"dev/label has 1 lines but .*seq.in has"):
         slu.load(root)
     (root / "intent_label.txt").unlink()
-    with pytest.raises(LeanfmError, match="intent_label.txt' is missing"):
+    with pytest.raises(LeanfmError, match=r"intent_label\.txt' is missing"):
         slu.load(root)
 
 
 def test_unseen_dev_labels_are_kept_only_when_allowed(tmp_path):
     root = make_dataset(tmp_path / "d")
-    (root / "test" / "label").write_text("day_name\n" + "".join((root / "test" / "label").read_text().splitlines(True)[1:]))
+    labels = (root / "test" / "label").read_text().splitlines(True)
+    (root / "test" / "label").write_text("day_name\n" + "".join(labels[1:]))
     with pytest.raises(LeanfmError, match="test/label:1: unknown intent 'day_name'"):
         slu.load(root)
     assert slu.load(root, allow_unseen=True).test[0].intent == "day_name"
