@@ -241,7 +241,8 @@ def split_novel_combination(data: SluData, *, seed: int = 0, min_test: float = 0
         if len(test) >= min_test * len(pool):
             break
     if not test:
-        raise LeanfmError("no slot-type pair can be held out (too few multi-slot utterances)")
+        raise LeanfmError(f"no slot-type pair can be held out with a test share <= {max_test} while every test slot "
+                          "type stays seen in training (too few or too uniform multi-slot utterances)")
     side = [u for i, u in enumerate(pool) if i not in test]
     train, dev = _dev_from_train(side, dev_fraction, seed)
     intents, slots = _labels_of(data, pool)
