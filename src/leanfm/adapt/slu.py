@@ -137,7 +137,10 @@ def _tokenizer() -> Any:
 def build_encoder(name: str, attention: str = "sdpa") -> tuple[BertModel, Any]:
     """The pretrained MiniLM through the model registry, or a seeded random 2-layer BERT (its tokenizer)."""
     if name == "minilm-l6":
-        model, tokenizer = load_model("minilm-l6")
+        loaded, tokenizer = load_model("minilm-l6")
+        if not isinstance(loaded, BertModel):
+            raise LeanfmError(f"minilm-l6 loaded as {type(loaded).__name__}; accepted: a transformers BertModel")
+        model = loaded
     elif name == "tiny-bert":
         tokenizer = _tokenizer()
         config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
