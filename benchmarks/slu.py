@@ -108,8 +108,38 @@ def _mean(group: list[dict], metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+def _order(r: dict) -> tuple:
+    return (DATASETS.index(r["dataset"]), SPLITS.index(r["split"]), list(VARIANTS).index(r["variant"]), r["seed"])
+
+
+def differences(rows: list[dict]) -> list[str]:
+    """One line per variant row that has a baseline row of the same dataset, split and seed."""
+    base = {(r["dataset"], r["split"], r["seed"]): r for r in rows if r["variant"] == "baseline"}
+    out = []
+    for r in sorted(rows, key=_order):
+        ref = base.get((r["dataset"], r["split"], r["seed"]))
+        if r["variant"] != "baseline" and ref is not None:
+            diff = 100 * (r["metrics"]["test"]["slot_f1"] - ref["metrics"]["test"]["slot_f1"])
+            out.append(f"- {r['dataset']} {r['split']} seed {r['seed']}: {r['variant']} minus baseline {diff:+.2f}")
+    return out
+
+
+def commands(rows: list[dict]) -> list[str]:
+    """The command that reproduces the rows of each seed, from the settings stored with the rows."""
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        group = sorted((r for r in rows if r["seed"] == seed), key=_order)
+        s = group[0]["settings"]
+        plan = " ".join(f"{r['dataset']}:{r['split']}:{r['variant']}" for r in group)
+        out.append(f"python benchmarks/slu.py --plan {plan} --seeds {seed} --steps {s['steps']} --epochs {s['epochs']} "
+                   f"--warmup {s['warmup']} --lr {s['lr']} --batch-size {s['batch_size']} --device {s['device']}")
+    return out
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     length = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
+    seen = (f"{args.steps * args.batch_size} training utterances (~{args.steps * args.batch_size / 4478:.2f} ATIS "
+            f"epochs, ~{args.steps * args.batch_size / 13084:.2f} SNIPS epochs)" if args.steps else length)
     lines = [
         "## Compositional SLU (adapt)", "",
         "Claim (paper): on compositional splits of ATIS and SNIPS the compositional loss (novel slot combinations) and "
@@ -120,24 +150,32 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         f"(warm-up {args.warmup} steps, cosine), {length} per run, "
         f"on this machine's CPU ({args.device}). Test metrics: intent accuracy, span-level slot F1 (seqeval), "
         "exact match, in %. Splits: novel-combination holds out slot-type pairs (every test utterance has one, every "
-        "test slot type is seen in training); length trains on utterances with <= k slots and tests on > k.", "",
+        "test slot type is seen in training); length trains on utterances with <= k slots and tests on > k.",
+        "", f"Caveat: {seen} per run is the CPU budget of the session that ran these rows, not convergence (JointBERT "
+        "trains 10 epochs); absolute numbers are therefore far below the anchors, and with one seed per row a "
+        "difference of a few points is within run-to-run noise until more seeds ran.", "",
         "| dataset | split (test size, k) | variant | seed | intent acc | slot F1 | exact match | train time |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=_order):
         stats = r.get("split_stats", {})
-        size = stats.get("sizes", {}).get("test", "")
+        size = stats.get("sizes", {}).get("test")
         k = f", k={stats['k']}" if stats.get("k") is not None else ""
         m = r["metrics"]["test"]
-        lines.append(f"| {r['dataset']} | {r['split']} ({size}{k}) | {r['variant']} | {r['seed']} | "
-                     f"{100 * m['intent_accuracy']:.2f} | **{100 * m['slot_f1']:.2f}** | "
+        lines.append(f"| {r['dataset']} | {r['split']}{f' ({size}{k})' if size else ''} | {r['variant']} | "
+                     f"{r['seed']} | {100 * m['intent_accuracy']:.2f} | **{100 * m['slot_f1']:.2f}** | "
                      f"{100 * m['exact_match']:.2f} | {r['train_seconds'] / 60:.1f} min ({r['steps']} steps, "
                      f"{r['seconds_per_epoch'] / 60:.1f} min/epoch) |")
+    lines += ["", "Differences to the baseline on the same dataset, split and seed (test slot F1 points, computed):"]
+    lines += differences(rows) or ["- none yet (no variant ran beside its baseline)"]
     done = {(r["dataset"], r["split"], r["variant"]) for r in rows}
     missing = [f"{d}:{s}:{v}" for d in DATASETS for s in SPLITS for v in VARIANTS if (d, s, v) not in done]
+    seeds = sorted({r["seed"] for r in rows})
     lines += ["", f"Not run (of the issue's grid of {len(DATASETS) * len(SPLITS) * len(VARIANTS)} rows, 3 seeds on "
-              f"the compositional splits): {', '.join(missing) if missing else 'none'}.", "",
-              "![Compositional SLU](results/slu.png)", "", f"Regenerate: `{command}`"]
+              f"the compositional splits; seeds that ran: {seeds}): {', '.join(missing) if missing else 'none'}.",
+              "", "![Compositional SLU](results/slu.png)", "", "Regenerate (one command per seed; finished rows are "
+              "reused from results/slu.json):", ""]
+    lines += [f"    {command}" for command in commands(rows)]
     return "\n".join(lines)
 
 
@@ -168,9 +206,6 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     results = args.results / "slu.json"
     rows: list[dict] = json.loads(results.read_text()) if results.is_file() else []
-    flags = [f"--steps {args.steps}", f"--epochs {args.epochs}", f"--warmup {args.warmup}",
-             f"--seeds {' '.join(map(str, args.seeds))}"]
-    command = "python benchmarks/slu.py " + " ".join(([f"--plan {' '.join(args.plan)}"] if args.plan else []) + flags)
     for dataset, split, variant in plan:
         for seed in args.seeds:
             wanted = settings(args, variant, seed)
@@ -182,9 +217,12 @@ def main() -> None:
                 dataset, split, variant, seed)] + [row]
             atomic_write_json(results, rows)
             atomic_write_bytes(args.results / "slu.png", plot(rows))
-            write_section(args.benchmarks_md, "slu", markdown(rows, args, command))
+            write_section(args.benchmarks_md, "slu", markdown(rows, args))
             print(json.dumps({k: row[k] for k in ("dataset", "split", "variant", "seed", "train_seconds")}
                              | row["metrics"]["test"]), flush=True)
+    if rows:  # also when every row was cached: the section follows the code that renders it
+        atomic_write_bytes(args.results / "slu.png", plot(rows))
+        write_section(args.benchmarks_md, "slu", markdown(rows, args))
 
 
 if __name__ == "__main__":
