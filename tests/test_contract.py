@@ -12,7 +12,11 @@ not) and read back its loss history and trained weights, and in which module the
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import leanfm.adapt.slu as slu
 import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
 import leanfm.decode.dynamo as dynamo
@@ -33,6 +38,7 @@ from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig
 from leanfm.config import MethodConfig
 from leanfm.errors import LeanfmError
 from leanfm.training import TrainingInterrupted, load_checkpoint
+from test_slu_data import make_dataset
 
 Weights = dict[str, torch.Tensor]
 
@@ -76,6 +82,19 @@ def _align_run(config, folder, resume):
     return summary["history"], encoder.state_dict()
 
 
+@functools.cache
+def _slu_data() -> str:
+    """A small hand-made dataset in JointBERT's layout, written once per test session."""
+    folder = Path(tempfile.mkdtemp(prefix="leanfm-slu-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return str(make_dataset(folder / "data"))
+
+
+def _slu_run(config, folder, resume):
+    summary = slu.train_slu(config, folder / "out", resume=resume)
+    return summary["training"]["history"], load_file(str(folder / "out" / "model.safetensors"))
+
+
 def _beside(folder: Path) -> Path:
     return folder / "out.training"
 
@@ -106,6 +125,13 @@ CONTRACTS = [
         lambda **kw: align_trainer.AlignConfig(**{"steps": 4, "batch_size": 8, "warmup": 2, "checkpoint_every": 3,
                                                   "device": "cpu", **kw}),
         _align_run, align_trainer, _beside, ({"loss": "triplet"}, "unknown loss 'triplet'"), {"tau": 0.1},
+    ),
+    Contract(
+        "slu",
+        lambda **kw: slu.SluConfig(**{"data": _slu_data(), "encoder": "tiny-bert", "method": "compositional",
+                                      "paired": True, "steps": 4, "batch_size": 8, "warmup": 1, "eval_limit": 4,
+                                      "checkpoint_every": 3, "device": "cpu", **kw}),
+        _slu_run, slu, _beside, ({"method": "crf"}, "unknown method 'crf'"), {"lr": 1e-2},
     ),
 ]
 IDS = [c.name for c in CONTRACTS]
@@ -177,7 +203,7 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
 
 @pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig),
                                                    ("cwcl-speech", SpeechAlignConfig),
-                                                   ("cwcl-image", ImageAlignConfig)])
+                                                   ("cwcl-image", ImageAlignConfig), ("slu", slu.SluConfig)])
 def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
     """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
     import inspect

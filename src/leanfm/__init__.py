@@ -24,6 +24,7 @@ def list_methods(family: str | None = None) -> list[MethodSpec]:
 
     ``import leanfm`` stays light (no method is imported until asked for); this is the one place that loads them all.
     """
+    import leanfm.adapt
     import leanfm.align
     import leanfm.compress
     import leanfm.decode

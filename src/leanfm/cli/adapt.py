@@ -1,0 +1,106 @@
+"""``leanfm slu split|train|eval|predict``: compositional spoken-language understanding (text input).
+
+``DATA`` is a folder in JointBERT's layout or a name (``atis``, ``snips``) under ``$LEANFM_DATA/slu``; nothing is
+downloaded. Spoken input (``predict --audio``) waits for a speech recogniser in the project and is not offered yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from leanfm.adapt.slu import SluConfig, evaluate, load_run, predict, train_slu
+from leanfm.cli.common import (
+    Parser,
+    add_config_flags,
+    add_json_flag,
+    add_run_flags,
+    check_json_target,
+    config_from_args,
+    emit,
+    out_path,
+)
+from leanfm.data import slu as slu_data
+from leanfm.paths import check_output_dir
+
+DATA_HELP = "dataset folder in JointBERT's layout, or a name (atis, snips) under $LEANFM_DATA/slu"
+METRICS = ("intent_accuracy", "slot_f1", "slot_precision", "slot_recall", "exact_match", "utterances")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 0")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("slu", help="compositional SLU: splits, JointBERT training, evaluation, prediction")
+    ssub = p.add_subparsers(dest="slu_command", parser_class=Parser, required=True)
+    s = ssub.add_parser("split", help="re-split train+dev+test compositionally (same layout + split.json)")
+    s.add_argument("data", help=DATA_HELP)
+    s.add_argument("--kind", required=True, choices=slu_data.KINDS, help="which compositional split")
+    s.add_argument("--seed", type=_non_negative, default=0, help="seed of the held-out pairs and of dev [default 0]")
+    s.add_argument("--k", type=_non_negative, default=None,
+                   help="length split: train on <= k slots (default: test share closest to 17.5%%)")
+    add_run_flags(s, "the new dataset folder", trains=False)
+    add_json_flag(s, "the split statistics")
+    s.set_defaults(handler=cmd_split)
+    t = ssub.add_parser("train", help="train JointBERT (+ compositional loss, + paired training) and evaluate")
+    t.add_argument("data", help=DATA_HELP)
+    add_run_flags(t, "model.safetensors, slu.json; checkpoints in OUT.training")
+    add_config_flags(t, SluConfig)
+    add_json_flag(t, "the dev and test metrics")
+    t.set_defaults(handler=cmd_train)
+    e = ssub.add_parser("eval", help="intent accuracy, slot F1 (seqeval, spans) and exact match of a run")
+    e.add_argument("run", help="folder written by 'leanfm slu train'")
+    e.add_argument("--data", default=None, help=DATA_HELP + " [default: the run's training data]")
+    e.add_argument("--split", choices=slu_data.SPLITS, default="test", help="which split [default test]")
+    add_json_flag(e, "the metrics")
+    e.set_defaults(handler=cmd_eval)
+    r = ssub.add_parser("predict", help="intent and slots of one utterance, as JSON")
+    r.add_argument("run", help="folder written by 'leanfm slu train'")
+    r.add_argument("text", help="the utterance (words separated by spaces)")
+    r.set_defaults(handler=cmd_predict)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    out = out_path(args)
+    check_output_dir(out, args.overwrite)
+    check_json_target(args)
+    stats = slu_data.resplit(args.data, args.kind, out, seed=args.seed, k=args.k)
+    emit(args, stats, keys=[k for k in ("kind", "k", "sizes", "test_share", "test_with_novel_pair",
+                                        "test_types_unseen_in_train") if k in stats])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(SluConfig, args, data=str(slu_data.resolve(args.data)))
+    check_json_target(args)
+    summary = train_slu(config, out_path(args), resume=args.resume, overwrite=args.overwrite)
+    if summary["metrics"]:  # only the main rank evaluates
+        flat = {f"{split}_{k}": v for split, m in summary["metrics"].items() for k, v in m.items()}
+        emit(args, flat | {"seconds_per_epoch": summary["training"]["seconds_per_epoch"]})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    check_json_target(args)
+    model, tokenizer, meta = load_run(args.run)
+    folder = slu_data.resolve(args.data) if args.data else Path(meta["data"])
+    data = slu_data.load(folder, allow_unseen=True)
+    # the run's own label inventory: gold labels it never saw count as errors, whatever the folder's label files
+    metrics = evaluate(model, tokenizer, data.split(args.split), meta["intents"], meta["slots"],
+                       meta["config"]["max_length"])
+    emit(args, metrics, keys=METRICS)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    print(json.dumps(predict(args.run, args.text), indent=2))
+    return 0

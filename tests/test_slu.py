@@ -1,0 +1,96 @@
+"""Compositional SLU: sub-token alignment, paired examples, the compositional loss, a tiny run, predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leanfm.adapt import slu
+from leanfm.data.slu import Utterance
+from leanfm.errors import LeanfmError
+from test_slu_data import make_dataset
+
+INTENTS = ["UNK", "flight"]
+SLOTS = ["PAD", "UNK", "O", "B-from", "I-from", "B-to", "I-to"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return slu._tokenizer()
+
+
+def test_only_first_sub_tokens_carry_tags(tokenizer):
+    u = Utterance(("flights", "from", "westbam", "to", "new", "york"), ("O", "O", "B-from", "O", "B-to", "I-to"),
+                  "flight")
+    (e,) = slu.encode(tokenizer, [u], INTENTS, SLOTS)
+    pieces = tokenizer(list(u.tokens), is_split_into_words=True, add_special_tokens=False).word_ids()
+    assert pieces.count(2) > 1  # westbam splits into several sub-tokens
+    labelled = [p for p, label in enumerate(e.labels) if label != slot_ignore()]
+    assert labelled == list(e.first) and len(labelled) == len(u.tokens)
+    assert [SLOTS[e.labels[p]] for p in e.first] == list(u.tags)
+    assert all(e.spans[p] == 1 for p, w in enumerate(pieces) if w == 2)  # every piece of the span, not just the first
+    assert [e.spans[p] for p in e.first] == [0, 0, 1, 0, 2, 2]
+
+
+def slot_ignore() -> int:
+    return slu.IGNORE
+
+
+def test_paired_examples_keep_tags_and_spans_aligned(tokenizer):
+    a = Utterance(("from", "boston"), ("O", "B-from"), "flight")
+    b = Utterance(("to", "new", "york"), ("O", "B-to", "I-to"), "flight")
+    ea, eb = slu.encode(tokenizer, [a, b], INTENTS, SLOTS)
+    joined = slu.pair(ea, eb)
+    assert joined.ids == ea.ids + eb.ids
+    assert [SLOTS[joined.labels[p]] for p in joined.first] == list(a.tags + b.tags)
+    assert [joined.spans[p] for p in joined.first] == [0, 1, 0, 2, 2]  # b's span renumbered after a's
+    batch = slu.collate([joined, ea], tokenizer.cls_token_id, tokenizer.sep_token_id, 64, intent_on=[False, True])
+    assert batch["input_ids"][0, 0] == tokenizer.cls_token_id and batch["intent_mask"].tolist() == [0.0, 1.0]
+    row = batch["labels"][0, 1 : 1 + len(joined.ids)]
+    assert row.tolist() == list(joined.labels)  # shifted by [CLS] only
+
+
+def test_compositional_loss_is_the_attention_mass_to_other_slot_spans():
+    spans = torch.tensor([[0, 1, 1, 2, 0]])
+    att = torch.zeros(1, 1, 5, 5)
+    att[0, 0, 1] = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])  # token of span 1 -> 0.3 to span 2
+    att[0, 0, 2] = torch.tensor([0.0, 0.6, 0.4, 0.0, 0.0])  # stays within its span -> 0
+    att[0, 0, 3] = torch.tensor([0.1, 0.2, 0.2, 0.5, 0.0])  # span 2 -> 0.4 to span 1
+    att[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0])  # not a slot token: ignored
+    value = slu.compositional_loss((torch.zeros_like(att), att), spans, layers=1)
+    assert value.item() == pytest.approx((0.3 + 0.0 + 0.4) / 3)
+    two = slu.compositional_loss((att, att), spans, layers=2)
+    assert two.item() == pytest.approx(value.item())
+    assert slu.compositional_loss((att,), torch.tensor([[0, 1, 1, 1, 0]]), 1).item() == 0.0  # one slot: nothing
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(LeanfmError, match="unknown method 'bilstm'; accepted: jointbert, compositional"):
+        slu.SluConfig(method="bilstm")
+    with pytest.raises(LeanfmError, match="pair fraction 0 is invalid"):
+        slu.SluConfig(pair_fraction=0)
+    with pytest.raises(LeanfmError, match="no SLU data"):
+        slu.train_slu(slu.SluConfig(device="cpu"), "/nonexistent/out")
+
+
+@pytest.mark.training
+def test_a_tiny_run_saves_evaluates_and_predicts(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    config = slu.SluConfig(data=str(data), encoder="tiny-bert", method="compositional", paired=True, steps=30,
+                           batch_size=16, lr=3e-3, warmup=3, device="cpu")
+    summary = slu.train_slu(config, tmp_path / "run")
+    history = summary["training"]["history"]
+    assert len(history) == 30 and all("comp" in h for h in history)
+    assert history[-1]["slot_ce"] < history[0]["slot_ce"]
+    meta = json.loads((tmp_path / "run" / "slu.json").read_text())
+    assert meta["metrics"]["test"] == summary["metrics"]["test"]
+    model, tokenizer, _ = slu.load_run(tmp_path / "run")
+    again = slu.evaluate(model, tokenizer, slu.load(data).test, meta["intents"], meta["slots"])
+    assert again == summary["metrics"]["test"]  # the saved run reproduces its metrics
+    out = slu.predict(tmp_path / "run", "show flights from boston to new york")
+    assert out["intent"] in ("flight", "airfare") and len(out["tags"]) == 7
+    assert all(s["value"] == " ".join(out["text"].split()[s["start"] : s["end"]]) for s in out["slots"])
+    with pytest.raises(LeanfmError, match="is not an SLU run"):
+        slu.load_run(tmp_path / "data")
