@@ -20,6 +20,7 @@ from leanfm.cli.common import (
     check_json_target,
     config_from_args,
     emit,
+    nonnegative_int,
     out_path,
 )
 from leanfm.data import slu as slu_data
@@ -29,24 +30,14 @@ DATA_HELP = "dataset folder in JointBERT's layout, or a name (atis, snips) under
 METRICS = ("intent_accuracy", "slot_f1", "slot_precision", "slot_recall", "exact_match", "utterances")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; accepted: an integer >= 0")
-    return value
-
-
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("slu", help="compositional SLU: splits, JointBERT training, evaluation, prediction")
     ssub = p.add_subparsers(dest="slu_command", parser_class=Parser, required=True)
     s = ssub.add_parser("split", help="re-split train+dev+test compositionally (same layout + split.json)")
     s.add_argument("data", help=DATA_HELP)
     s.add_argument("--kind", required=True, choices=slu_data.KINDS, help="which compositional split")
-    s.add_argument("--seed", type=_non_negative, default=0, help="seed of the held-out pairs and of dev [default 0]")
-    s.add_argument("--k", type=_non_negative, default=None,
+    s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the held-out pairs and of dev [default 0]")
+    s.add_argument("--k", type=nonnegative_int, default=None,
                    help="length split: train on <= k slots (default: test share closest to 17.5%%)")
     add_run_flags(s, "the new dataset folder", trains=False)
     add_json_flag(s, "the split statistics")
