@@ -6,17 +6,8 @@ import json
 
 import pytest
 
-from leanfm.cli import main
+from test_cli import _run_cli
 from test_slu_data import make_dataset
-
-
-def _run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
