@@ -55,9 +55,11 @@ def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> s
                 anchor = module.split(".") if is_package else module.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)  # ``from pkg import x`` runs ``pkg/__init__`` first, whatever x is
             for alias in node.names:
                 child = f"{base}.{alias.name}"
-                found.add(child if child in known else base)
+                if child in known:
+                    found.add(child)
     root = module.split(".")[0]
     return {m for m in found if m == root or m.startswith(root + ".")}
 
@@ -174,3 +176,12 @@ def test_type_checking_imports_do_not_count(tmp_path):
         "leanfm/models/x.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from leanfm.cli import main\n",
     })
     assert layer_violations(import_graph(root)) == []
+
+
+def test_from_a_package_import_counts_as_importing_the_package_init(tmp_path):
+    root = _tree(tmp_path, {
+        "leanfm/models/__init__.py": "from leanfm.models.registry import load\n",
+        "leanfm/models/registry.py": "from leanfm.models import tiny\n",  # runs models/__init__ first
+        "leanfm/models/tiny.py": "",
+    })
+    assert cycles(import_graph(root)) == [["leanfm.models", "leanfm.models.registry"]]

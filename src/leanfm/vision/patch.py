@@ -184,11 +184,11 @@ class _TokenReducingBlock(nn.Module):
 
     def _metric(self, keys: torch.Tensor) -> torch.Tensor:
         """Head-averaged keys ``[B, N, head_dim]`` from the key source's output (host specific)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _metric (each host block subclass does)")
 
     def _key_source(self) -> nn.Module:
         """The module whose output :meth:`_metric` reads (host specific)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _key_source (each host block subclass does)")
 
     def _reduce(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Match on the head-averaged keys and remove this layer's r tokens (ToMe's placement)."""
