@@ -2,6 +2,7 @@
 
     python benchmarks/slu.py                                   # the full grid (many CPU hours)
     python benchmarks/slu.py --plan atis:standard:baseline atis:novel-combination:baseline --steps 100
+    python benchmarks/slu.py --workers 2 --threads 1      # two rows at once, one thread each (2-core machine)
 
 Rows are ``dataset:split:variant`` (x ``--seeds``), trained in the order given; each finished row is stored in
 ``results/slu.json`` at once and reused by a later run with the same settings (so a re-run only trains what
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,8 @@ def split_folder(root: Path, dataset: str, split: str) -> Path:
 def settings(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     method, paired = VARIANTS[variant]
     return {"method": method, "paired": paired, "seed": seed, "steps": args.steps, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "device": args.device}
+            "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "device": args.device,
+            "autocast": args.autocast}
 
 
 def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -66,7 +70,7 @@ def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args:
     config = SluConfig(data=str(folder), **settings(args, variant, seed))
     out = leanfm_home() / "bench" / "slu" / f"{dataset}-{split}-{variant}-s{seed}"
     training = out.with_name(out.name + ".training")
-    tick = time.time()
+    tick, load = time.time(), os.getloadavg()[0]
     summary = train_slu(config, out, resume=training.is_dir(), overwrite=True)
     stats = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
     return {"dataset": dataset, "split": split, "variant": variant, "seed": seed,
@@ -74,7 +78,8 @@ def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args:
             "train_seconds": summary["training"]["seconds"], "wall_seconds": time.time() - tick,
             "seconds_per_epoch": summary["training"]["seconds_per_epoch"], "steps": summary["training"]["steps"],
             "steps_per_epoch": summary["training"]["steps_per_epoch"],
-            "final": summary["training"]["history"][-1], "split_stats": {k: stats.get(k) for k in (
+            "final": summary["training"]["history"][-1], "threads": torch.get_num_threads(),
+            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)], "split_stats": {k: stats.get(k) for k in (
                 "sizes", "k", "test_share") if k in stats}}
 
 
@@ -132,7 +137,8 @@ def commands(rows: list[dict]) -> list[str]:
         s = group[0]["settings"]
         plan = " ".join(f"{r['dataset']}:{r['split']}:{r['variant']}" for r in group)
         out.append(f"python benchmarks/slu.py --plan {plan} --seeds {seed} --steps {s['steps']} --epochs {s['epochs']} "
-                   f"--warmup {s['warmup']} --lr {s['lr']} --batch-size {s['batch_size']} --device {s['device']}")
+                   f"--warmup {s['warmup']} --lr {s['lr']} --batch-size {s['batch_size']} --device {s['device']}"
+                   f"{'' if s.get('autocast', True) else ' --no-autocast'} --workers 2 --threads 1")
     return out
 
 
@@ -179,6 +185,11 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _init_worker(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", nargs="+", default=None, help="rows dataset:split:variant in order (default: all)")
@@ -189,7 +200,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-autocast", dest="autocast", action="store_false", help="train in float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per row")
+    parser.add_argument("--workers", type=int, default=1, help="rows trained at once, each in its own process")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
@@ -206,15 +219,18 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     results = args.results / "slu.json"
     rows: list[dict] = json.loads(results.read_text()) if results.is_file() else []
-    for dataset, split, variant in plan:
-        for seed in args.seeds:
-            wanted = settings(args, variant, seed)
-            if any((r["dataset"], r["split"], r["variant"], r["settings"]) == (dataset, split, variant, wanted)
-                   for r in rows):
-                continue  # finished with these settings
-            row = run_row(root, dataset, split, variant, seed, args)
-            rows = [r for r in rows if (r["dataset"], r["split"], r["variant"], r["seed"]) != (
-                dataset, split, variant, seed)] + [row]
+    todo = [(dataset, split, variant, seed) for dataset, split, variant in plan for seed in args.seeds
+            if not any((r["dataset"], r["split"], r["variant"], r["settings"]) == (
+                dataset, split, variant, settings(args, variant, seed)) for r in rows)]  # else finished already
+    for folder in {(d, s) for d, s, _, _ in todo}:
+        split_folder(root, *folder)  # re-split once, before the workers race for it
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(args.threads,)) as pool:
+        jobs: dict[Future, tuple] = {pool.submit(run_row, root, *job, args): job for job in todo}
+        for done in as_completed(jobs):
+            row = done.result()
+            rows = [r for r in rows if (r["dataset"], r["split"], r["variant"], r["seed"]) != jobs[done]] + [row]
             atomic_write_json(results, rows)
             atomic_write_bytes(args.results / "slu.png", plot(rows))
             write_section(args.benchmarks_md, "slu", markdown(rows, args))

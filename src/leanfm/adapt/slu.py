@@ -70,7 +70,7 @@ IGNORE = -100
 class SluConfig(MethodConfig):
     """``leanfm slu train``: the data, the encoder, the method and the optimisation."""
 
-    RESUMABLE = ("steps", "epochs", "checkpoint_every", "device")
+    RESUMABLE = ("steps", "epochs", "checkpoint_every", "device", "autocast")
 
     data: str = option("", "dataset folder in JointBERT's layout, or a name under $LEANFM_DATA/slu", cli=False)
     encoder: str = option("minilm-l6", "pretrained encoder (tiny-bert: random, for tests)", choices=ENCODERS)
@@ -94,6 +94,8 @@ class SluConfig(MethodConfig):
     seed: int = option(0, "seed of the heads, the batches and the pairs")
     checkpoint_every: int = option(200, "steps between training checkpoints")
     device: str = option("auto", DEVICE_HELP)
+    # bf16 autocast: ~1.3x faster steps on this CPU (0.59 -> 0.45 s at batch 32, one thread); weights stay float32
+    autocast: bool = option(True, "bfloat16 autocast for the training forward/backward (false: float32)")
 
     def validate(self) -> None:
         super().validate()
@@ -258,6 +260,12 @@ def joint_loss(model: JointSlu, batch: dict[str, torch.Tensor], config: SluConfi
 # ---------------------------------------------------------------- training
 
 
+def _step_loss(model: JointSlu, batch: dict[str, torch.Tensor], config: SluConfig,
+               runtime: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
+    with runtime.autocast():
+        return joint_loss(model, batch, config)
+
+
 def _batches(config: SluConfig, examples: list[Example], tokenizer: Any, runtime: Runtime) -> tuple[Any, int]:
     """``batch(step)`` and the steps per epoch: a seeded permutation per epoch, seeded pairs per step."""
     count = len(examples)
@@ -289,8 +297,8 @@ def _train(config: SluConfig, model: JointSlu, tokenizer: Any, data: SluData, ch
     total = config.steps or config.epochs * per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     task = Task(f"slu {config.method}{' paired' if config.paired else ''}", {"model": model}, optimizer, batch,
-                lambda _step, b: joint_loss(model, b, config), lr=warmup_cosine_lr(config.lr, total, config.warmup),
-                log_every=50)
+                lambda _step, b: _step_loss(model, b, config, runtime),
+                lr=warmup_cosine_lr(config.lr, total, config.warmup), log_every=50)
     result = fit(task, config, runtime, steps=total, checkpoint=checkpoint, resume=resume)
     model.to("cpu")
     return {"steps": result.step, "steps_per_epoch": per_epoch, "train_utterances": len(train),
