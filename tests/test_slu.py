@@ -94,3 +94,46 @@ def test_a_tiny_run_saves_evaluates_and_predicts(tmp_path):
     assert all(s["value"] == " ".join(out["text"].split()[s["start"] : s["end"]]) for s in out["slots"])
     with pytest.raises(LeanfmError, match="is not an SLU run"):
         slu.load_run(tmp_path / "data")
+
+
+def test_crf_reads_each_kept_word_at_its_first_sub_token(tokenizer):
+    u = Utterance(("from", "westbam", "to", "new", "york"), ("O", "B-from", "O", "B-to", "I-to"), "flight")
+    (e,) = slu.encode(tokenizer, [u], INTENTS, SLOTS)
+    batch = slu.collate([e], tokenizer.cls_token_id, tokenizer.sep_token_id, 64)
+    assert batch["words"][0].tolist() == [p + 1 for p in e.first]  # +1 for [CLS]
+    assert [SLOTS[i] for i in batch["word_labels"][0].tolist()] == list(u.tags)
+    logits = torch.arange(batch["input_ids"].shape[1], dtype=torch.float)[None, :, None].expand(1, -1, 3)
+    assert slu.word_emissions(logits, batch["words"])[0, :, 0].tolist() == [p + 1 for p in e.first]
+    cut = slu.collate([e], tokenizer.cls_token_id, tokenizer.sep_token_id, 2 + e.first[3])  # keeps 3 words
+    assert cut["word_mask"][0].tolist() == [True] * 3 and cut["words"][0].tolist() == [p + 1 for p in e.first[:3]]
+
+
+def test_crf_prediction_is_viterbi_not_argmax(tokenizer):
+    encoder, _ = slu.build_encoder("tiny-bert")
+    words = Utterance(("from", "boston", "to", "denver"), ("O",) * 4, "")
+    tagged = {}
+    for crf in (False, True):
+        model = slu.JointSlu(encoder, len(INTENTS), len(SLOTS), crf=crf)
+        with torch.no_grad():
+            model.slot_head.weight.zero_()
+            model.slot_head.bias.copy_(torch.tensor([0, 0, 1.0, 0, 0, 0, 3.0]))  # every word prefers I-to
+            if model.crf is not None:
+                model.crf.transitions.zero_()
+                model.crf.start_transitions[SLOTS.index("I-to")] = -1e4  # an I- tag cannot start a sequence
+        tagged[crf] = slu.predict_utterances(model, tokenizer, [words], INTENTS, SLOTS)[0][1]
+    assert tagged[False] == ["I-to"] * 4
+    assert tagged[True] == ["O", "I-to", "I-to", "I-to"]
+
+
+@pytest.mark.training
+def test_a_tiny_crf_run_learns_and_reloads(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    config = slu.SluConfig(data=str(data), encoder="tiny-bert", crf=True, steps=30, batch_size=16, lr=3e-3, warmup=3,
+                           device="cpu")
+    summary = slu.train_slu(config, tmp_path / "run")
+    history = summary["training"]["history"]
+    assert history[-1]["slot_ce"] < 0.7 * history[0]["slot_ce"]  # the CRF's per-word NLL falls
+    model, tokenizer, meta = slu.load_run(tmp_path / "run")
+    assert model.crf is not None and meta["config"]["crf"] is True
+    again = slu.evaluate(model, tokenizer, slu.load(data).test, meta["intents"], meta["slots"])
+    assert again == summary["metrics"]["test"]  # transitions saved and Viterbi used again

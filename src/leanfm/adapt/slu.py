@@ -6,7 +6,10 @@ word's tag is read at its *first* sub-token only (later sub-tokens carry the lab
 
 .. math:: L = \mathrm{CE}(\text{intent}) + c\,\mathrm{CE}(\text{slots}).
 
-No CRF (the issue makes it optional; argmax tagging is what JointBERT's headline numbers use).
+Tags are the argmax per word by default (JointBERT's headline numbers); ``crf=True`` puts a linear-chain CRF
+(pytorch-crf) over the words' first-sub-token emissions :math:`e_w`: the slot term becomes the CRF's negative
+log-likelihood per word, :math:`-\frac{1}{W}\big(\sum_w e_w[y_w] + \sum_w T_{y_{w-1} y_w} - \log Z\big)`, and
+prediction is Viterbi decoding (JointBERT's "+CRF" row).
 
 **Compositional loss** (the abstract only says it fights *spurious slot correlations*; this is our reading). A slot
 should be tagged from its own words and the carrier words around it ("from", "to", "on"), not from the *values of
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
+from torchcrf import CRF
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from leanfm.config import MethodConfig, check_at_least, option, register_method
@@ -81,6 +85,7 @@ class SluConfig(MethodConfig):
     paired: bool = option(False, "paired training: concatenate two training utterances and their tags")
     pair_fraction: float = option(0.5, "share of each batch's rows that are pairs (with --paired)")
     slot_weight: float = option(1.0, "c in loss = intent CE + c * slot CE")
+    crf: bool = option(False, "a linear-chain CRF over the words' tags (Viterbi decoding) instead of argmax")
     epochs: int = option(3, "passes over the training utterances")
     steps: int = option(0, "train this many steps instead of --epochs (0: use --epochs)")
     batch_size: int = option(32, "utterances per step (split across ranks)")
@@ -115,15 +120,16 @@ class SluConfig(MethodConfig):
 
 
 class JointSlu(nn.Module):
-    """Encoder + intent head on the final [CLS] state + slot head on every sub-token."""
+    """Encoder + intent head on the final [CLS] state + slot head on every sub-token (+ a CRF over words)."""
 
-    def __init__(self, encoder: BertModel, intents: int, slots: int, dropout: float = 0.1) -> None:
+    def __init__(self, encoder: BertModel, intents: int, slots: int, dropout: float = 0.1, crf: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.intent_head = nn.Linear(hidden, intents)
         self.slot_head = nn.Linear(hidden, slots)
+        self.crf = CRF(slots, batch_first=True) if crf else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
@@ -205,9 +211,19 @@ def pair(a: Example, b: Example) -> Example:
 
 def collate(examples: Sequence[Example], cls: int, sep: int, max_length: int,
             intent_on: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
-    """[CLS] pieces [SEP], cut to ``max_length``, padded to the longest; ``intent_mask`` 0 for pairs."""
+    """[CLS] pieces [SEP], cut to ``max_length``, padded to the longest; ``intent_mask`` 0 for pairs.
+
+    For the CRF, ``words`` [B, W] holds the position of each kept word's first sub-token (words cut off or without
+    a sub-token are skipped, so ``word_mask`` has no holes) and ``word_labels`` its tag id (0 where unknown).
+    """
     keep = max_length - 2
     length = min(keep, max(len(e.ids) for e in examples)) + 2
+    kept = [[p + 1 for p in e.first if 0 <= p < keep] for e in examples]  # +1: after [CLS]
+    width = max(1, max(len(k) for k in kept))
+    words = torch.zeros(len(examples), width, dtype=torch.long)
+    word_labels = torch.zeros(len(examples), width, dtype=torch.long)
+    word_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    word_mask[:, 0] = True  # pytorch-crf needs every row's first step; a row without words scores [CLS] as tag 0
     ids = torch.zeros(len(examples), length, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     spans = torch.zeros(len(examples), length, dtype=torch.long)
@@ -218,10 +234,21 @@ def collate(examples: Sequence[Example], cls: int, sep: int, max_length: int,
         labels[row, 1 : n + 1] = torch.tensor(e.labels[:n])
         spans[row, 1 : n + 1] = torch.tensor(e.spans[:n])
         mask[row, : n + 2] = 1
+        if kept[row]:
+            words[row, : len(kept[row])] = torch.tensor(kept[row])
+            word_labels[row, : len(kept[row])] = labels[row, kept[row]].clamp(min=0)
+            word_mask[row, : len(kept[row])] = True
     on = torch.tensor([True] * len(examples) if intent_on is None else list(intent_on))
     intent = torch.tensor([e.intent for e in examples])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "spans": spans,
-            "intent": intent.clamp(min=0), "intent_mask": (on & (intent >= 0)).float()}
+            "intent": intent.clamp(min=0), "intent_mask": (on & (intent >= 0)).float(), "words": words,
+            "word_labels": word_labels, "word_mask": word_mask}
+
+
+def word_emissions(slot_logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Slot logits at each word's first sub-token, float32 for the CRF: [B, T, S] -> [B, W, S]."""
+    index = words[:, :, None].expand(-1, -1, slot_logits.shape[-1])  # [B, W, S]
+    return slot_logits.gather(1, index).float()
 
 
 # ---------------------------------------------------------------- losses
@@ -246,7 +273,12 @@ def joint_loss(model: JointSlu, batch: dict[str, torch.Tensor], config: SluConfi
     per_row = nn.functional.cross_entropy(intent_logits, batch["intent"], reduction="none")
     weight = batch["intent_mask"]
     intent_ce = (per_row * weight).sum() / weight.sum().clamp(min=1)
-    slot_ce = nn.functional.cross_entropy(slot_logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+    if model.crf is not None:  # negative log-likelihood per word of the gold tag path
+        emissions = word_emissions(slot_logits, batch["words"])
+        slot_ce = -model.crf(emissions, batch["word_labels"], mask=batch["word_mask"], reduction="token_mean")
+    else:
+        slot_ce = nn.functional.cross_entropy(slot_logits.flatten(0, 1), batch["labels"].flatten(),
+                                              ignore_index=IGNORE)
     loss = intent_ce + config.slot_weight * slot_ce
     record = {"intent_ce": float(intent_ce.detach()), "slot_ce": float(slot_ce.detach())}
     if comp:
@@ -320,7 +352,7 @@ def train_slu(config: SluConfig, out: str | Path, *, resume: bool = False, overw
     data = load(resolve(config.data), allow_unseen=True)
     encoder, tokenizer = build_encoder(config.encoder, "eager" if config.method == "compositional" else "sdpa")
     torch.manual_seed(config.seed)
-    model = JointSlu(encoder, len(data.intents), len(data.slots), config.dropout)
+    model = JointSlu(encoder, len(data.intents), len(data.slots), config.dropout, config.crf)
     training = _train(config, model, tokenizer, data, checkpoint, resume, context)
     summary: dict[str, Any] = {"training": training, "metrics": {}}
     if context.is_main:
@@ -349,7 +381,13 @@ def predict_utterances(model: JointSlu, tokenizer: Any, utterances: Sequence[Utt
         b = collate(chunk, tokenizer.cls_token_id, tokenizer.sep_token_id, max_length)
         intent_logits, slot_logits, _ = model(b["input_ids"], b["attention_mask"])
         intent_ids = intent_logits.masked_fill(blocked_intents, -math.inf).argmax(-1)
-        tag_ids = slot_logits.masked_fill(blocked_slots, -math.inf).argmax(-1)
+        slot_logits = slot_logits.masked_fill(blocked_slots, -1e4 if model.crf is not None else -math.inf)
+        tag_ids = slot_logits.argmax(-1)  # [B, T]
+        if model.crf is not None:  # Viterbi over the kept words, written back at their first sub-tokens
+            paths = model.crf.decode(word_emissions(slot_logits, b["words"]), mask=b["word_mask"])
+            for row, path in enumerate(paths):
+                count = int(b["word_mask"][row].sum())
+                tag_ids[row, b["words"][row, :count]] = torch.tensor(path[:count])
         for row, e in enumerate(chunk):
             length = int(b["attention_mask"][row].sum()) - 2
             tags = [slots[int(tag_ids[row, p + 1])] if 0 <= p < length else "O" for p in e.first]
@@ -392,7 +430,8 @@ def load_run(folder: str | Path) -> tuple[JointSlu, Any, dict[str, Any]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LeanfmError(f"'{meta_file}' is not a {FORMAT} run description")
     encoder = BertModel(BertConfig.from_dict(meta["encoder_config"]))
-    model = JointSlu(encoder, len(meta["intents"]), len(meta["slots"]), meta["config"]["dropout"])
+    model = JointSlu(encoder, len(meta["intents"]), len(meta["slots"]), meta["config"]["dropout"],
+                     meta["config"].get("crf", False))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval(), _tokenizer(), meta
 
