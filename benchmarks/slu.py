@@ -35,7 +35,8 @@ from leanfm.report.report import write_section
 DATASETS = ("atis", "snips")
 SPLITS = ("standard", "novel-combination", "length")
 VARIANTS = {"baseline": ("jointbert", False), "compositional": ("compositional", False),
-            "paired": ("jointbert", True), "both": ("compositional", True)}
+            "paired": ("jointbert", True), "both": ("compositional", True), "crf": ("jointbert", False)}
+GRID = ("baseline", "compositional", "paired", "both")  # the issue's grid; "crf" (JointBERT + CRF) is opt-in
 ANCHORS = {"atis": (97.87, 95.59), "snips": (99.14, 96.90)}  # JointBERT, BERT-base, standard split (intent, F1)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,8 @@ def split_folder(root: Path, dataset: str, split: str) -> Path:
 
 def settings(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     method, paired = VARIANTS[variant]
-    return {"method": method, "paired": paired, "seed": seed, "steps": args.steps, "epochs": args.epochs,
+    crf = {"crf": True} if variant == "crf" else {}  # absent otherwise, so rows stored before it existed still match
+    return {"method": method, "paired": paired, **crf, "seed": seed, "steps": args.steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "device": args.device,
             "autocast": args.autocast}
 
@@ -91,8 +93,9 @@ def plot(rows: list[dict]) -> bytes:
 
     groups = sorted({(r["dataset"], r["split"]) for r in rows}, key=lambda g: (g[0], SPLITS.index(g[1])))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4), dpi=110)
-    width = 0.8 / len(VARIANTS)
-    for offset, variant in enumerate(VARIANTS):
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    width = 0.8 / len(variants)
+    for offset, variant in enumerate(variants):
         values = [_mean([r for r in rows if (r["dataset"], r["split"]) == g and r["variant"] == variant], "slot_f1")
                   for g in groups]
         ax.bar([i + offset * width for i in range(len(groups))], [v if v is not None else 0 for v in values],
@@ -117,15 +120,51 @@ def _order(r: dict) -> tuple:
     return (DATASETS.index(r["dataset"]), SPLITS.index(r["split"]), list(VARIANTS).index(r["variant"]), r["seed"])
 
 
-def differences(rows: list[dict]) -> list[str]:
-    """One line per variant row that has a baseline row of the same dataset, split and seed."""
-    base = {(r["dataset"], r["split"], r["seed"]): r for r in rows if r["variant"] == "baseline"}
+def _stats(values: list[float], signed: bool = False) -> str:
+    """``mean``, or ``mean ± sd`` (sample sd) where several seeds ran, of percentages."""
+    mean = sum(values) / len(values)
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    if len(values) == 1:
+        return text
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{text} ± {sd:.2f}"
+
+
+def unseen_types(rows: list[dict]) -> str:
+    """Per length split that ran: how many test slot types never occur in its training side (from split.json)."""
     out = []
+    for dataset in DATASETS:
+        if any((r["dataset"], r["split"]) == (dataset, "length") for r in rows):
+            stats = leanfm_home() / "bench" / "slu" / "data" / f"{dataset}-length" / "split.json"
+            if stats.is_file():
+                unseen = json.loads(stats.read_text()).get("test_types_unseen_in_train", [])
+                out.append(f"{dataset} {len(unseen)}")
+    return ", ".join(out) or "not counted (split.json absent)"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per (dataset, split, variant): test metrics over seeds, and the change to the baseline of the same
+    seeds (paired by seed, so a variant is only compared where its baseline ran)."""
+    out = ["| dataset | split (test n, k) | variant | seeds | intent acc | slot F1 | exact match | "
+           "slot F1 minus baseline (same seeds) | dev slot F1 |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=_order):
-        ref = base.get((r["dataset"], r["split"], r["seed"]))
-        if r["variant"] != "baseline" and ref is not None:
-            diff = 100 * (r["metrics"]["test"]["slot_f1"] - ref["metrics"]["test"]["slot_f1"])
-            out.append(f"- {r['dataset']} {r['split']} seed {r['seed']}: {r['variant']} minus baseline {diff:+.2f}")
+        groups.setdefault((r["dataset"], r["split"], r["variant"]), []).append(r)
+    for (dataset, split, variant), group in groups.items():
+        stats = group[0].get("split_stats", {})
+        size = stats.get("sizes", {}).get("test")
+        k = f", k={stats['k']}" if stats.get("k") is not None else ""
+        test = [r["metrics"]["test"] for r in group]
+        base = {r["seed"]: r for r in groups.get((dataset, split, "baseline"), [])}
+        deltas = [100 * (r["metrics"]["test"]["slot_f1"] - base[r["seed"]]["metrics"]["test"]["slot_f1"])
+                  for r in group if r["seed"] in base]
+        delta = "—" if variant == "baseline" else _stats(deltas, signed=True) if deltas else "no baseline"
+        seeds = ",".join(str(r["seed"]) for r in group)
+        out.append(f"| {dataset} | {split}{f' ({size}{k})' if size else ''} | {variant} | "
+                   f"{seeds} | {_stats([100 * m['intent_accuracy'] for m in test])} | "
+                   f"**{_stats([100 * m['slot_f1'] for m in test])}** | "
+                   f"{_stats([100 * m['exact_match'] for m in test])} | {delta} | "
+                   f"{_stats([100 * r['metrics']['dev']['slot_f1'] for r in group])} |")
     return out
 
 
@@ -144,41 +183,37 @@ def commands(rows: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     length = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
-    seen = (f"{args.steps * args.batch_size} training utterances (~{args.steps * args.batch_size / 4478:.2f} ATIS "
-            f"epochs, ~{args.steps * args.batch_size / 13084:.2f} SNIPS epochs)" if args.steps else length)
+    seen = (f"{length} of {args.batch_size} utterances (~{args.steps * args.batch_size / 4478:.1f} ATIS epochs, "
+            f"~{args.steps * args.batch_size / 13084:.1f} SNIPS epochs)" if args.steps else length)
+    minutes = [r["train_seconds"] / 60 for r in rows]
+    loads = [x for r in rows for x in r.get("load_average", [])]
     lines = [
         "## Compositional SLU (adapt)", "",
         "Claim (paper): on compositional splits of ATIS and SNIPS the compositional loss (novel slot combinations) and "
         "paired training (length) gain up to +5 slot F1 over a BERT SLU baseline, with no loss on the standard split. "
-        f"Reference (JointBERT, BERT-base, standard split): ATIS {ANCHORS['atis'][0]} / {ANCHORS['atis'][1]}, SNIPS "
-        f"{ANCHORS['snips'][0]} / {ANCHORS['snips'][1]} (intent accuracy / slot F1).", "",
-        f"Setting: JointBERT on all-MiniLM-L6-v2 (22M parameters), batch {args.batch_size}, AdamW lr {args.lr} "
-        f"(warm-up {args.warmup} steps, cosine), {length} per run, "
-        f"on this machine's CPU ({args.device}). Test metrics: intent accuracy, span-level slot F1 (seqeval), "
-        "exact match, in %. Splits: novel-combination holds out slot-type pairs (every test utterance has one, every "
-        "test slot type is seen in training); length trains on utterances with <= k slots and tests on > k.",
-        "", f"Caveat: {seen} per run is the CPU budget of the session that ran these rows, not convergence (JointBERT "
-        "trains 10 epochs); absolute numbers are therefore far below the anchors, and with one seed per row a "
-        "difference of a few points is within run-to-run noise until more seeds ran.", "",
-        "| dataset | split (test size, k) | variant | seed | intent acc | slot F1 | exact match | train time |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Reference (JointBERT, BERT-base, 10 epochs, standard split): ATIS {ANCHORS['atis'][0]} / "
+        f"{ANCHORS['atis'][1]}, SNIPS {ANCHORS['snips'][0]} / {ANCHORS['snips'][1]} (intent accuracy / slot F1).", "",
+        f"Setting: JointBERT on all-MiniLM-L6-v2 (22M parameters, 5x smaller than BERT-base), {seen} per run, AdamW "
+        f"lr {args.lr} (warm-up {args.warmup} steps, cosine), bf16 autocast "
+        f"{'on' if args.autocast else 'off'}, on this machine's CPU. Compositional loss at its default weight 1.0 over "
+        "the last 2 layers, paired training with half of each batch's rows pairs — neither was tuned (no "
+        "validation sweep ran; the dev split of a compositional split is drawn from the training side, so it cannot "
+        "select for compositional generalisation anyway). Test metrics in %: intent accuracy, span-level slot F1 "
+        "(seqeval), sentence exact match; mean ± sd over seeds where more than one ran. Splits: novel-combination "
+        "holds out slot-type pairs (every test utterance has one, every test slot type is seen in training); length "
+        "trains on utterances with <= k slots and tests on > k (k in the table); slot types that only occur in long "
+        f"utterances are then never seen in training (test types unseen in training: {unseen_types(rows)}; listed in "
+        "`$LEANFM_HOME/bench/slu/data/*/split.json`).", "",
+        *summary(rows), "",
+        f"Train time per run: {min(minutes):.1f}-{max(minutes):.1f} min ({len(rows)} runs, two at a time with one "
+        f"thread each on 2 cores; load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f}).", "",
     ]
-    for r in sorted(rows, key=_order):
-        stats = r.get("split_stats", {})
-        size = stats.get("sizes", {}).get("test")
-        k = f", k={stats['k']}" if stats.get("k") is not None else ""
-        m = r["metrics"]["test"]
-        lines.append(f"| {r['dataset']} | {r['split']}{f' ({size}{k})' if size else ''} | {r['variant']} | "
-                     f"{r['seed']} | {100 * m['intent_accuracy']:.2f} | **{100 * m['slot_f1']:.2f}** | "
-                     f"{100 * m['exact_match']:.2f} | {r['train_seconds'] / 60:.1f} min ({r['steps']} steps, "
-                     f"{r['seconds_per_epoch'] / 60:.1f} min/epoch) |")
-    lines += ["", "Differences to the baseline on the same dataset, split and seed (test slot F1 points, computed):"]
-    lines += differences(rows) or ["- none yet (no variant ran beside its baseline)"]
     done = {(r["dataset"], r["split"], r["variant"]) for r in rows}
-    missing = [f"{d}:{s}:{v}" for d in DATASETS for s in SPLITS for v in VARIANTS if (d, s, v) not in done]
-    seeds = sorted({r["seed"] for r in rows})
-    lines += ["", f"Not run (of the issue's grid of {len(DATASETS) * len(SPLITS) * len(VARIANTS)} rows, 3 seeds on "
-              f"the compositional splits; seeds that ran: {seeds}): {', '.join(missing) if missing else 'none'}.",
+    missing = [f"{d}:{s}:{v}" for d in DATASETS for s in SPLITS for v in GRID if (d, s, v) not in done]
+    short = sorted({f"{r['dataset']}:{r['split']}" for r in rows if r["split"] != "standard"
+                    and len({x["seed"] for x in rows if (x["dataset"], x["split"]) == (r["dataset"], r["split"])}) < 3})
+    lines += [f"Not run: {', '.join(missing) if missing else 'none of the 24 rows is missing'}; compositional splits "
+              f"with fewer than the issue's 3 seeds: {', '.join(short) if short else 'none'}.",
               "", "![Compositional SLU](results/slu.png)", "", "Regenerate (one command per seed; finished rows are "
               "reused from results/slu.json):", ""]
     lines += [f"    {command}" for command in commands(rows)]
@@ -211,7 +246,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     root = data_root(args.data)
     plan = [tuple(p.split(":")) for p in args.plan] if args.plan else [
-        (d, s, v) for d in DATASETS for s in SPLITS for v in VARIANTS]
+        (d, s, v) for d in DATASETS for s in SPLITS for v in GRID]
     for row in plan:
         if len(row) != 3 or row[0] not in DATASETS or row[1] not in SPLITS or row[2] not in VARIANTS:
             raise SystemExit(f"bad --plan row {':'.join(row)}; accepted: {'|'.join(DATASETS)}:{'|'.join(SPLITS)}:"
