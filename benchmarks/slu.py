@@ -16,6 +16,7 @@ of the grid did not run. Splits: ``standard`` (the shipped train/dev/test) and t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import multiprocessing
@@ -69,14 +70,16 @@ def settings(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any
 
 def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     folder = split_folder(root, dataset, split)
-    config = SluConfig(data=str(folder), **settings(args, variant, seed))
-    out = leanfm_home() / "bench" / "slu" / f"{dataset}-{split}-{variant}-s{seed}"
+    wanted = settings(args, variant, seed)
+    config = SluConfig(data=str(folder), **wanted)
+    tag = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]  # other settings, other run
+    out = leanfm_home() / "bench" / "slu" / f"{dataset}-{split}-{variant}-s{seed}-{tag}"
     training = out.with_name(out.name + ".training")
     tick, load = time.time(), os.getloadavg()[0]
     summary = train_slu(config, out, resume=training.is_dir(), overwrite=True)
     stats = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
     return {"dataset": dataset, "split": split, "variant": variant, "seed": seed,
-            "settings": settings(args, variant, seed), "metrics": summary["metrics"],
+            "settings": wanted, "metrics": summary["metrics"],
             "train_seconds": summary["training"]["seconds"], "wall_seconds": time.time() - tick,
             "seconds_per_epoch": summary["training"]["seconds_per_epoch"], "steps": summary["training"]["steps"],
             "steps_per_epoch": summary["training"]["steps_per_epoch"],
