@@ -1,7 +1,8 @@
 """``leanfm setup``: prepare every offline cache once, so the first real job does not pay for it.
 
-Converts SmolLM2's GGUF to a float checkpoint, extracts the Austen corpus and checks the other offline
-resources (MiniLM, espeak-ng, Fashion-MNIST, Python docs). Missing optional resources are reported, not fatal.
+Converts SmolLM2's GGUF and Whisper tiny.en's CTranslate2 file to float checkpoints, extracts the Austen corpus
+and checks the other offline resources (MiniLM, espeak-ng, Fashion-MNIST, Python docs). Missing optional
+resources are reported, not fatal.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 from leanfm.data.corpus import corpus
 from leanfm.data.images import FASHION_MNIST_DIR, fashion_mnist
 from leanfm.errors import LeanfmError
-from leanfm.models import smollm2
+from leanfm.models import smollm2, whisper
 from leanfm.models.registry import minilm_folder
 
 
@@ -29,6 +30,7 @@ def prepare_caches() -> dict[str, str]:
         "smollm2-135m": _status(smollm2.ensure_checkpoint),
         "austen corpus": _status(lambda: f"{len(corpus('austen', 'train')) + len(corpus('austen', 'eval')):,} chars"),
         "minilm-l6": _status(minilm_folder),
+        "whisper-tiny-en": _status(whisper.ensure_checkpoint),
         "python docs": _status(lambda: f"{len(corpus('pydocs', 'eval')):,} chars in eval"),
         "espeak-ng": _status(lambda: shutil.which("espeak-ng") or _missing("espeak-ng", "espeak-ng")),
         "fashion-mnist": _status(

@@ -1,7 +1,8 @@
-"""``leanfm slu split|train|eval|predict``: compositional spoken-language understanding (text input).
+"""``leanfm slu split|train|eval|predict`` and ``leanfm speech transcribe``: compositional spoken-language
+understanding.
 
 ``DATA`` is a folder in JointBERT's layout or a name (``atis``, ``snips``) under ``$LEANFM_DATA/slu``; nothing is
-downloaded. Spoken input (``predict --audio``) waits for a speech recogniser in the project and is not offered yet.
+downloaded. Spoken input (``predict --audio FILE.wav``) is Whisper tiny.en's transcript read by the text model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from leanfm.adapt.slu import SluConfig, evaluate, load_run, predict, train_slu
+from leanfm.adapt.spoken import predict_audio, transcribe_files
 from leanfm.cli.common import (
     Parser,
     add_config_flags,
@@ -24,6 +26,7 @@ from leanfm.cli.common import (
     out_path,
 )
 from leanfm.data import slu as slu_data
+from leanfm.errors import LeanfmError
 from leanfm.paths import check_output_dir
 
 DATA_HELP = "dataset folder in JointBERT's layout, or a name (atis, snips) under $LEANFM_DATA/slu"
@@ -56,8 +59,15 @@ def add_parsers(sub: Any) -> None:
     e.set_defaults(handler=cmd_eval)
     r = ssub.add_parser("predict", help="intent and slots of one utterance, as JSON")
     r.add_argument("run", help="folder written by 'leanfm slu train'")
-    r.add_argument("text", help="the utterance (words separated by spaces)")
+    r.add_argument("text", nargs="?", default=None, help="the utterance (words separated by spaces)")
+    r.add_argument("--audio", default=None, help="a PCM .wav file instead of text: transcribed by Whisper tiny.en")
     r.set_defaults(handler=cmd_predict)
+    sp = sub.add_parser("speech", help="speech recognition with Whisper tiny.en")
+    spsub = sp.add_subparsers(dest="speech_command", parser_class=Parser, required=True)
+    tr = spsub.add_parser("transcribe", help="transcribe PCM .wav files (greedy decoding, up to 30 s each)")
+    tr.add_argument("files", nargs="+", help="PCM .wav files, any sample rate (resampled to 16 kHz)")
+    add_json_flag(tr, "the transcripts")
+    tr.set_defaults(handler=cmd_transcribe)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -93,5 +103,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    print(json.dumps(predict(args.run, args.text), indent=2))
+    if (args.text is None) == (args.audio is None):
+        raise LeanfmError("pass either TEXT or --audio FILE.wav (exactly one)")
+    result = predict(args.run, args.text) if args.audio is None else predict_audio(args.run, args.audio)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    check_json_target(args)
+    emit(args, transcribe_files(args.files))
     return 0

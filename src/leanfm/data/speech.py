@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import subprocess
+import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.signal import resample_poly
 from torch import nn
 
 from leanfm.data.corpus import corpus
@@ -101,6 +106,34 @@ def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 5
     start = data.find(b"data") + 8  # the streamed header's sizes are bogus: read every sample after it
     samples = torch.frombuffer(bytearray(data[start : start + (len(data) - start) // 2 * 2]), dtype=torch.int16)
     return samples.float() / 32768.0
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """(mono float32 waveform in [-1, 1], sample rate) of a PCM WAV file (8/16/32-bit; channels averaged)."""
+    try:
+        with wave.open(str(path), "rb") as f:
+            width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+            raw = f.readframes(f.getnframes())
+    except FileNotFoundError:
+        raise LeanfmError(f"audio file '{path}' does not exist") from None
+    except (wave.Error, EOFError, OSError) as err:
+        raise LeanfmError(f"'{path}' is not a readable PCM WAV file ({err}); accepted: 8/16/32-bit PCM .wav") from None
+    kinds = {1: (np.uint8, 128.0, 128.0), 2: (np.int16, 0.0, 32768.0), 4: (np.int32, 0.0, 2147483648.0)}
+    if width not in kinds:
+        raise LeanfmError(f"'{path}' has {8 * width}-bit samples; accepted: 8, 16 or 32-bit PCM")
+    dtype, zero, scale = kinds[width]
+    samples = (np.frombuffer(raw, dtype=dtype).astype(np.float32) - zero) / scale
+    if samples.size == 0:
+        raise LeanfmError(f"'{path}' holds no audio samples")
+    return samples.reshape(-1, channels).mean(axis=1), rate
+
+
+def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Polyphase resampling (scipy's ``resample_poly``, anti-aliased), e.g. espeak-ng's 22.05 kHz -> 16 kHz."""
+    if rate == target:
+        return samples.astype(np.float32)
+    factor = math.gcd(rate, target)
+    return resample_poly(samples, target // factor, rate // factor).astype(np.float32)
 
 
 def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

