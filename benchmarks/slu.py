@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from leanfm.adapt.slu import SluConfig, train_slu
+from leanfm.adapt.slu import SluConfig, load_run, train_slu
+from leanfm.adapt.spoken import evaluate_spoken
 from leanfm.data import slu as slu_data
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.report.report import write_section
@@ -68,12 +69,58 @@ def settings(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any
             "autocast": args.autocast}
 
 
+def run_folder(dataset: str, split: str, variant: str, seed: int, wanted: dict[str, Any]) -> Path:
+    """Where a row's run lives: other settings, other folder (a hash), so nothing resumes another's checkpoint."""
+    tag = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+    return leanfm_home() / "bench" / "slu" / f"{dataset}-{split}-{variant}-s{seed}-{tag}"
+
+
+def run_spoken(root: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """ATIS standard-split runs (seed 0) on espeak-ng renderings of the first ``--spoken`` test utterances, through
+    Whisper tiny.en; cached in results/slu_spoken.json by run settings, count and voice."""
+    path = args.results / "slu_spoken.json"
+    done: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+    test = slu_data.load(root / "slu" / "atis", allow_unseen=True).test[: args.spoken]
+    for r in sorted(rows, key=_order):
+        if (r["dataset"], r["split"], r["seed"]) != ("atis", "standard", 0) or r["variant"] not in args.spoken_variants:
+            continue
+        key = {"variant": r["variant"], "settings": r["settings"], "utterances": len(test), "voice": args.voice}
+        if any({k: d[k] for k in key} == key for d in done):
+            continue
+        model, tokenizer, meta = load_run(run_folder("atis", "standard", r["variant"], 0, r["settings"]))
+        tick = time.time()
+        result = evaluate_spoken(model, tokenizer, meta, test, voice=args.voice)
+        done = [d for d in done if d["variant"] != r["variant"]]
+        done.append(key | result | {"seconds": time.time() - tick, "load_average": os.getloadavg()[0]})
+        atomic_write_json(path, done)
+        print(json.dumps({k: done[-1][k] for k in ("variant", "wer", "spoken", "text")}), flush=True)
+    return done
+
+
+def spoken_lines(spoken: list[dict]) -> list[str]:
+    if not spoken:
+        return ["Spoken input: not measured yet (`--spoken N`)."]
+    first = spoken[0]
+    lines = [f"Spoken ATIS: the standard-split runs of seed 0 read Whisper tiny.en's transcripts of espeak-ng "
+             f"renderings (voice {first['voice']}) of the first {first['utterances']} test utterances (no recorded "
+             "ATIS audio exists offline). Slot scores here are (type, value) pairs, since transcript words need not "
+             "align with the gold ones (`leanfm.adapt.spoken`); the text column is the same measure on the gold "
+             "text, so the difference is the recogniser's.", "",
+             "| variant | WER | intent acc text -> spoken | slot-pair F1 text -> spoken | seconds |",
+             "|---|---|---|---|---|"]
+    for d in spoken:
+        lines.append(f"| {d['variant']} | {100 * d['wer']:.1f} | {100 * d['text']['intent_accuracy']:.2f} -> "
+                     f"{100 * d['spoken']['intent_accuracy']:.2f} | {100 * d['text']['slot_pair']['f1']:.2f} -> "
+                     f"{100 * d['spoken']['slot_pair']['f1']:.2f} | {d['seconds']:.0f} |")
+    examples = "; ".join(f"\"{e['reference']}\" -> \"{e['transcript']}\"" for e in first["examples"][:3])
+    return [*lines, "", f"Transcripts, first three: {examples}."]
+
+
 def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     folder = split_folder(root, dataset, split)
     wanted = settings(args, variant, seed)
     config = SluConfig(data=str(folder), **wanted)
-    tag = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]  # other settings, other run
-    out = leanfm_home() / "bench" / "slu" / f"{dataset}-{split}-{variant}-s{seed}-{tag}"
+    out = run_folder(dataset, split, variant, seed, wanted)
     training = out.with_name(out.name + ".training")
     tick, load = time.time(), os.getloadavg()[0]
     summary = train_slu(config, out, resume=training.is_dir(), overwrite=True)
@@ -217,10 +264,16 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                     and len({x["seed"] for x in rows if (x["dataset"], x["split"]) == (r["dataset"], r["split"])}) < 3})
     lines += [f"Not run: {', '.join(missing) if missing else 'none of the 24 rows is missing'}; compositional splits "
               f"with fewer than the issue's 3 seeds: {', '.join(short) if short else 'none'}.",
+              "", *spoken_lines(_spoken(args)),
               "", "![Compositional SLU](results/slu.png)", "", "Regenerate (one command per seed; finished rows are "
               "reused from results/slu.json):", ""]
     lines += [f"    {command}" for command in commands(rows)]
     return "\n".join(lines)
+
+
+def _spoken(args: argparse.Namespace) -> list[dict]:
+    path = args.results / "slu_spoken.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _init_worker(threads: int | None) -> None:
@@ -242,6 +295,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per row")
     parser.add_argument("--workers", type=int, default=1, help="rows trained at once, each in its own process")
     parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--spoken", type=int, default=0, help="ATIS test utterances to render and transcribe (0: none)")
+    parser.add_argument("--spoken-variants", nargs="+", default=["baseline", "compositional"])
+    parser.add_argument("--voice", default="en-us", help="espeak-ng voice of the spoken test")
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
@@ -274,6 +330,8 @@ def main() -> None:
             write_section(args.benchmarks_md, "slu", markdown(rows, args))
             print(json.dumps({k: row[k] for k in ("dataset", "split", "variant", "seed", "train_seconds")}
                              | row["metrics"]["test"]), flush=True)
+    if args.spoken:
+        run_spoken(root, rows, args)
     if rows:  # also when every row was cached: the section follows the code that renders it
         atomic_write_bytes(args.results / "slu.png", plot(rows))
         write_section(args.benchmarks_md, "slu", markdown(rows, args))
