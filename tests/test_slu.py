@@ -137,3 +137,20 @@ def test_a_tiny_crf_run_learns_and_reloads(tmp_path):
     assert model.crf is not None and meta["config"]["crf"] is True
     again = slu.evaluate(model, tokenizer, slu.load(data).test, meta["intents"], meta["slots"])
     assert again == summary["metrics"]["test"]  # transitions saved and Viterbi used again
+
+
+def test_cross_slot_attention_measures_the_penalised_mass(tokenizer):
+    encoder, _ = slu.build_encoder("tiny-bert")
+    model = slu.JointSlu(encoder, len(INTENTS), len(SLOTS)).eval()
+    utterances = [Utterance(("from", "boston", "to", "new", "york"), ("O", "B-from", "O", "B-to", "I-to"), "flight"),
+                  Utterance(("to", "denver"), ("O", "B-to"), "flight")]  # one slot: no other span to attend to
+    value = slu.cross_slot_attention(model, tokenizer, utterances, INTENTS, SLOTS, layers=1)
+    assert model.encoder.config._attn_implementation == "sdpa"  # restored after the eager measurement
+    batch = slu.collate(slu.encode(tokenizer, utterances[:1], INTENTS, SLOTS), tokenizer.cls_token_id,
+                        tokenizer.sep_token_id, 64)
+    model.encoder.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(batch["input_ids"], batch["attention_mask"], attentions=True)[2]
+    first = float(slu.compositional_loss(att, batch["spans"], 1))
+    slot_tokens = [int((batch["spans"] > 0).sum()), 1]  # the second utterance's slot token contributes 0
+    assert first > 0 and value == pytest.approx(first * slot_tokens[0] / sum(slot_tokens), rel=1e-5)

@@ -60,8 +60,8 @@ from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.options import DEVICE_HELP, check_device_name
 
-__all__ = ["ENCODERS", "METHODS", "JointSlu", "SluConfig", "compositional_loss", "encode", "evaluate", "load_run",
-           "predict", "train_slu"]
+__all__ = ["ENCODERS", "METHODS", "JointSlu", "SluConfig", "compositional_loss", "cross_slot_attention", "encode",
+           "evaluate", "load_run", "predict", "train_slu"]
 log = logging.getLogger(__name__)
 
 ENCODERS = ("minilm-l6", "tiny-bert")
@@ -393,6 +393,31 @@ def predict_utterances(model: JointSlu, tokenizer: Any, utterances: Sequence[Utt
             tags = [slots[int(tag_ids[row, p + 1])] if 0 <= p < length else "O" for p in e.first]
             out.append((intents[int(intent_ids[row])], tags))
     return out
+
+
+@torch.no_grad()
+def cross_slot_attention(model: JointSlu, tokenizer: Any, utterances: Sequence[Utterance], intents: list[str],
+                         slots: list[str], layers: int = 2, max_length: int = 128, batch_size: int = 64) -> float:
+    """:math:`L_{comp}` (module docstring) of ``model`` on gold-tagged ``utterances``: the mean attention mass a slot
+    sub-token sends to other slot spans in the last ``layers`` layers — the quantity the compositional loss trains
+    down, measured on any split (how much a model reads other slots' values)."""
+    model.eval()
+    attention = model.encoder.config._attn_implementation
+    model.encoder.set_attn_implementation("eager")  # SDPA returns no attention weights
+    total, weight = 0.0, 0
+    try:
+        examples = encode(tokenizer, utterances, intents, slots)
+        for start in range(0, len(examples), batch_size):
+            b = collate(examples[start : start + batch_size], tokenizer.cls_token_id, tokenizer.sep_token_id,
+                        max_length)
+            _, _, attentions = model(b["input_ids"], b["attention_mask"], attentions=True)
+            assert attentions is not None
+            count = int((b["spans"] > 0).sum())
+            total += float(compositional_loss(attentions, b["spans"], layers)) * count
+            weight += count
+    finally:
+        model.encoder.set_attn_implementation(attention)
+    return total / max(1, weight)
 
 
 def evaluate(model: JointSlu, tokenizer: Any, utterances: Sequence[Utterance], intents: list[str], slots: list[str],
