@@ -292,7 +292,8 @@ def _init_worker(threads: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", nargs="+", default=None, help="rows dataset:split:variant in order (default: all)")
+    parser.add_argument("--plan", nargs="+", default=None,
+                        help="rows dataset:split:variant[:seed] in order (default: the grid; no seed: --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=0, help="steps per run (0: --epochs)")
     parser.add_argument("--epochs", type=int, default=3)
@@ -316,13 +317,16 @@ def main() -> None:
     plan = [tuple(p.split(":")) for p in args.plan] if args.plan else [
         (d, s, v) for d in DATASETS for s in SPLITS for v in GRID]
     for row in plan:
-        if len(row) != 3 or row[0] not in DATASETS or row[1] not in SPLITS or row[2] not in VARIANTS:
+        if (len(row) not in (3, 4) or row[0] not in DATASETS or row[1] not in SPLITS or row[2] not in VARIANTS
+                or (len(row) == 4 and not row[3].isdigit())):
             raise SystemExit(f"bad --plan row {':'.join(row)}; accepted: {'|'.join(DATASETS)}:{'|'.join(SPLITS)}:"
-                             f"{'|'.join(VARIANTS)}")
+                             f"{'|'.join(VARIANTS)}[:SEED]")
     args.results.mkdir(parents=True, exist_ok=True)
     results = args.results / "slu.json"
     rows: list[dict] = json.loads(results.read_text()) if results.is_file() else []
-    todo = [(dataset, split, variant, seed) for dataset, split, variant in plan for seed in args.seeds
+    jobs_wanted = [(row[0], row[1], row[2], seed) for row in plan
+                   for seed in ([int(row[3])] if len(row) == 4 else args.seeds)]  # a row's own seed wins
+    todo = [(dataset, split, variant, seed) for dataset, split, variant, seed in jobs_wanted
             if not any((r["dataset"], r["split"], r["variant"], r["settings"]) == (
                 dataset, split, variant, settings(args, variant, seed)) for r in rows)]  # else finished already
     for folder in {(d, s) for d, s, _, _ in todo}:
