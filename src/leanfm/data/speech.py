@@ -30,6 +30,7 @@ from scipy.signal import resample_poly
 from torch import nn
 
 from leanfm.data.corpus import corpus
+from leanfm.data.debian import find_package_path
 from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_directory, leanfm_home
 from leanfm.progress import progress
@@ -134,6 +135,23 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
         return samples.astype(np.float32)
     factor = math.gcd(rate, target)
     return resample_poly(samples, target // factor, rate // factor).astype(np.float32)
+
+
+LIBRIVOX = "usr/share/pocketsphinx/test/data/librivox"
+
+
+def librivox_clips(fetch: bool = True) -> list[tuple[Path, str]]:
+    """Five real recordings (LibriVox, Sense and Sensibility, 16 kHz) with their transcripts, from Debian's
+    ``pocketsphinx-testdata`` (unpacked on first use): ``[(wav path, lower-case transcript), ...]``."""
+    listing = find_package_path("pocketsphinx-testdata", f"{LIBRIVOX}/transcription", fetch=fetch)
+    clips = []
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        match = re.fullmatch(r"<s>(.*)</s>\s*\((\S+)\)", line.strip())
+        if match:
+            clips.append((listing.parent / f"{match.group(2)}.wav", match.group(1).strip()))
+    if not clips:
+        raise LeanfmError(f"no transcripts found in '{listing}'")
+    return clips
 
 
 def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
