@@ -61,7 +61,7 @@ from leanfm.training import DistributedContext, Runtime, Task, fit, init_distrib
 from leanfm.training.options import DEVICE_HELP, check_device_name
 
 __all__ = ["ENCODERS", "METHODS", "JointSlu", "SluConfig", "compositional_loss", "cross_slot_attention", "encode",
-           "evaluate", "load_run", "predict", "train_slu"]
+           "evaluate", "load_run", "predict", "predict_words", "train_slu"]
 log = logging.getLogger(__name__)
 
 ENCODERS = ("minilm-l6", "tiny-bert")
@@ -466,7 +466,12 @@ def predict(folder: str | Path, text: str) -> dict[str, Any]:
     words = tuple(text.split())
     if not words:
         raise LeanfmError("nothing to predict: the text is empty")
-    model, tokenizer, meta = load_run(folder)
+    return predict_words(*load_run(folder), words)
+
+
+def predict_words(model: JointSlu, tokenizer: Any, meta: dict[str, Any], words: Sequence[str]) -> dict[str, Any]:
+    """``{"text", "intent", "tags", "slots": [{"type", "value", "start", "end"}]}`` of one utterance's words."""
+    words = tuple(words)
     intent, tags = predict_utterances(model, tokenizer, [Utterance(words, ("O",) * len(words), "")],
                                       meta["intents"], meta["slots"], meta["config"]["max_length"])[0]
     spans = Utterance(words, tuple(tags), intent).spans()

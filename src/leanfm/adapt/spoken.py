@@ -26,7 +26,7 @@ from typing import Any
 import jiwer
 import numpy as np
 
-from leanfm.adapt.slu import JointSlu, load_run, predict_utterances
+from leanfm.adapt.slu import JointSlu, load_run, predict_utterances, predict_words
 from leanfm.data.slu import Utterance
 from leanfm.data.speech import SAMPLE_RATE as ESPEAK_RATE
 from leanfm.data.speech import read_wav, resample, synthesize
@@ -67,17 +67,13 @@ def _read_16k(path: str | Path) -> np.ndarray:
 
 def predict_audio(folder: str | Path, audio: str | Path) -> dict[str, Any]:
     """Transcribe a WAV file with Whisper tiny.en, then intent and slots of the transcript with the run."""
-    model, tokenizer, meta = load_run(folder)
+    loaded = load_run(folder)
     recogniser, whisper_tokenizer = load_whisper()
     transcript = transcribe(recogniser, whisper_tokenizer, [_read_16k(audio)])[0]
     words = tuple(normalise(transcript).split())
     if not words:
         raise LeanfmError(f"no words recognised in '{audio}'")
-    intent, tags = predict_utterances(model, tokenizer, [Utterance(words, ("O",) * len(words), "")],
-                                      meta["intents"], meta["slots"], meta["config"]["max_length"])[0]
-    spans = Utterance(words, tuple(tags), intent).spans()
-    return {"transcript": transcript, "text": " ".join(words), "intent": intent, "tags": tags,
-            "slots": [{"type": kind, "value": " ".join(words[s:e]), "start": s, "end": e} for kind, s, e in spans]}
+    return {"transcript": transcript, **predict_words(*loaded, words)}
 
 
 def transcribe_files(paths: Sequence[str | Path]) -> dict[str, str]:

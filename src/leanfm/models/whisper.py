@@ -35,7 +35,7 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
-    WhisperTokenizerFast,
+    WhisperTokenizer,
 )
 
 from leanfm.errors import LeanfmError
@@ -215,7 +215,7 @@ def ensure_checkpoint() -> Path:
     source = ctranslate2_folder()
     log.info("converting Whisper tiny.en from %s to %s (one time)", source, folder)
     model = to_transformers(source)
-    tokenizer = WhisperTokenizerFast(tokenizer_file=str(source / "tokenizer.json"))
+    tokenizer = WhisperTokenizer(tokenizer_file=str(source / "tokenizer.json"))
     with atomic_directory(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -223,11 +223,11 @@ def ensure_checkpoint() -> Path:
     return folder
 
 
-def load_whisper() -> tuple[WhisperForConditionalGeneration, WhisperTokenizerFast]:
+def load_whisper() -> tuple[WhisperForConditionalGeneration, WhisperTokenizer]:
     """The cached float32 Whisper tiny.en (converting on first use) and its tokenizer."""
     folder = ensure_checkpoint()
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    return model.eval(), WhisperTokenizerFast.from_pretrained(folder)
+    return model.eval(), WhisperTokenizer.from_pretrained(folder)
 
 
 def features(waves: Sequence[np.ndarray]) -> torch.Tensor:
@@ -245,7 +245,7 @@ def transcribe(model: WhisperForConditionalGeneration, tokenizer: Any, waves: Se
     """Greedy transcription of 16 kHz waveforms (module docstring); one string per waveform."""
     config = model.config
     start = [tokenizer.convert_tokens_to_ids(t) for t in ("<|startoftranscript|>", "<|notimestamps|>")]
-    eot = config.eos_token_id
+    eot = int(config.eos_token_id)  # type: ignore[arg-type]  # one id for Whisper
     blocked = torch.zeros(config.vocab_size, dtype=torch.bool)
     blocked[list(config.suppress_tokens or [])] = True
     blocked[eot + 1 :] = True  # special and timestamp tokens: never part of a transcript
