@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.leanfm-installed
 APT_PKGS := espeak-ng dataset-fashion-mnist python3.11-doc
 export LEANFM_HOME ?= $(HOME)/.cache/leanfm
 
-.PHONY: run test test-fast setup lint typecheck clean-cache
+.PHONY: run test test-fast setup lint typecheck clean-cache mutate
 
 # The main job: compress the default model with MoDeGPT at 30% and compare it with the dense model.
 run: setup
@@ -25,6 +25,12 @@ test: setup
 # The inner loop: everything but the slow, multi-process, speech and end-to-end training tests (< 2 min here).
 test-fast: setup
 	$(BIN)/python -m pytest -q -x -m "not slow and not distributed and not speech and not training"
+
+# Mutation testing of one module with cosmic-ray (minutes; not part of `make test`); survivors are listed:
+#   make mutate MODULE=src/leanfm/align/cwcl.py [TESTS="tests/test_cwcl.py"]
+mutate: setup
+	@test -n "$(MODULE)" || { echo "usage: make mutate MODULE=src/leanfm/<part>.py [TESTS=...]" >&2; exit 2; }
+	$(BIN)/python scripts/mutate.py $(MODULE) $(TESTS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -29,3 +29,30 @@ def test_unequal_predictions_are_one_line_errors():
         slot_metrics([["O", "O"]], [["O"]], ["a"], ["a"])
     with pytest.raises(LeanfmError, match="as many predictions"):
         slot_metrics([["O"]], [], ["a"], ["a"])
+
+
+@pytest.mark.parametrize(("gold", "pred", "intents", "exact"), [
+    (["O", "B-x"], ["O", "B-x"], ("a", "a"), 1.0),
+    (["B-time"], ["B-date"], ("a", "a"), 0.0),  # gold sorts after pred
+    (["B-date"], ["B-time"], ("a", "a"), 0.0),  # gold sorts before pred
+    (["O"], ["O"], ("b", "a"), 0.0),
+    (["O"], ["O"], ("a", "b"), 0.0),
+])
+def test_exact_match_needs_every_tag_and_the_intent(gold, pred, intents, exact):
+    result = slot_metrics([gold], [pred], [intents[0]], [intents[1]])
+    assert result["exact_match"] == exact
+    assert result["intent_accuracy"] == float(intents[0] == intents[1])
+
+
+@pytest.mark.parametrize("counts", [(1, 2, 1, 1), (2, 1, 2, 2), (1, 1, 2, 1), (2, 2, 1, 2), (1, 1, 1, 2),
+                                    (2, 2, 2, 1), (0, 0, 0, 0)])
+def test_every_count_mismatch_is_refused(counts):
+    gold, pred, gold_intents, pred_intents = counts
+    with pytest.raises(LeanfmError, match="as many predictions"):
+        slot_metrics([["O"]] * gold, [["O"]] * pred, ["a"] * gold_intents, ["a"] * pred_intents)
+
+
+def test_tag_count_mismatch_in_either_direction_is_refused():
+    for gold, pred in ((["O"], ["O", "O"]), (["O", "O"], ["O"])):
+        with pytest.raises(LeanfmError, match="predicted tags for"):
+            slot_metrics([gold], [pred], ["a"], ["a"])
