@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from leanfm.config import MethodConfig
 from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_write_json, check_writable_file
+from leanfm.report.report import format_cell
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,26 +54,13 @@ nonnegative_int = int_at_least(0)
 # ---------------------------------------------------------------- output
 
 
-def fmt(value: Any) -> str:
-    """A table cell: thousands separators, 4 significant digits, '-' for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def print_table(rows: Sequence[tuple[str, Any]]) -> None:
     """Two aligned columns on stdout."""
     if not rows:
         return
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {fmt(value)}")
+        print(f"{key.ljust(width)}  {format_cell(value)}")
 
 
 def add_json_flag(parser: argparse.ArgumentParser, what: str = "the result") -> None:

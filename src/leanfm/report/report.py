@@ -38,11 +38,15 @@ def load_results(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell (markdown here, the terminal in the CLI): 4 significant digits below 1000, thousands separators
+    above, '-' for missing."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -52,7 +56,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``rows`` over the known columns any row has."""
     columns = [c for c in COLUMNS if any(c in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
