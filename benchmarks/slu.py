@@ -29,16 +29,16 @@ from typing import Any
 
 import torch
 
-from leanfm.adapt.slu import SluConfig, cross_slot_attention, load_run, train_slu
+from leanfm.adapt.slu import SluConfig, cross_slot_attention, evaluate, load_run, train_slu
 from leanfm.adapt.spoken import evaluate_spoken
 from leanfm.data import slu as slu_data
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.report.report import write_section
 
 DATASETS = ("atis", "snips")
-SPLITS = ("standard", "novel-combination", "length", "novel-combination-val")
-GRID_SPLITS = SPLITS[:3]  # novel-combination-val: held-out pairs *inside* novel-combination's training side, the
-# validation split for the compositional loss's weight (its test never touches the real test utterances)
+SPLITS = ("standard", "novel-combination", "length", "novel-combination-val", "length-val")
+GRID_SPLITS = SPLITS[:3]  # *-val: the same construction *inside* the compositional split's training side, the
+# validation splits for λ and the pair fraction (their tests never touch the real test utterances)
 VARIANTS = {"baseline": ("jointbert", False), "compositional": ("compositional", False),
             "paired": ("jointbert", True), "both": ("compositional", True), "crf": ("jointbert", False)}
 GRID = ("baseline", "compositional", "paired", "both")  # the issue's grid; "crf" (JointBERT + CRF) is opt-in
@@ -58,11 +58,13 @@ def split_folder(root: Path, dataset: str, split: str) -> Path:
     """The shipped folder for ``standard``, else the cached re-split (written once, deterministic)."""
     if split == "standard":
         return root / "slu" / dataset
-    if split == "novel-combination-val":
+    if split.endswith("-val"):
         folder = leanfm_home() / "bench" / "slu" / "data" / f"{dataset}-{split}"
         if not (folder / "split.json").is_file():
-            side = slu_data.load(split_folder(root, dataset, "novel-combination"), allow_unseen=True)
-            inner = slu_data.split_novel_combination(replace(side, test=[]), seed=1)  # train + dev pooled only
+            outer = split.removesuffix("-val")
+            side = replace(slu_data.load(split_folder(root, dataset, outer), allow_unseen=True), test=[])
+            inner = (slu_data.split_novel_combination(side, seed=1) if outer == "novel-combination"
+                     else slu_data.split_length(side, seed=1))  # train + dev pooled only
             slu_data.write(inner, folder)  # with its split.json
         return folder
     folder = leanfm_home() / "bench" / "slu" / "data" / f"{dataset}-{split}"
@@ -73,8 +75,11 @@ def split_folder(root: Path, dataset: str, split: str) -> Path:
 
 def settings(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     method, paired = VARIANTS[base(variant)]
-    # compositional@0.3: the loss weight lambda; absent (the default, 1.0) so that older rows still match
-    weight = {"comp_weight": float(variant.split("@")[1])} if "@" in variant else {}
+    # compositional@0.3: the loss weight λ, paired@0.25: the pair fraction; absent (the defaults, 1.0 and 0.5) so
+    # that older rows still match
+    weight: dict[str, float] = {}
+    if "@" in variant:
+        weight = {"pair_fraction" if base(variant) == "paired" else "comp_weight": float(variant.split("@")[1])}
     crf = {"crf": True} if variant == "crf" else {}  # absent otherwise, so rows stored before it existed still match
     return {"method": method, "paired": paired, **crf, **weight, "seed": seed, "steps": args.steps,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
@@ -140,15 +145,66 @@ def run_row(root: Path, dataset: str, split: str, variant: str, seed: int, args:
     test = slu_data.load(folder, allow_unseen=True).test
     cross = cross_slot_attention(model, tokenizer, test, meta["intents"], meta["slots"], config.comp_layers)
     stats = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
+    buckets = by_slot_count(model, tokenizer, meta, test) if split.startswith("length") else {}
     return {"dataset": dataset, "split": split, "variant": variant, "seed": seed,
             "settings": wanted, "metrics": summary["metrics"],
             "train_seconds": summary["training"]["seconds"], "wall_seconds": time.time() - tick,
             "seconds_per_epoch": summary["training"]["seconds_per_epoch"], "steps": summary["training"]["steps"],
             "steps_per_epoch": summary["training"]["steps_per_epoch"],
             "final": summary["training"]["history"][-1], "cross_slot_attention_test": cross,
+            "test_by_slots": buckets,
             "threads": torch.get_num_threads(),
             "load_average": [round(load, 2), round(os.getloadavg()[0], 2)], "split_stats": {k: stats.get(k) for k in (
                 "sizes", "k", "test_share") if k in stats}}
+
+
+def by_slot_count(model: Any, tokenizer: Any, meta: dict, test: list) -> dict[str, dict]:
+    """Test slot F1 and exact match by the utterance's number of gold slots (the length split's mechanism: does a
+    method help more on the longest?); buckets k+1, k+2, >= k+3 from the shortest test utterance."""
+    shortest = min(len(u.spans()) for u in test)
+    edges = {f"{shortest}": (shortest, shortest), f"{shortest + 1}": (shortest + 1, shortest + 1),
+             f">={shortest + 2}": (shortest + 2, 10**6)}
+    out = {}
+    for name, (low, high) in edges.items():
+        part = [u for u in test if low <= len(u.spans()) <= high]
+        if part:
+            m = evaluate(model, tokenizer, part, meta["intents"], meta["slots"], meta["config"]["max_length"])
+            out[name] = {"utterances": len(part), "slot_f1": m["slot_f1"], "exact_match": m["exact_match"]}
+    return out
+
+
+def backfill_buckets(rows: list[dict]) -> bool:
+    """``test_by_slots`` for length rows stored before it was measured (inference on the saved runs)."""
+    changed = False
+    for r in rows:
+        if r["split"].startswith("length") and not r.get("test_by_slots"):
+            out = run_folder(r["dataset"], r["split"], r["variant"], r["seed"], r["settings"])
+            if (out / "slu.json").is_file():
+                model, tokenizer, meta = load_run(out)
+                test = slu_data.load(Path(meta["data"]), allow_unseen=True).test
+                r["test_by_slots"] = by_slot_count(model, tokenizer, meta, test)
+                changed = True
+    return changed
+
+
+def bucket_lines(rows: list[dict]) -> list[str]:
+    """Slot F1 by number of slots on the length split, mean over seeds per variant."""
+    lines = []
+    for dataset in DATASETS:
+        group = [r for r in rows if (r["dataset"], r["split"]) == (dataset, "length") and r.get("test_by_slots")]
+        if not group:
+            continue
+        names = list(group[0]["test_by_slots"])
+        lines += [f"{dataset} length split, test slot F1 by the utterance's number of slots (utterances):", "",
+                  "| variant | " + " | ".join(f"{n} slots ({group[0]['test_by_slots'][n]['utterances']})"
+                                             for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for variant in dict.fromkeys(r["variant"] for r in sorted(group, key=_order)):
+            mine = [r for r in group if r["variant"] == variant]
+            cells = [_stats([100 * r["test_by_slots"][n]["slot_f1"] for r in mine if n in r["test_by_slots"]])
+                     for n in names]
+            lines.append(f"| {variant} (n={len(mine)}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def plot(rows: list[dict]) -> bytes:
@@ -198,7 +254,7 @@ def valid_variant(variant: str) -> bool:
         return variant in VARIANTS
     name, weight = variant.split("@", 1)
     try:
-        return name in ("compositional", "both") and float(weight) > 0
+        return name in ("compositional", "both", "paired") and float(weight) > 0
     except ValueError:
         return False
 
@@ -277,14 +333,14 @@ def lr_sweep_text(args: argparse.Namespace) -> str:
     return f"lr: dev slot F1 = {points}, {'/'.join(map(str, steps))} steps; results/slu_lr.json"
 
 
-def tuning(rows: list[dict]) -> str:
-    """Which λ won on novel-combination-val (test slot F1 of that nested split), from the rows that ran."""
-    val = [r for r in rows if r["split"] == "novel-combination-val" and base(r["variant"]) == "compositional"]
+def tuning(rows: list[dict], split: str, variant: str, name: str, default: str) -> str:
+    """Which setting of ``variant`` won on the validation ``split`` (its nested test's slot F1), from the rows."""
+    val = [r for r in rows if r["split"] == split and base(r["variant"]) == variant]
     if not val:
-        return "not run yet: the grid rows use λ = 1"
+        return f"not run yet: the grid rows use {name} = {default}"
     best = max(val, key=lambda r: r["metrics"]["test"]["slot_f1"])
-    weight = best["variant"].split("@")[1] if "@" in best["variant"] else "1"
-    return f"best λ = {weight} of {len(val)} weights tried; the grid rows use λ = 1"
+    value = best["variant"].split("@")[1] if "@" in best["variant"] else default
+    return f"best {name} = {value} of {len(val)} tried; the grid rows use {name} = {default}"
 
 
 def commands(rows: list[dict]) -> list[str]:
@@ -317,12 +373,15 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"{'on' if args.autocast else 'off'}, on this machine's CPU; the learning rate was chosen on ATIS standard "
         f"dev slot F1 of the baseline ({lr_sweep_text(args)}) and is shared by every variant and by SNIPS. "
         "Compositional loss (variant@λ names its weight; default 1.0) over the last 2 "
-        "layers; paired training with half of each batch's rows pairs (not tuned). The dev split of a compositional "
-        "split is drawn from its training side and cannot select for compositional generalisation, so λ is chosen "
-        "on novel-combination-val instead: slot-type pairs held out *inside* novel-combination's training side "
-        f"({tuning(rows)}). Test metrics in %: intent accuracy, span-level slot F1 "
-        "(seqeval), sentence exact match; mean ± sd over seeds where more than one ran. Cross-slot attention is "
-        "the mechanism the compositional loss acts on: the mean attention mass a slot sub-token sends to other slot "
+        "layers; paired training with half of each batch's rows pairs (variant@f names another fraction). The dev "
+        "split of a compositional split is drawn from its training side and cannot select for compositional "
+        "generalisation, so the settings are chosen on validation splits built the same way *inside* the training "
+        "side: λ on novel-combination-val (held-out slot-type pairs; "
+        f"{tuning(rows, 'novel-combination-val', 'compositional', 'λ', '1')}), the pair fraction on length-val "
+        "(train on the shorter, validate on the longest utterances of length's training side; "
+        f"{tuning(rows, 'length-val', 'paired', 'fraction', '0.5')}). Test metrics in %: intent accuracy, span-level "
+        "slot F1 (seqeval), sentence exact match; mean ± sd over seeds where more than one ran. Cross-slot attention "
+        "is the mechanism the compositional loss acts on: the mean attention mass a slot sub-token sends to other slot "
         "spans in the last 2 layers, on the test split. Splits: novel-combination "
         "holds out slot-type pairs (every test utterance has one, every test slot type is seen in training); length "
         "trains on utterances with <= k slots and tests on > k (k in the table); slot types that only occur in long "
@@ -338,7 +397,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                     and len({x["seed"] for x in rows if (x["dataset"], x["split"]) == (r["dataset"], r["split"])}) < 3})
     lines += [f"Not run: {', '.join(missing) if missing else 'none of the 24 rows is missing'}; compositional splits "
               f"with fewer than the issue's 3 seeds: {', '.join(short) if short else 'none'}.",
-              "", *spoken_lines(_spoken(args)),
+              "", *bucket_lines(rows), *spoken_lines(_spoken(args)),
               "", "![Compositional SLU](results/slu.png)", "", "Regenerate (one command per seed; finished rows are "
               "reused from results/slu.json):", ""]
     lines += [f"    {command}" for command in commands(rows)]
@@ -410,6 +469,8 @@ def main() -> None:
             write_section(args.benchmarks_md, "slu", markdown(rows, args))
             print(json.dumps({k: row[k] for k in ("dataset", "split", "variant", "seed", "train_seconds")}
                              | row["metrics"]["test"]), flush=True)
+    if backfill_buckets(rows):
+        atomic_write_json(results, rows)
     if args.lr_sweep:
         run_lr_sweep(root, args)
     if args.spoken:
