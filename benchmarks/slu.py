@@ -213,18 +213,26 @@ def plot(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["dataset"], r["split"]) for r in rows}, key=lambda g: (g[0], SPLITS.index(g[1])))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4), dpi=110)
+    groups = sorted({(r["dataset"], r["split"]) for r in rows if r["split"] in GRID_SPLITS},
+                    key=lambda g: (g[0], SPLITS.index(g[1])))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.2), dpi=110)
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    width = 0.8 / len(variants)
+    width = 0.8 / max(1, len(variants))
+    lowest = 100.0
     for offset, variant in enumerate(variants):
-        values = [_mean([r for r in rows if (r["dataset"], r["split"]) == g and r["variant"] == variant], "slot_f1")
-                  for g in groups]
-        ax.bar([i + offset * width for i in range(len(groups))], [v if v is not None else 0 for v in values],
-               width=width, label=variant)
+        runs = [[100 * r["metrics"]["test"]["slot_f1"] for r in rows
+                 if (r["dataset"], r["split"]) == g and r["variant"] == variant] for g in groups]
+        means = [sum(v) / len(v) if v else float("nan") for v in runs]
+        spread = [(max(v) - min(v)) / 2 if len(v) > 1 else 0.0 for v in runs]  # half the range over seeds
+        lowest = min([lowest, *(m for m in means if m == m)])
+        ax.bar([i + offset * width for i in range(len(groups))], means, width=width, yerr=spread, capsize=2,
+               label=variant)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{d}\n{s}" for d, s in groups], fontsize=8)
-    ax.set(ylabel="test slot F1 (seqeval, %)", title="Compositional SLU on MiniLM-L6 (rows that ran)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(max(0.0, lowest - 10), 100)  # the differences are a few points: do not start at 0
+    ax.set(ylabel="test slot F1 (seqeval, %)",
+           title="Compositional SLU on MiniLM-L6 (bars: mean over seeds, whiskers: half the range)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=len(variants), loc="upper center")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     buffer = io.BytesIO()
