@@ -348,7 +348,8 @@ def tuning(rows: list[dict], split: str, variant: str, name: str, default: str) 
         return f"not run yet: the grid rows use {name} = {default}"
     best = max(val, key=lambda r: r["metrics"]["test"]["slot_f1"])
     value = best["variant"].split("@")[1] if "@" in best["variant"] else default
-    return f"best {name} = {value} of {len(val)} tried; the grid rows use {name} = {default}"
+    return (f"best {name} = {value} of {len(val)} tried; the grid rows use {name} = {default}, rows named "
+            f"{variant}@{value} apply the chosen one where they ran")
 
 
 def commands(rows: list[dict]) -> list[str]:
