@@ -428,10 +428,10 @@ def main() -> None:
     parser.add_argument("--plan", nargs="+", default=None,
                         help="rows dataset:split:variant[:seed] in order (default: the grid; no seed: --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (0: --epochs)")
+    parser.add_argument("--steps", type=int, default=600, help="steps per run (0: --epochs)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-autocast", dest="autocast", action="store_false", help="train in float32")
