@@ -67,9 +67,10 @@ def _read_16k(path: str | Path) -> np.ndarray:
 
 def predict_audio(folder: str | Path, audio: str | Path) -> dict[str, Any]:
     """Transcribe a WAV file with Whisper tiny.en, then intent and slots of the transcript with the run."""
+    wave = _read_16k(audio)  # a bad file fails before any model loads
     loaded = load_run(folder)
     recogniser, whisper_tokenizer = load_whisper()
-    transcript = transcribe(recogniser, whisper_tokenizer, [_read_16k(audio)])[0]
+    transcript = transcribe(recogniser, whisper_tokenizer, [wave])[0]
     words = tuple(normalise(transcript).split())
     if not words:
         raise LeanfmError(f"no words recognised in '{audio}'")
