@@ -10,6 +10,7 @@ import torch
 from leanfm.adapt import slu
 from leanfm.data.slu import Utterance
 from leanfm.errors import LeanfmError
+from leanfm.models.encoders import bert_encoder, minilm_tokenizer
 from test_slu_data import make_dataset
 
 INTENTS = ["UNK", "flight"]
@@ -18,7 +19,7 @@ SLOTS = ["PAD", "UNK", "O", "B-from", "I-from", "B-to", "I-to"]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return slu._tokenizer()
+    return minilm_tokenizer()
 
 
 def test_only_first_sub_tokens_carry_tags(tokenizer):
@@ -109,7 +110,7 @@ def test_crf_reads_each_kept_word_at_its_first_sub_token(tokenizer):
 
 
 def test_crf_prediction_is_viterbi_not_argmax(tokenizer):
-    encoder, _ = slu.build_encoder("tiny-bert")
+    encoder, _ = bert_encoder("tiny-bert")
     words = Utterance(("from", "boston", "to", "denver"), ("O",) * 4, "")
     tagged = {}
     for crf in (False, True):
@@ -140,7 +141,7 @@ def test_a_tiny_crf_run_learns_and_reloads(tmp_path):
 
 
 def test_cross_slot_attention_measures_the_penalised_mass(tokenizer):
-    encoder, _ = slu.build_encoder("tiny-bert")
+    encoder, _ = bert_encoder("tiny-bert")
     model = slu.JointSlu(encoder, len(INTENTS), len(SLOTS)).eval()
     utterances = [Utterance(("from", "boston", "to", "new", "york"), ("O", "B-from", "O", "B-to", "I-to"), "flight"),
                   Utterance(("to", "denver"), ("O", "B-to"), "flight")]  # one slot: no other span to attend to

@@ -49,13 +49,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 from torchcrf import CRF
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 
 from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.slu import SluData, Utterance, load, resolve
 from leanfm.errors import LeanfmError
 from leanfm.eval.slot_metrics import slot_metrics
-from leanfm.models.registry import load_model, minilm_folder
+from leanfm.models.encoders import BERT_ENCODERS, bert_encoder, minilm_tokenizer
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.options import DEVICE_HELP, check_device_name
@@ -64,7 +64,7 @@ __all__ = ["ENCODERS", "METHODS", "JointSlu", "SluConfig", "compositional_loss",
            "evaluate", "load_run", "predict", "predict_words", "train_slu"]
 log = logging.getLogger(__name__)
 
-ENCODERS = ("minilm-l6", "tiny-bert")
+ENCODERS = BERT_ENCODERS
 METHODS = ("jointbert", "compositional")
 FORMAT = "leanfm-slu/1"
 IGNORE = -100
@@ -136,30 +136,6 @@ class JointSlu(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_attentions=attentions)
         states = self.dropout(out.last_hidden_state)
         return self.intent_head(states[:, 0]), self.slot_head(states), out.attentions if attentions else None
-
-
-def _tokenizer() -> Any:
-    return AutoTokenizer.from_pretrained(minilm_folder())
-
-
-def build_encoder(name: str, attention: str = "sdpa") -> tuple[BertModel, Any]:
-    """The pretrained MiniLM through the model registry, or a seeded random 2-layer BERT (its tokenizer)."""
-    if name == "minilm-l6":
-        loaded, tokenizer = load_model("minilm-l6")
-        if not isinstance(loaded, BertModel):
-            raise LeanfmError(f"minilm-l6 loaded as {type(loaded).__name__}; accepted: a transformers BertModel")
-        model = loaded
-    elif name == "tiny-bert":
-        tokenizer = _tokenizer()
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = BertModel(config)
-    else:
-        raise LeanfmError(f"unknown encoder '{name}'; accepted: {', '.join(ENCODERS)}")
-    model.set_attn_implementation(attention)
-    return model, tokenizer
 
 
 # ---------------------------------------------------------------- data -> sub-tokens
@@ -350,7 +326,7 @@ def train_slu(config: SluConfig, out: str | Path, *, resume: bool = False, overw
     context = context or init_distributed(config.device)
     checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=context)
     data = load(resolve(config.data), allow_unseen=True)
-    encoder, tokenizer = build_encoder(config.encoder, "eager" if config.method == "compositional" else "sdpa")
+    encoder, tokenizer = bert_encoder(config.encoder, "eager" if config.method == "compositional" else "sdpa")
     torch.manual_seed(config.seed)
     model = JointSlu(encoder, len(data.intents), len(data.slots), config.dropout, config.crf)
     training = _train(config, model, tokenizer, data, checkpoint, resume, context)
@@ -458,7 +434,7 @@ def load_run(folder: str | Path) -> tuple[JointSlu, Any, dict[str, Any]]:
     model = JointSlu(encoder, len(meta["intents"]), len(meta["slots"]), meta["config"]["dropout"],
                      meta["config"].get("crf", False))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval(), _tokenizer(), meta
+    return model.eval(), minilm_tokenizer(), meta
 
 
 def predict(folder: str | Path, text: str) -> dict[str, Any]:

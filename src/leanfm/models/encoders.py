@@ -11,15 +11,44 @@ Each trainable tower keeps its constructor arguments in ``.config`` so a saved o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from sentence_transformers import SentenceTransformer
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
 from leanfm.errors import LeanfmError
-from leanfm.models.registry import list_models, model_spec
+from leanfm.models.registry import list_models, load_model, minilm_folder, model_spec
 
 SENTENCE_ENCODER = "sentence-encoder"  # the ModelSpec.kind a frozen text encoder must have
+BERT_ENCODERS = ("minilm-l6", "tiny-bert")  # fine-tunable BERT bodies: the real MiniLM, a random one for tests
+
+
+def minilm_tokenizer() -> Any:
+    """MiniLM's WordPiece tokenizer (also the tiny random BERT's)."""
+    return AutoTokenizer.from_pretrained(minilm_folder())
+
+
+def bert_encoder(name: str, attention: str = "sdpa") -> tuple[BertModel, Any]:
+    """A fine-tunable BERT body and its tokenizer: the pretrained MiniLM through the model registry, or a seeded
+    random 2-layer BERT (``tiny-bert``, 32 wide) that shares MiniLM's vocabulary, for fast tests."""
+    if name == "minilm-l6":
+        loaded, tokenizer = load_model("minilm-l6")
+        if not isinstance(loaded, BertModel):
+            raise LeanfmError(f"minilm-l6 loaded as {type(loaded).__name__}; accepted: a transformers BertModel")
+        model = loaded
+    elif name == "tiny-bert":
+        tokenizer = minilm_tokenizer()
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = BertModel(config)
+    else:
+        raise LeanfmError(f"unknown encoder '{name}'; accepted: {', '.join(BERT_ENCODERS)}")
+    model.set_attn_implementation(attention)
+    return model, tokenizer
 
 
 def text_encoder_names() -> list[str]:
