@@ -28,11 +28,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import leanfm.adapt.continual as continual
 import leanfm.adapt.slu as slu
 import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
 import leanfm.decode.dynamo as dynamo
 import leanfm.vision.train as vit
+from fewshot_data import make_fewshot
 from leanfm import load_model
 from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig
 from leanfm.config import MethodConfig
@@ -95,6 +97,20 @@ def _slu_run(config, folder, resume):
     return summary["training"]["history"], load_file(str(folder / "out" / "model.safetensors"))
 
 
+@functools.cache
+def _fewshot_data() -> str:
+    """A small hand-made dataset in the 16-shot layout, written once per test session."""
+    folder = Path(tempfile.mkdtemp(prefix="leanfm-fewshot-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return str(make_fewshot(folder, per_class_test=4))
+
+
+def _continual_run(config, folder, resume):
+    """The last task's history (4 steps) and the saved weights (every task's update and the folded layers)."""
+    summary = continual.train_continual(config, folder / "out", resume=resume)
+    return summary["training"][-1]["history"], load_file(str(folder / "out" / "weights.safetensors"))
+
+
 def _beside(folder: Path) -> Path:
     return folder / "out.training"
 
@@ -132,6 +148,15 @@ CONTRACTS = [
                                       "paired": True, "steps": 4, "batch_size": 8, "warmup": 1, "eval_limit": 4,
                                       "checkpoint_every": 3, "device": "cpu", **kw}),
         _slu_run, slu, _beside, ({"method": "crf"}, "unknown method 'crf'"), {"lr": 1e-2},
+    ),
+    Contract(  # STAMINA: Gumbel noise and dropout draw from torch's RNG across four tasks and a resume
+        "continual",
+        lambda **kw: continual.ContinualConfig(**{"data": _fewshot_data(), "encoder": "tiny-bert",
+                                                  "method": "stamina", "stamina_reg": True, "steps_per_task": 4,
+                                                  "batch_size": 8, "warmup": 1, "checkpoint_every": 3,
+                                                  "device": "cpu", **kw}),
+        _continual_run, continual, lambda folder: folder / "out.training" / "task-00",
+        ({"method": "ewc"}, "unknown method 'ewc'"), {"lr": 1e-2},
     ),
 ]
 IDS = [c.name for c in CONTRACTS]
@@ -203,7 +228,8 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
 
 @pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig),
                                                    ("cwcl-speech", SpeechAlignConfig),
-                                                   ("cwcl-image", ImageAlignConfig), ("slu", slu.SluConfig)])
+                                                   ("cwcl-image", ImageAlignConfig), ("slu", slu.SluConfig),
+                                                   ("continual", continual.ContinualConfig)])
 def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
     """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
     import inspect

@@ -1,5 +1,5 @@
-"""``leanfm slu split|train|eval|predict`` and ``leanfm speech transcribe``: compositional spoken-language
-understanding.
+"""``leanfm slu split|train|eval|predict``, ``leanfm speech transcribe`` (compositional spoken-language
+understanding) and ``leanfm continual train|eval|export`` (continual adapters: LoRA, C-LoRA, STAMINA).
 
 ``DATA`` is a folder in JointBERT's layout or a name (``atis``, ``snips``) under ``$LEANFM_DATA/slu``; nothing is
 downloaded. Spoken input (``predict --audio FILE.wav``) is Whisper tiny.en's transcript read by the text model.
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from leanfm.adapt import continual
 from leanfm.adapt.slu import SluConfig, evaluate, load_run, predict, train_slu
 from leanfm.adapt.spoken import predict_audio, transcribe_files
 from leanfm.cli.common import (
@@ -29,6 +30,7 @@ from leanfm.data import slu as slu_data
 from leanfm.errors import LeanfmError
 from leanfm.paths import check_output_dir
 
+CONTINUAL_DATA_HELP = "folder with the 16-shot data (fewshot/<task>/16-<seed>/...) and, for text11, slu/snips"
 DATA_HELP = "dataset folder in JointBERT's layout, or a name (atis, snips) under $LEANFM_DATA/slu"
 METRICS = ("intent_accuracy", "slot_f1", "slot_precision", "slot_recall", "exact_match", "utterances")
 
@@ -68,6 +70,29 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("files", nargs="+", help="PCM .wav files, any sample rate (resampled to 16 kHz)")
     add_json_flag(tr, "the transcripts")
     tr.set_defaults(handler=cmd_transcribe)
+    _add_continual(sub)
+
+
+def _add_continual(sub: Any) -> None:
+    p = sub.add_parser("continual", help="continual adapters (LoRA, C-LoRA, STAMINA) on class-incremental tasks")
+    csub = p.add_subparsers(dest="continual_command", parser_class=Parser, required=True)
+    t = csub.add_parser("train", help="learn a task sequence one task at a time; A_N, F_N and accuracy matrices")
+    t.add_argument("data", help=CONTINUAL_DATA_HELP)
+    add_run_flags(t, "weights.safetensors, continual.json; checkpoints in OUT.training")
+    add_config_flags(t, continual.ContinualConfig)
+    add_json_flag(t, "the metrics and accuracy matrices")
+    t.set_defaults(handler=cmd_continual_train)
+    e = csub.add_parser("eval", help="accuracy of a run's final model on every task (argmax over all classes)")
+    e.add_argument("run", help="folder written by 'leanfm continual train'")
+    e.add_argument("--data", default=None, help=CONTINUAL_DATA_HELP + " [default: the run's]")
+    e.add_argument("--split", choices=(*continual.SPLITS, continual.TASK_AWARE), default="test",
+                   help="which split [default test]")
+    add_json_flag(e, "the accuracies")
+    e.set_defaults(handler=cmd_continual_eval)
+    x = csub.add_parser("export", help="the folded encoder as a transformers folder + head.safetensors")
+    x.add_argument("run", help="folder written by 'leanfm continual train'")
+    add_run_flags(x, "config.json, model.safetensors, tokenizer, head.safetensors, labels.json", trains=False)
+    x.set_defaults(handler=cmd_continual_export)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -113,4 +138,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     check_json_target(args)
     emit(args, transcribe_files(args.files))
+    return 0
+
+
+def cmd_continual_train(args: argparse.Namespace) -> int:
+    config = config_from_args(continual.ContinualConfig, args, data=str(Path(args.data).expanduser()))
+    check_json_target(args)
+    summary = continual.train_continual(config, out_path(args), resume=args.resume, overwrite=args.overwrite)
+    flat: dict[str, Any] = {}
+    for split, metrics in summary["metrics"].items():
+        flat |= {f"{split}_{k}": v for k, v in metrics.items() if k != "final_row"}
+    emit(args, flat | {"matrices": summary["matrices"], "seconds": sum(t["seconds"] for t in summary["training"])},
+         keys=[k for k in flat if not k.endswith("final_row")] + ["seconds"])
+    return 0
+
+
+def cmd_continual_eval(args: argparse.Namespace) -> int:
+    check_json_target(args)
+    result = continual.evaluate_run(args.run, args.data, args.split)
+    emit(args, {"average_accuracy": result["average_accuracy"], **result["per_task"]})
+    return 0
+
+
+def cmd_continual_export(args: argparse.Namespace) -> int:
+    out = out_path(args)
+    check_output_dir(out, args.overwrite)
+    continual.read_meta(args.run)
+    emit(args, continual.export_run(args.run, out))
     return 0
