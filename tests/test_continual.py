@@ -145,6 +145,26 @@ def test_past_sum_accumulates_every_folded_update():
     assert torch.allclose(fresh.value.weight, model.value.weight, atol=1e-6)
 
 
+def test_adapter_history_saves_and_loads_onto_the_base_model(tmp_path):
+    model = Tiny()
+    adapter = ContinualAdapter(model, _settings(method="stamina", sparsity=0.3, seed=4))
+    for seed in (1, 2):
+        adapter.begin_task()
+        _randomise(adapter, seed)
+        adapter.end_task()
+    adapter.save(tmp_path / "history.safetensors")
+    fresh = Tiny()
+    loaded = ContinualAdapter.load(tmp_path / "history.safetensors", fresh, apply=True)
+    assert loaded.settings == adapter.settings and len(loaded.history) == 2
+    assert all(torch.equal(loaded.past[k], adapter.past[k]) for k in adapter.past)
+    assert torch.equal(loaded.history[1]["query.mask"], adapter.history[1]["query.mask"])
+    x = torch.randn(4, 6)
+    assert torch.allclose(fresh(x), model(x), atol=1e-6)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(LeanfmError, match="cannot read adapter history"):
+        ContinualAdapter.load(tmp_path / "bad.safetensors", Tiny())
+
+
 def test_stamina_masks_are_binary_at_inference_and_masked_entries_never_change():
     model = Tiny()
     w0 = model.query.weight.detach().clone()

@@ -377,7 +377,8 @@ def _describe(sequence: TaskSequence) -> dict[str, Any]:
 
 def save_run(out: Path, model: TextClassifier, layers: Sequence[str], adapter: ContinualAdapter | None,
              config: ContinualConfig, sequence: TaskSequence, summary: dict[str, Any]) -> None:
-    """``weights.safetensors`` (folded adapted layers, head, every task's update) + ``continual.json``, atomically."""
+    """``weights.safetensors`` (folded adapted layers, head, every task's update), ``adapter.safetensors`` (the
+    adapter history for :meth:`leanfm.models.lora.ContinualAdapter.load`) and ``continual.json``, atomically."""
     if out.exists():
         shutil.rmtree(out)
     tensors = {f"folded.{name}": w for name, w in _folded_weights(model, layers).items()}
@@ -389,6 +390,8 @@ def save_run(out: Path, model: TextClassifier, layers: Sequence[str], adapter: C
             "training": [{k: v for k, v in t.items() if k != "history"} for t in summary["training"]]}
     with atomic_directory(out) as tmp:
         atomic_write_bytes(tmp / "weights.safetensors", save(tensors))
+        if adapter is not None:  # the adapter history alone: ContinualAdapter.load(..., base_encoder, apply=True)
+            adapter.save(tmp / "adapter.safetensors")
         (tmp / "continual.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 

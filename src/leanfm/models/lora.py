@@ -41,20 +41,27 @@ STAMINA, the binary mask), so a run can be saved, inspected and replayed on the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import safetensors
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from leanfm.errors import LeanfmError
+from leanfm.paths import atomic_write_bytes
 
 METHODS = ("lora", "clora", "stamina")
 ADAPTER = "default"
+HISTORY_FORMAT = "leanfm-continual-adapter/1"
 
 
 def factor(layer: Any, name: str, adapter: str = ADAPTER) -> torch.Tensor:
@@ -284,6 +291,43 @@ class ContinualAdapter:
     def load_state(self, state: dict[str, Any]) -> None:
         self.past = {k: v.float() for k, v in state["past"].items()}
         self.history = [dict(r) for r in state["history"]]
+
+    def save(self, path: str | Path) -> None:
+        """The settings, every finished task's update and the past sums as one safetensors file (atomically)."""
+        if self.active:
+            raise LeanfmError(f"task {len(self.history)} is still open; end it before saving")
+        tensors = {f"past.{k}": v.contiguous() for k, v in self.past.items()}
+        for number, record in enumerate(self.history):
+            tensors |= {f"history.{number}.{k}": v.contiguous() for k, v in record.items()}
+        settings = json.dumps(dataclasses.asdict(self.settings))
+        atomic_write_bytes(Path(path), save(tensors, metadata={"format": HISTORY_FORMAT, "settings": settings,
+                                                               "tasks": str(len(self.history))}))
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, *, apply: bool = False) -> ContinualAdapter:
+        """An adapter continuing the saved history on ``model``; ``apply`` also adds every saved update to the
+        model's weights (for a model with the base weights: the folded model, :func:`replay`)."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except (OSError, safetensors.SafetensorError) as err:
+            raise LeanfmError(f"cannot read adapter history '{path}' ({err})") from None
+        if metadata.get("format") != HISTORY_FORMAT:
+            raise LeanfmError(f"'{path}' is not a {HISTORY_FORMAT} file")
+        settings = json.loads(metadata["settings"])
+        adapter = cls(model, AdapterSettings(**{**settings, "targets": tuple(settings["targets"])}))
+        history: list[dict[str, torch.Tensor]] = [{} for _ in range(int(metadata["tasks"]))]
+        for key, value in tensors.items():
+            if key.startswith("past."):
+                adapter.past[key[len("past."):]] = value
+            elif key.startswith("history."):
+                number, name = key[len("history."):].split(".", 1)
+                history[int(number)][name] = value
+        adapter.history = history
+        if apply:
+            replay(history, model)
+        return adapter
 
 
 def replay(history: Sequence[dict[str, torch.Tensor]], model: nn.Module) -> None:
