@@ -183,6 +183,55 @@ def summary_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def plasticity(row: dict) -> tuple[float, float]:
+    """Mean just-learned accuracy (task-aware diagonal R[i][i]) over the first and the second half of the tasks:
+    a method that saturates learns later tasks worse than earlier ones."""
+    diagonal = [r[i] for i, r in enumerate(row["matrices"]["test_task_aware"])]
+    half = len(diagonal) // 2
+    return sum(diagonal[:half]) / max(1, half), sum(diagonal[half:]) / max(1, len(diagonal) - half)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """The issue's claims, read off the rows (means over seeds; 'holds' only when every seed agrees)."""
+    by = groups(rows)
+    lines = []
+    for sequence in SEQUENCE_STEPS:
+        default_steps = SEQUENCE_STEPS[sequence].get("steps_per_task", 100)
+        pick = {r[0]["method"]: r for (seq, _), r in by.items() if seq == sequence
+                and r[0]["settings"].get("steps_per_task", 100) == default_steps}
+        if "lora" in pick and "clora" in pick:
+            f_lora = {r["seed"]: r["metrics"]["test"]["forgetting"] for r in pick["lora"]}
+            f_clora = {r["seed"]: r["metrics"]["test"]["forgetting"] for r in pick["clora"]}
+            shared = sorted(set(f_lora) & set(f_clora))
+            wins = sum(f_clora[k] < f_lora[k] for k in shared)
+            lines.append(f"- {sequence}, C-LoRA forgets less than LoRA: F_N "
+                         f"{100 * _mean(list(f_clora.values())):.1f} vs {100 * _mean(list(f_lora.values())):.1f} "
+                         f"(lower on {wins} of {len(shared)} shared seeds) — "
+                         f"{'holds' if shared and wins == len(shared) else 'not reproduced'}.")
+        if "stamina" in pick and "clora" in pick:
+            a_st = _mean([r["metrics"]["test"]["average_accuracy"] for r in pick["stamina"]])
+            a_cl = _mean([r["metrics"]["test"]["average_accuracy"] for r in pick["clora"]])
+            p_st = [plasticity(r) for r in pick["stamina"]]
+            p_cl = [plasticity(r) for r in pick["clora"]]
+            lines.append(f"- {sequence}, STAMINA vs C-LoRA: A_N {100 * a_st:.1f} vs {100 * a_cl:.1f}; just-learned "
+                         f"task-aware accuracy, first / second half of the tasks: STAMINA "
+                         f"{100 * _mean([p[0] for p in p_st]):.1f} / {100 * _mean([p[1] for p in p_st]):.1f}, C-LoRA "
+                         f"{100 * _mean([p[0] for p in p_cl]):.1f} / {100 * _mean([p[1] for p in p_cl]):.1f}.")
+    short = {label(g[0]): g for (seq, _), g in by.items() if seq == "text4"}
+    for method in ("clora", "stamina"):
+        full = [g for name, g in short.items() if g[0]["method"] == method and "steps/task" not in name]
+        half = [g for name, g in short.items() if g[0]["method"] == method and "(50 steps/task)" in name]
+        if full and half:
+            lines.append(f"- text4, {method} at 50 vs 100 steps per task: A_N "
+                         f"{100 * _mean([r['metrics']['test']['average_accuracy'] for r in half[0]]):.1f} vs "
+                         f"{100 * _mean([r['metrics']['test']['average_accuracy'] for r in full[0]]):.1f}.")
+    return lines
+
+
 def tuning_lines(args: argparse.Namespace) -> list[str]:
     path = args.results / "continual_tuning.json"
     if not path.is_file():
@@ -245,6 +294,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "(Chaudhry et al.); task-aware: the argmax over the task's own classes (separates forgetting in the features "
         "from the head's bias to recent classes). MR held out: 200 + 200 MR test reviews (a dataset no task trained "
         "on) read through the SST-2 classes.", "",
+        "### The claims, read off these rows", "", *verdicts(rows), "",
         "### Settings chosen on validation", "", *tuning_lines(args), "",
         "![accuracy matrices](results/continual.png)", "",
         f"Load average during the runs: {loads[0] if loads else '—'}-{loads[-1] if loads else '—'} (2 cores; "
