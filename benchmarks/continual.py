@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("frozen", "lora", "clora", "stamina", "joint")
 SEQUENCE_STEPS = {"text4": {}, "text11": {"steps_per_task": 50, "test_per_class": 100}}  # text11: CPU budget
 LR_GRID = (5e-4, 1e-3, 2e-3)
-REG_GRID = (1e3, 1e5, 1e7)
+REG_GRID = (1e2, 1e3, 1e4, 1e5, 1e7)
 SPARSITY_GRID = (0.01, 0.1, 1.0)
 HELD_OUT_PER_CLASS = 200
 
@@ -155,7 +155,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def label(row: dict) -> str:
     s = row["settings"]
-    extra = {"clora": f" λ={s.get('reg_weight', 1e4):g}", "stamina": f" β={s.get('sparsity', 0.1):g}"}
+    extra = {"clora": f" λ={s.get('reg_weight', 1e4):g}", "stamina": f" β={s.get('sparsity', 0.1):g}"
+             f"{' mask lr x' + format(s['mask_lr_scale'], 'g') if 'mask_lr_scale' in s else ''}"}
     steps = s.get("steps_per_task", 100)
     return f"{row['method']}{extra.get(row['method'], '')}" + (f" ({steps} steps/task)" if steps != 100 else "")
 

@@ -240,3 +240,21 @@ def test_warmup_then_cosine():
     assert [warmup_cosine(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
     assert warmup_cosine(2, 10, 2) == 1.0 and warmup_cosine(10, 10, 2) == pytest.approx(0.0)
     assert warmup_cosine(6, 10, 2) == pytest.approx(0.5)
+
+
+def test_a_parameter_group_with_lr_scale_follows_the_schedule_times_its_scale():
+    config = ToyConfig(steps=3)
+    task, model = toy(config, Runtime())
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    task.optimizer = torch.optim.AdamW([{"params": first}, {"params": second, "lr_scale": 10.0}], lr=config.lr)
+    seen = []
+    real = task.optimizer.step
+
+    def step(*args, **kwargs):
+        seen.append([g["lr"] for g in task.optimizer.param_groups])
+        return real(*args, **kwargs)
+
+    task.optimizer.step = step  # type: ignore[method-assign]
+    fit(task, config, Runtime())
+    schedule = warmup_cosine_lr(config.lr, config.steps, 2)
+    assert seen == [[pytest.approx(schedule(s)), pytest.approx(10 * schedule(s))] for s in range(3)]

@@ -88,6 +88,8 @@ class ContinualConfig(MethodConfig):
     mask_rank: int = option(4, "STAMINA: hidden width of the low-rank mask MLP")
     mask_init: float = option(3.0, "STAMINA: initial mask logit (3: every entry open)")
     mask_tau: float = option(1.0, "STAMINA: Gumbel-sigmoid temperature")
+    # at the adapters' lr (1e-3) 100 Adam steps move a mask logit by ~0.1, so no mask could close from 3 (measured)
+    mask_lr_scale: float = option(10.0, "STAMINA: the mask MLP learns at lr times this")
     steps_per_task: int = option(100, "optimiser steps per task (joint: this times the number of tasks)")
     batch_size: int = option(32, "examples per step (split across ranks)")
     lr: float = option(1e-3, "peak learning rate of adapters and head (warm-up, then cosine, per task)")
@@ -112,7 +114,7 @@ class ContinualConfig(MethodConfig):
         for name in ("reg_weight", "sparsity"):
             if not getattr(self, name) >= 0:
                 raise LeanfmError(f"{name.replace('_', ' ')} {getattr(self, name)} is invalid; accepted: a number >= 0")
-        for name in ("alpha", "lr", "mask_tau"):
+        for name in ("alpha", "lr", "mask_tau", "mask_lr_scale"):
             if not getattr(self, name) > 0:
                 raise LeanfmError(f"{name.replace('_', ' ')} {getattr(self, name)} is invalid; accepted: a number > 0")
         if not 0 <= self.dropout < 1:
@@ -313,8 +315,11 @@ def train_continual(config: ContinualConfig, out: str | Path, *, resume: bool = 
         if adapter is not None:
             trainable["adapter"] = nn.ParameterDict(adapter.parameters())
         model.train()
-        params = [p for m in trainable.values() for p in m.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        named = [(k, p) for m in trainable.values() for k, p in m.named_parameters()]
+        masks = [p for k, p in named if "lora_mask" in k]
+        groups: list[dict[str, Any]] = [{"params": [p for k, p in named if "lora_mask" not in k]}]
+        groups += [{"params": masks, "lr_scale": config.mask_lr_scale}] if masks else []
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
         classes = torch.tensor(stage.classes)
         task = Task(f"{config.method} task {number + 1}/{len(stages)} ({stage.name})", trainable, optimizer,
                     _batches(config, stage, number, tokenizer, runtime),

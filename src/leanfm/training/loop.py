@@ -92,7 +92,8 @@ class Task:
     on the CPU from seeded generators; ``loss(step, batch)`` gets it on the device and returns the loss to
     minimise and a record of plain numbers for the history — or a callable giving the record after the optimizer
     step, for values the update changes. ``lr(step)``: the learning rate of ``step`` (None keeps the optimizer's).
-    ``generators``: the trainer's own generators whose state must survive a resume.
+    ``generators``: the trainer's own generators whose state must survive a resume. A parameter group of the
+    optimizer with an ``lr_scale`` entry gets ``lr(step) * lr_scale``.
     """
 
     name: str
@@ -220,7 +221,7 @@ def _forward_backward(task: Task, runtime: Runtime, step: int) -> Record:
     if task.lr is not None:
         rate = task.lr(step)
         for group in task.optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = rate * group.get("lr_scale", 1.0)  # a group may train faster or slower than the rest
     batch = runtime.to_device(task.batch(step))
     loss, record = task.loss(step, batch)
     loss.backward()
