@@ -203,3 +203,105 @@ def test_begin_task_initialises_the_same_whatever_the_global_rng():
         return adapter.lora_layers()["query"].lora_A["default"].weight.detach().clone()
 
     assert torch.equal(first_a(1), first_a(2))
+
+
+class Nested(nn.Module):
+    """Target names inside sub-modules, as in a transformer (``block.attn.query``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.ModuleDict({"attn": nn.ModuleDict({"query": nn.Linear(6, 6), "out": nn.Linear(6, 6)})})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block["attn"]["out"](self.block["attn"]["query"](x))
+
+
+def test_targets_match_the_last_name_component_of_nested_layers():
+    adapter = ContinualAdapter(Nested(), _settings(targets=("query",)))
+    assert adapter.layers == ["block.attn.query"]
+    with pytest.raises(LeanfmError, match="unknown target module 'attn'; accepted: query, out"):
+        ContinualAdapter(Nested(), _settings(targets=("attn",)))
+
+
+def test_sampled_masks_open_with_probability_sigmoid_of_the_logit_and_pass_its_gradient():
+    """Logistic noise: P(sigma((L + g) / tau) > 1/2) = P(L + g > 0) = sigma(L), whatever tau."""
+    model = Nested()
+    adapter = ContinualAdapter(model, _settings(method="stamina", targets=("query",), mask_tau=0.5))
+    adapter.begin_task()
+    layer = adapter.lora_layers()["block.attn.query"]
+    levels = torch.tensor([-2.0, 0.0, 1.0, 3.0])
+    with torch.no_grad():
+        layer.lora_mask_b["default"].copy_(levels.repeat_interleave(2)[:6])  # rows at known logits (U = 0)
+    torch.manual_seed(0)
+    draws = torch.stack([layer.mask(sample=True) for _ in range(4000)])  # [4000, 6, 6]
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    expected = torch.sigmoid(layer.lora_mask_b["default"].detach())
+    assert torch.allclose(draws.mean(dim=(0, 2)), expected, atol=0.02)
+    torch.manual_seed(1)
+    layer.mask(sample=True).sum().backward()  # straight-through: the soft sample's gradient reaches the logits
+    grad = layer.lora_mask_b["default"].grad
+    assert grad is not None and (grad > 0).all()
+    torch.manual_seed(1)
+    uniform = torch.rand(6, 6).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((expected.logit()[:, None] + uniform.log() - (-uniform).log1p()) / 0.5)
+    assert torch.allclose(grad, (soft * (1 - soft) / 0.5).sum(1), atol=1e-4)
+
+
+def test_stamina_penalty_is_beta_times_density_plus_the_masked_regulariser():
+    model = Tiny()
+    adapter = ContinualAdapter(model, _settings(method="stamina", sparsity=0.7, reg_weight=2.0))
+    past = {"query": torch.randn(5, 6), "value": torch.randn(4, 5)}
+    adapter.past = {k: v.clone() for k, v in past.items()}
+    adapter.begin_task()
+    _randomise(adapter)
+    layers = adapter.lora_layers()
+    reg = density = 0.0
+    for name, layer in layers.items():
+        logits = layer.mask_logits().detach()
+        delta = (logits > 0).float() * 2.0 * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        reg += float(((past[name].abs() * delta) ** 2).sum())
+        density += float(torch.sigmoid(logits).mean()) / len(layers)
+    penalty, record = adapter.penalty()
+    assert record["reg"] == pytest.approx(reg, rel=1e-5) and record["density"] == pytest.approx(density, rel=1e-5)
+    assert float(penalty.detach()) == pytest.approx(2.0 * reg + 0.7 * density, rel=1e-5)
+    quiet = ContinualAdapter(Tiny(), _settings(method="stamina", sparsity=0.7, reg_weight=0.0))
+    quiet.past = dict(adapter.past)
+    quiet.begin_task()
+    assert "reg" not in quiet.penalty()[1]
+
+
+def test_each_task_and_seed_gets_its_own_initialisation():
+    def first_a(seed: int, tasks: int) -> torch.Tensor:
+        adapter = ContinualAdapter(Tiny(), _settings(seed=seed))
+        for _ in range(tasks):
+            adapter.begin_task()
+            adapter.end_task()
+        adapter.begin_task()
+        return adapter.lora_layers()["query"].lora_A["default"].weight.detach().clone()
+
+    assert not torch.equal(first_a(0, 0), first_a(0, 1))
+    assert not torch.equal(first_a(0, 0), first_a(1, 0))
+    assert torch.equal(first_a(2, 1), first_a(2, 1))
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"mask_rank": 0}, "mask rank 0 is invalid"), ({"alpha": 0.0}, "alpha 0.0"), ({"mask_tau": 0.0}, "mask tau 0.0"),
+    ({"sparsity": -0.1}, "sparsity -0.1 is invalid"), ({"reg_weight": -1.0}, "reg_weight -1.0 is invalid"),
+    ({"method": "ewc"}, "unknown adapter method 'ewc'"), ({"targets": ()}, "no target modules")])
+def test_bad_settings_are_one_line_errors(overrides, words):
+    with pytest.raises(LeanfmError) as caught:
+        _settings(**overrides)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_file_that_is_not_an_adapter_history_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    with pytest.raises(LeanfmError, match="is not a leanfm-continual-adapter/1 file"):
+        ContinualAdapter.load(tmp_path / "other.safetensors", Tiny())
+    adapter = ContinualAdapter(Tiny(), _settings())
+    adapter.begin_task()
+    with pytest.raises(LeanfmError, match="still open"):
+        adapter.save(tmp_path / "open.safetensors")
