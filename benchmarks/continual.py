@@ -31,6 +31,7 @@ import torch
 
 from leanfm.adapt.continual import ContinualConfig, accuracy, load_run, train_continual
 from leanfm.data.fewshot import Example, fewshot_root, test_set
+from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.report.report import write_section
 
@@ -105,7 +106,12 @@ def run_row(root: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     out = run_folder(wanted)
     training = out.with_name(out.name + ".training")
     tick, load = time.time(), os.getloadavg()[0]
-    summary = train_continual(config, out, resume=training.is_dir(), overwrite=True)
+    try:
+        summary = train_continual(config, out, resume=training.is_dir(), overwrite=True)
+    except LeanfmError as err:  # a checkpoint written by older code with other settings: start that row over
+        if "was trained with" not in str(err):
+            raise
+        summary = train_continual(config, out, resume=False, overwrite=True)
     model, tokenizer, meta = load_run(out)
     return {"sequence": wanted["sequence"], "method": wanted["method"], "seed": wanted["seed"], "settings": wanted,
             "metrics": summary["metrics"], "matrices": summary["matrices"], "held_out": held_out(root, model,
