@@ -229,7 +229,7 @@ def verdicts(rows: list[dict]) -> list[str]:
                          f"{100 * _mean([p[0] for p in p_st]):.1f} / {100 * _mean([p[1] for p in p_st]):.1f}, C-LoRA "
                          f"{100 * _mean([p[0] for p in p_cl]):.1f} / {100 * _mean([p[1] for p in p_cl]):.1f}.")
     short = {label(g[0]): g for (seq, _), g in by.items() if seq == "text4"}
-    for method in ("clora", "stamina"):
+    for method in ("lora", "clora", "stamina"):
         full = [g for name, g in short.items() if g[0]["method"] == method and "steps/task" not in name]
         half = [g for name, g in short.items() if g[0]["method"] == method and "(50 steps/task)" in name]
         if full and half:
