@@ -51,7 +51,7 @@ from leanfm.device import autocast as device_autocast
 from leanfm.errors import LeanfmError
 from leanfm.eval.continual import average_accuracy, forgetting
 from leanfm.models.encoders import BERT_ENCODERS, bert_encoder
-from leanfm.models.lora import AdapterSettings, ContinualAdapter, linear_names, replay, settings_from
+from leanfm.models.lora import AdapterSettings, ContinualAdapter, replay, settings_from, target_layers
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -249,16 +249,6 @@ def _load_folded(model: TextClassifier, weights: dict[str, torch.Tensor]) -> Non
             modules[name].weight.copy_(value)  # type: ignore[union-attr, operator]
 
 
-def _target_layers(encoder: nn.Module, config: ContinualConfig) -> list[str]:
-    targets = [t.strip() for t in config.targets.split(",") if t.strip()]
-    available = linear_names(encoder)
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise LeanfmError(f"unknown target module '{unknown[0]}'; accepted: {', '.join(available)}")
-    return [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1]
-            in targets]
-
-
 def _evaluate_row(model: TextClassifier, tokenizer: Any, sequence: TaskSequence, upto: int, config: ContinualConfig,
                   runtime: Runtime) -> dict[str, list[float]]:
     """Accuracy on tasks 0..upto (test and val), predicting over every class of those tasks."""
@@ -286,7 +276,7 @@ def train_continual(config: ContinualConfig, out: str | Path, *, resume: bool = 
                               test_per_class=config.test_per_class)
     runtime = Runtime.for_config(config, context)
     encoder, tokenizer = bert_encoder(config.encoder)
-    layers = _target_layers(encoder, config)
+    layers = target_layers(encoder, [t.strip() for t in config.targets.split(",") if t.strip()])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = TextClassifier(encoder, len(sequence.class_names), config.dropout)

@@ -151,6 +151,17 @@ def linear_names(model: nn.Module) -> list[str]:
                               if isinstance(m, nn.Linear) and name))
 
 
+def target_layers(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the Linear layers whose last name component is in ``targets`` (a one-line error names an unknown
+    target and lists the accepted ones)."""
+    available = linear_names(model)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise LeanfmError(f"unknown target module '{unknown[0]}'; accepted: {', '.join(available)}")
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1]
+            in targets]
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """What :class:`ContinualAdapter` attaches: method, rank, alpha, targets and the method's own weights."""
@@ -193,12 +204,7 @@ class ContinualAdapter:
     def __init__(self, model: nn.Module, settings: AdapterSettings) -> None:
         self.model = model
         self.settings = settings
-        available = linear_names(model)
-        unknown = [t for t in settings.targets if t not in available]
-        if unknown:
-            raise LeanfmError(f"unknown target module '{unknown[0]}'; accepted: {', '.join(available)}")
-        self.layers = [name for name, m in model.named_modules()
-                       if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in settings.targets]
+        self.layers = target_layers(model, settings.targets)
         self.past: dict[str, torch.Tensor] = {}  # P_t per layer (C-LoRA); empty before the first fold
         self.history: list[dict[str, torch.Tensor]] = []  # per finished task: "<layer>.A", ".B" (scaled), ".mask"
         self._peft: Any = None
@@ -256,7 +262,9 @@ class ContinualAdapter:
         record: dict[str, float] = {}
         s = self.settings
         if s.reg_weight > 0 and s.method in ("clora", "stamina") and self.past:
-            reg = torch.stack([((self.past[name].to(device).abs() * self.delta(layer)) ** 2).sum()
+            for name in layers:  # moved once, not every step
+                self.past[name] = self.past[name].to(device)
+            reg = torch.stack([((self.past[name].abs() * self.delta(layer)) ** 2).sum()
                                for name, layer in layers.items()]).sum()
             total = total + s.reg_weight * reg
             record["reg"] = float(reg.detach())
@@ -278,7 +286,7 @@ class ContinualAdapter:
             delta = layer.get_delta_weight(ADAPTER).detach().float().cpu()
             if isinstance(layer, StaminaLinear):
                 record[f"{name}.mask"] = (layer.mask_logits(ADAPTER) > 0).cpu()
-            self.past[name] = self.past.get(name, torch.zeros_like(delta)) + delta
+            self.past[name] = self.past.get(name, torch.zeros_like(delta)).cpu() + delta
         self._peft.merge_and_unload()
         self._peft = None
         self.history.append(record)
@@ -286,7 +294,7 @@ class ContinualAdapter:
 
     def state(self) -> dict[str, Any]:
         """Plain tensors for a checkpoint: the past sums and the history (restore with :meth:`load_state`)."""
-        return {"past": dict(self.past), "history": [dict(r) for r in self.history]}
+        return {"past": {k: v.cpu() for k, v in self.past.items()}, "history": [dict(r) for r in self.history]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.past = {k: v.float() for k, v in state["past"].items()}
@@ -296,7 +304,7 @@ class ContinualAdapter:
         """The settings, every finished task's update and the past sums as one safetensors file (atomically)."""
         if self.active:
             raise LeanfmError(f"task {len(self.history)} is still open; end it before saving")
-        tensors = {f"past.{k}": v.contiguous() for k, v in self.past.items()}
+        tensors = {f"past.{k}": v.cpu().contiguous() for k, v in self.past.items()}
         for number, record in enumerate(self.history):
             tensors |= {f"history.{number}.{k}": v.contiguous() for k, v in record.items()}
         settings = json.dumps(dataclasses.asdict(self.settings))
