@@ -161,7 +161,9 @@ def _mean_sd(values: list[float]) -> str:
 
 def label(row: dict) -> str:
     s = row["settings"]
-    extra = {"clora": f" λ={s.get('reg_weight', 1e4):g}", "stamina": f" β={s.get('sparsity', 0.1):g}"
+    defaults = ContinualConfig()
+    extra = {"clora": f" λ={s.get('reg_weight', defaults.reg_weight):g}",
+             "stamina": f" β={s.get('sparsity', defaults.sparsity):g}"
              f"{' mask lr x' + format(s['mask_lr_scale'], 'g') if 'mask_lr_scale' in s else ''}"}
     steps, usual = s.get("steps_per_task", 100), SEQUENCE_STEPS[row["sequence"]].get("steps_per_task", 100)
     return f"{row['method']}{extra.get(row['method'], '')}" + (f" ({steps} steps/task)" if steps != usual else "")

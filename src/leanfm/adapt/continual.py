@@ -82,7 +82,8 @@ class ContinualConfig(MethodConfig):
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA alpha (update scale alpha / r)")
     targets: str = option("query,key,value", "comma-separated Linear layer names that get adapters")
-    reg_weight: float = option(1e4, "C-LoRA's lambda on || |past| * delta ||_F^2 (clora; stamina if > 0 with it)")
+    reg_weight: float = option(1e2, "C-LoRA's lambda on || |past| * delta ||_F^2 (1e2 won on validation, "
+                               "BENCHMARKS.md; stamina too with --stamina-reg)")
     stamina_reg: bool = option(False, "add C-LoRA's regulariser to STAMINA too")
     sparsity: float = option(0.1, "STAMINA's weight on the masks' expected density")
     mask_rank: int = option(4, "STAMINA: hidden width of the low-rank mask MLP")
