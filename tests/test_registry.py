@@ -14,7 +14,7 @@ from leanfm.errors import LeanfmError
 EXPECTED = {
     ("modegpt", "compress"), ("wanda-sp", "compress"), ("svd-llm", "compress"), ("disp", "compress"),
     ("tome", "patch"), ("tofu", "patch"), ("vit", "train"), ("dynamo", "train"), ("dynamo", "decode"),
-    ("cwcl-speech", "train"), ("cwcl-image", "train"), ("slu", "train"),
+    ("cwcl-speech", "train"), ("cwcl-image", "train"), ("slu", "train"), ("continual", "train"),
 }
 
 

@@ -1,8 +1,9 @@
-"""Adapting a pretrained encoder to a task: compositional spoken-language understanding (``slu``).
+"""Adapting a pretrained encoder to tasks: compositional spoken-language understanding (``slu``) and continual
+adapters on class-incremental tasks (``continual``: sequential LoRA, C-LoRA, STAMINA).
 
-Importing the package registers its trainers (``slu``).
+Importing the package registers its trainers (``slu``, ``continual``).
 """
 
-from leanfm.adapt import slu
+from leanfm.adapt import continual, slu
 
-__all__ = ["slu"]
+__all__ = ["continual", "slu"]
