@@ -28,7 +28,8 @@ input basis vectors,
 :math:`M = \mathbb{1}[\sigma((L + g)/\tau) > 1/2]` in the forward and :math:`\sigma((L + g)/\tau)` in the backward
 (:math:`g` logistic noise); inference and folding use the exact binary :math:`\mathbb{1}[L > 0]`. :math:`U = 0`
 and :math:`b` = ``mask_init`` at the start, so every mask opens fully and STAMINA starts as LoRA; the sparsity
-penalty :math:`\beta\,\overline{\sigma(L/\tau)}` (mean expected density over the adapted layers) closes what the
+penalty :math:`\beta\,\overline{\sigma(L)}` (the mean probability that an entry is open, over the adapted layers;
+with logistic noise it does not depend on :math:`\tau`) closes what the
 task does not need. The masked layer is a subclass of PEFT's LoRA ``Linear`` registered through PEFT's
 custom-module hook; it overrides only the forward (the masked update is materialised, a ``[out, in]`` matrix)
 and ``get_delta_weight`` (so PEFT's merge folds :math:`M \odot s B A`). STAMINA's "MLP tokens" belong to the
@@ -121,8 +122,9 @@ class StaminaLinear(LoraLinear):
         return hard + (soft - soft.detach())  # exactly binary forward, soft gradient
 
     def density(self, adapter: str = ADAPTER) -> torch.Tensor:
-        """Expected share of open entries, :math:`\\overline{\\sigma(L/\\tau)}` (the sparsity penalty's term)."""
-        return torch.sigmoid(self.mask_logits(adapter) / self.mask_tau).mean()
+        """Expected share of open entries under the sampled mask, :math:`\\overline{\\sigma(L)}` — with logistic
+        noise :math:`P(L + g > 0) = \\sigma(L)` whatever :math:`\\tau` (the sparsity penalty's term)."""
+        return torch.sigmoid(self.mask_logits(adapter)).mean()
 
     def masked_delta(self, adapter: str = ADAPTER, *, sample: bool | None = None) -> torch.Tensor:
         """:math:`s\\,M \\odot (B A)` ``[out, in]`` in float32."""
