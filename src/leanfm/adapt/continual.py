@@ -51,7 +51,7 @@ from leanfm.device import autocast as device_autocast
 from leanfm.errors import LeanfmError
 from leanfm.eval.continual import average_accuracy, forgetting
 from leanfm.models.encoders import BERT_ENCODERS, bert_encoder
-from leanfm.models.lora import AdapterSettings, ContinualAdapter, replay, settings_from, target_layers
+from leanfm.models.lora import AdapterSettings, ContinualAdapter, replay, settings_from, split_history, target_layers
 from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -160,26 +160,38 @@ def _collate(ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def class_logits(model: TextClassifier, tokenizer: Any, examples: Sequence[Example], *, max_length: int = 64,
+                 batch_size: int = 128, amp: bool = False) -> torch.Tensor:
+    """Logits ``[len(examples), C]`` (float32, CPU) in the order of ``examples``; batches of similar lengths."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = _encode(tokenizer, examples, max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    out = torch.zeros(len(ids), model.head.out_features)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in _collate([ids[i] for i in rows]).items()}
+        with device_autocast(device, amp):
+            out[rows] = model(batch["input_ids"], batch["attention_mask"]).float().cpu()  # [B, C]
+    return out
+
+
+def accuracy_of(logits: torch.Tensor, examples: Sequence[Example], allowed: Sequence[int]) -> float:
+    """Share of ``examples`` whose argmax of ``logits`` over the ``allowed`` classes is their label."""
+    if not examples:
+        return math.nan
+    allowed_t = torch.tensor(list(allowed))
+    predicted = allowed_t[logits[:, allowed_t].argmax(-1)]
+    return float((predicted == torch.tensor([e.label for e in examples])).float().mean())
+
+
 def accuracy(model: TextClassifier, tokenizer: Any, examples: Sequence[Example], allowed: Sequence[int], *,
              max_length: int = 64, batch_size: int = 128, amp: bool = False) -> float:
     """Share of ``examples`` whose argmax over the ``allowed`` classes is their label (class-incremental)."""
     if not examples:
         return math.nan
-    model.eval()
-    device = next(model.parameters()).device
-    allowed_t = torch.tensor(list(allowed), device=device)
-    ids = _encode(tokenizer, examples, max_length)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in _collate([ids[i] for i in rows]).items()}
-        with device_autocast(device, amp):
-            logits = model(batch["input_ids"], batch["attention_mask"])  # [B, C]
-        predicted = allowed_t[logits.float()[:, allowed_t].argmax(-1)]
-        labels = torch.tensor([examples[i].label for i in rows], device=device)
-        correct += int((predicted == labels).sum())
-    return correct / len(examples)
+    logits = class_logits(model, tokenizer, examples, max_length=max_length, batch_size=batch_size, amp=amp)
+    return accuracy_of(logits, examples, allowed)
 
 
 # ---------------------------------------------------------------- training
@@ -254,10 +266,14 @@ def _evaluate_row(model: TextClassifier, tokenizer: Any, sequence: TaskSequence,
                   runtime: Runtime) -> dict[str, list[float]]:
     """Accuracy on tasks 0..upto (test and val), predicting over every class of those tasks."""
     seen = [c for t in sequence.tasks[: upto + 1] for c in t.classes]
-    row = {split: [accuracy(model, tokenizer, getattr(t, split), seen, max_length=config.max_length,
-                            amp=runtime.amp) for t in sequence.tasks[: upto + 1]] for split in SPLITS}
-    row[TASK_AWARE] = [accuracy(model, tokenizer, t.test, t.classes, max_length=config.max_length, amp=runtime.amp)
-                       for t in sequence.tasks[: upto + 1]]
+    row: dict[str, list[float]] = {split: [] for split in (*SPLITS, TASK_AWARE)}
+    for task in sequence.tasks[: upto + 1]:
+        for split in SPLITS:  # one forward per split: the task-aware figure reuses the test logits
+            examples = getattr(task, split)
+            logits = class_logits(model, tokenizer, examples, max_length=config.max_length, amp=runtime.amp)
+            row[split].append(accuracy_of(logits, examples, seen))
+            if split == "test":
+                row[TASK_AWARE].append(accuracy_of(logits, examples, task.classes))
     return row
 
 
@@ -416,12 +432,7 @@ def load_run(folder: str | Path, *, from_history: bool = False) -> tuple[TextCla
     encoder, tokenizer = bert_encoder(meta["encoder"])
     model = TextClassifier(encoder, len(meta["sequence"]["class_names"]), meta["config"]["dropout"])
     if from_history:
-        history: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("history."):
-                number, name = key[len("history."):].split(".", 1)
-                history.setdefault(int(number), {})[name] = value
-        replay([history[n] for n in sorted(history)], encoder)
+        replay(split_history(tensors), encoder)
     else:
         _load_folded(model, {k[len("folded."):]: v for k, v in tensors.items() if k.startswith("folded.")})
     model.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})

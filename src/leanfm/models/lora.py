@@ -327,17 +327,23 @@ class ContinualAdapter:
             raise LeanfmError(f"'{path}' is not a {HISTORY_FORMAT} file")
         settings = json.loads(metadata["settings"])
         adapter = cls(model, AdapterSettings(**{**settings, "targets": tuple(settings["targets"])}))
-        history: list[dict[str, torch.Tensor]] = [{} for _ in range(int(metadata["tasks"]))]
-        for key, value in tensors.items():
-            if key.startswith("past."):
-                adapter.past[key[len("past."):]] = value
-            elif key.startswith("history."):
-                number, name = key[len("history."):].split(".", 1)
-                history[int(number)][name] = value
+        adapter.past = {k[len("past."):]: v for k, v in tensors.items() if k.startswith("past.")}
+        history = split_history(tensors, int(metadata["tasks"]))
         adapter.history = history
         if apply:
             replay(history, model)
         return adapter
+
+
+def split_history(tensors: dict[str, torch.Tensor], tasks: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The per-task records of ``history.<task>.<layer>.<A|B|mask>`` keys, in task order (``tasks``: how many, so a
+    task without adapted layers still counts)."""
+    records: dict[int, dict[str, torch.Tensor]] = {n: {} for n in range(tasks or 0)}
+    for key, value in tensors.items():
+        if key.startswith("history."):
+            number, name = key[len("history."):].split(".", 1)
+            records.setdefault(int(number), {})[name] = value
+    return [records[n] for n in sorted(records)]
 
 
 def replay(history: Sequence[dict[str, torch.Tensor]], model: nn.Module) -> None:
