@@ -87,7 +87,9 @@ def _rank(rank, world, init_file, results):
     loss.backward()
     average_gradients(list(layer.parameters()) + list(loss_fn.parameters()), context)
     if rank == 0:
-        results.put((float(loss), layer.weight.grad.clone(), float(loss_fn.log_scale.grad)))
+        # plain lists, not a tensor: torch's queue would share the tensor through a file descriptor that
+        # the parent can only fetch while this process is alive, and it may already have exited
+        results.put((float(loss.detach()), layer.weight.grad.tolist(), float(loss_fn.log_scale.grad)))
     dist.destroy_process_group()
 
 
@@ -111,7 +113,7 @@ def test_gathered_loss_on_two_gloo_ranks_equals_one_process():
         for proc in procs:
             proc.join(timeout=60)
     assert loss == pytest.approx(float(single.detach()), rel=1e-6)
-    torch.testing.assert_close(grad, layer.weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(grad), layer.weight.grad, atol=1e-6, rtol=1e-5)
     assert scale_grad == pytest.approx(float(loss_fn.log_scale.grad), rel=1e-5)
 
 
