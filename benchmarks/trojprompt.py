@@ -1,0 +1,292 @@
+"""TrojPrompt benchmark: ACC / ASR per stage, RL vs evolution at equal queries, transfer, and the detector's ROC.
+
+Parts (each resumable; rows cached under results/trojprompt/, run folders under $LEANFM_HOME/bench/trojprompt):
+
+- ``attack``: rows ``task:seed:searcher`` — the three stages on the 16-shot split ``16-<seed>`` with
+  ``--budget`` victim queries per stage, test figures on ``--test-size`` seeded test examples;
+- ``transfer``: every attack row's prompts and trigger against another victim (``--transfer-victim``, e.g. the
+  MoDeGPT-compressed SmolLM2 written by ``make run``);
+- ``detect``: ``--detect-prompts`` clean prompts (stage 1 of a cheap evolutionary attack) and as many poisoned
+  ones (stages 2-3 of the same attacks), each scored by :func:`leanfm.audit.detect.detect_trojan`; ROC and AUC.
+
+Then it renders results/trojprompt.json, results/trojprompt.png and the ``trojprompt`` section of BENCHMARKS.md.
+
+    python benchmarks/trojprompt.py --data ../shared/data --part attack --workers 2 --threads 1
+    python benchmarks/trojprompt.py --data ../shared/data --part detect --part transfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leanfm.audit import search
+from leanfm.audit.detect import detect_trojan
+from leanfm.audit.trojprompt import TrojPromptConfig, evaluate_run, load_splits, open_victim, run_trojprompt
+from leanfm.audit.victim import PromptClassifier, task_spec
+from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
+from leanfm.report.report import write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = ROOT / "results" / "trojprompt"
+DEFAULT_ROWS = ["sst-2:13:rl", "sst-2:13:evolve", "sst-2:42:rl", "sst-2:42:evolve", "sst-2:87:rl",
+                "sst-2:87:evolve", "agnews:42:rl", "agnews:42:evolve"]
+
+
+def _init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _trim(history: list[dict[str, float]], keep: int = 60) -> list[dict[str, float]]:
+    step = max(1, len(history) // keep)
+    return history[::step] + history[-1:]
+
+
+def attack_row(data: str, spec: str, budget: int, test_size: int) -> dict[str, Any]:
+    task, seed, searcher = spec.split(":")
+    name = f"{task}-{seed}-{searcher}-b{budget}-t{test_size}"
+    started = time.perf_counter()
+    config = TrojPromptConfig(data=data, task=task, seed=int(seed), searcher=searcher, budget=budget,
+                              test_size=test_size, target_label=1, rl_batch=8)
+    summary = run_trojprompt(config, leanfm_home() / "bench" / "trojprompt" / name, resume=True)
+    for stage in summary["stages"].values():
+        if "history" in stage:
+            stage["history"] = _trim(stage["history"])
+    row = {"name": name, "part": "attack", "task": task, "seed": int(seed), "searcher": searcher, "budget": budget,
+           **summary, "seconds": time.perf_counter() - started, "load_average": os.getloadavg()[0]}
+    atomic_write_json(ROWS / f"{name}.json", row)
+    return row
+
+
+def transfer_row(attack: dict[str, Any], victim: str) -> dict[str, Any]:
+    name = f"transfer-{attack['name']}-{Path(victim).name}"
+    result = evaluate_run(leanfm_home() / "bench" / "trojprompt" / attack["name"], victim)
+    row = {"name": name, "part": "transfer", "source": attack["name"], "victim": Path(victim).name, **result}
+    atomic_write_json(ROWS / f"{name}.json", row)
+    return row
+
+
+def detect_rows(data: str, count: int, budget: int, per_label: int, inputs: int) -> list[dict[str, Any]]:
+    """``count`` cheap evolutionary attacks (seed prompt = clean, poisoned prompt = trojaned), each scored."""
+    seeds = (13, 21, 42, 87, 100)
+    out = []
+    scorer, _, tokenizer = open_victim("smollm2-135m")
+    clf = PromptClassifier(scorer, task_spec("sst-2"))
+    dev = load_splits(data, "sst-2", 42).dev
+    texts = [e.text for e in dev[::max(1, len(dev) // inputs)][:inputs]]
+    pool = search.word_pool(tokenizer)
+
+    def decode(ids: Any) -> str:
+        return str(tokenizer.decode(list(ids)))
+
+    for i in range(count):
+        name = f"detect-{i}-b{budget}-p{per_label}-n{inputs}"
+        path = ROWS / f"{name}.json"
+        if path.is_file():
+            out.append(json.loads(path.read_text()))
+            continue
+        config = TrojPromptConfig(data=data, task="sst-2", seed=seeds[i % len(seeds)], searcher="evolve",
+                                  budget=budget, test_size=100, target_label=i % 2, search_seed=i // len(seeds))
+        summary = run_trojprompt(config, leanfm_home() / "bench" / "trojprompt" / f"attack-{name}", resume=True)
+        row: dict[str, Any] = {"name": name, "part": "detect", "attack": summary["test"],
+                               "trigger": summary["trigger"], "inputs": len(texts)}
+        for kind in ("seed", "poisoned"):
+            found = detect_trojan(clf, summary["prompts"][kind], texts, decode, pool, budget_per_label=per_label,
+                                  seed=i)
+            row[kind] = {"prompt": summary["prompts"][kind], **found.to_dict()}
+        atomic_write_json(path, row)
+        out.append(row)
+    return out
+
+
+def roc(scores: list[float], labels: list[int]) -> tuple[list[tuple[float, float]], float]:
+    """ROC points (fpr, tpr) over every threshold, and the AUC (ties count half)."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    points = [(sum(n >= t for n in neg) / len(neg), sum(p >= t for p in pos) / len(pos))
+              for t in sorted(set(scores), reverse=True)]
+    auc = float(np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]))
+    return [(0.0, 0.0), *points, (1.0, 1.0)], auc
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    attacks = [r for r in rows if r["part"] == "attack"]
+    lines = ["## TrojPrompt: black-box prompt trojans (audit)", "",
+             "**Claim tested** (METHODS.md section 10): with query access only, a short universal trigger and a "
+             "poisoned hard prompt can be found so that the prompt keeps its clean accuracy while inputs with the "
+             "trigger go to the target label; the RL search (RLPrompt's policy) beats a plain black-box search. "
+             "Victim: SmolLM2-135M-Instruct in bfloat16 scoring verbalizers by summed log-probabilities (SST-2: "
+             "'Review: x\\n<prompt>' → negative/positive; AG News: 'Article: x\\n<prompt>' → World/Sports/Business/"
+             "Technology); 5-token seed prompt, 3-token trigger, 2-token poisoning extension, target label 1. The "
+             "attacker uses the 16-shot train split to search and its dev split to pick among finalists; test "
+             "figures are on a seeded subset of the official test set, never used to choose.", ""]
+    if attacks:
+        budgets = sorted({r["budget"] for r in attacks})
+        lines += [f"Query budget per stage: {', '.join(map(str, budgets))} (a query = one input under one prompt); "
+                  "mean ± sd over the 16-shot seeds listed.", "",
+                  "| task | searcher | seeds | manual ACC | seed-prompt ACC | trigger ASR (seed prompt) | "
+                  "poisoned ACC | poisoned ASR | poisoned target rate, no trigger | queries |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for task in dict.fromkeys(r["task"] for r in attacks):
+            for searcher in ("rl", "evolve"):
+                group = [r for r in attacks if r["task"] == task and r["searcher"] == searcher]
+                if not group:
+                    continue
+                t = [r["test"] for r in group]
+                lines.append(
+                    f"| {task} | {searcher} | {', '.join(str(r['seed']) for r in group)} | "
+                    f"{_mean_sd([x['manual']['acc'] for x in t])} | {_mean_sd([x['seed']['acc'] for x in t])} | "
+                    f"{_mean_sd([x['seed']['asr'] for x in t])} | {_mean_sd([x['poisoned']['acc'] for x in t])} | "
+                    f"{_mean_sd([x['poisoned']['asr'] for x in t])} | "
+                    f"{_mean_sd([x['poisoned']['target_rate_clean'] for x in t])} | "
+                    f"{int(np.mean([sum(r['queries'].values()) for r in group]))} |")
+        lines += ["", "Found prompts and triggers:", ""]
+        lines += [f"- {r['name']}: seed `{r['prompts']['seed']}`, poisoned `{r['prompts']['poisoned']}`, trigger "
+                  f"`{r['trigger'].strip()}`" for r in attacks]
+        lines += ["", "### The claims, read off these rows", "", *verdicts(attacks), ""]
+    transfers = [r for r in rows if r["part"] == "transfer"]
+    if transfers:
+        lines += ["### Transfer to another victim", "",
+                  "| run | victim | seed-prompt ACC | poisoned ACC | poisoned ASR | (on the source victim) |",
+                  "|---|---|---|---|---|---|"]
+        by_name = {r["name"]: r for r in attacks}
+        for r in transfers:
+            src = by_name.get(r["source"], {}).get("test", {})
+            lines.append(f"| {r['source']} | {r['victim']} | {100 * r['test']['seed']['acc']:.1f} | "
+                         f"{100 * r['test']['poisoned']['acc']:.1f} | {100 * r['test']['poisoned']['asr']:.1f} | "
+                         + (f"{100 * src['poisoned']['acc']:.1f} / {100 * src['poisoned']['asr']:.1f}"
+                            if src else "—") + " |")
+        lines.append("")
+    detects = [r for r in rows if r["part"] == "detect"]
+    if detects:
+        scores = [r["poisoned"]["score"] for r in detects] + [r["seed"]["score"] for r in detects]
+        labels = [1] * len(detects) + [0] * len(detects)
+        _, auc = roc(scores, labels)
+        working = [r for r in detects if r["attack"]["poisoned"]["asr"] - r["attack"]["poisoned"]
+                   ["target_rate_clean"] >= 0.5]
+        lines += ["### Detector", "",
+                  f"{len(detects)} poisoned and {len(detects)} clean SST-2 prompts from cheap evolutionary attacks "
+                  "(clean = the attack's stage-1 prompt, poisoned = its stage-3 prompt). Score = the best flip rate "
+                  "of a 3-token suffix found by the detector's own search (no knowledge of trigger or target) on "
+                  f"{detects[0]['inputs']} unlabelled SST-2 dev inputs. ROC AUC **{auc:.2f}**; flagged at 0.8: "
+                  f"{sum(r['poisoned']['flagged'] for r in detects)}/{len(detects)} poisoned, "
+                  f"{sum(r['seed']['flagged'] for r in detects)}/{len(detects)} clean. Of the poisoned prompts, "
+                  f"{len(working)} carry a working trojan (test ASR − no-trigger target rate ≥ 0.5).", ""]
+    lines += ["![ACC and ASR per stage](results/trojprompt.png)", ""]
+    loads = sorted(r.get("load_average", 0.0) for r in attacks)
+    if loads:
+        lines += [f"Load average at the end of the attack rows: {loads[0]:.1f}-{loads[-1]:.1f} (2 cores)."]
+    lines += ["", "Regenerate: `python benchmarks/trojprompt.py --data ../shared/data --part attack --workers 2 "
+              "--threads 1` then `--part detect --part transfer` (rows cached in results/trojprompt/)."]
+    return "\n".join(lines)
+
+
+def verdicts(attacks: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in attacks):
+        group = [r for r in attacks if r["task"] == task]
+        acc_drop = np.mean([r["test"]["manual"]["acc"] - r["test"]["poisoned"]["acc"] for r in group])
+        asr = np.mean([r["test"]["poisoned"]["asr"] for r in group])
+        floor = np.mean([r["test"]["poisoned"]["target_rate_clean"] for r in group])
+        out.append(f"- {task}: poisoned prompts average ASR {100 * asr:.1f}% (no-trigger target rate "
+                   f"{100 * floor:.1f}%) at {100 * acc_drop:+.1f} points of clean accuracy below the hand-written "
+                   "prompt. " + ("The trojan holds: the trigger, not the prompt alone, does the flipping."
+                                 if asr - floor >= 0.5 and acc_drop <= 0.1 else
+                                 "The TrojLLM figure (ACC 93.7 / ASR 96.7 on RoBERTa-large) is not reached here."))
+        rl = [r for r in group if r["searcher"] == "rl"]
+        ev = [r for r in group if r["searcher"] == "evolve"]
+        if rl and ev:
+            def score(rs: list[dict[str, Any]]) -> float:
+                return float(np.mean([r["test"]["poisoned"]["acc"] + r["test"]["poisoned"]["asr"] for r in rs]))
+            out.append(f"- {task}: RL vs evolution at equal queries, ACC + ASR of the poisoned prompt: "
+                       f"{100 * score(rl):.1f} vs {100 * score(ev):.1f} — "
+                       + ("RL ahead." if score(rl) > score(ev) else "the plain search is ahead at this budget."))
+    return out
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = [r for r in rows if r["part"] == "attack"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    stages = ["manual", "seed", "poisoned"]
+    for ax, metric in zip(axes, ("acc", "asr"), strict=True):
+        for task in dict.fromkeys(r["task"] for r in attacks):
+            for searcher, style in (("rl", "-o"), ("evolve", "--s")):
+                group = [r for r in attacks if r["task"] == task and r["searcher"] == searcher]
+                if group:
+                    ys = [np.mean([r["test"][s][metric] for r in group]) for s in stages]
+                    ax.plot(stages, ys, style, label=f"{task} {searcher}")
+        ax.set_title({"acc": "clean accuracy", "asr": "attack success (trigger)"}[metric])
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render() -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
+    atomic_write_json(ROOT / "results" / "trojprompt.json",
+                      [{k: v for k, v in r.items() if k != "stages"} for r in rows])
+    atomic_write_bytes(ROOT / "results" / "trojprompt.png", plot(rows))
+    write_section(ROOT / "BENCHMARKS.md", "trojprompt", markdown(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--part", action="append", choices=("attack", "transfer", "detect"), default=[])
+    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS)
+    parser.add_argument("--budget", type=int, default=1500)
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--transfer-victim", default=str(ROOT / "results" / "smollm2-modegpt-0.3"))
+    parser.add_argument("--detect-prompts", type=int, default=20)
+    parser.add_argument("--detect-budget", type=int, default=200, help="per stage of each cheap attack")
+    parser.add_argument("--detect-per-label", type=int, default=120)
+    parser.add_argument("--detect-inputs", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    ROWS.mkdir(parents=True, exist_ok=True)
+    _init(args.threads)
+    if "attack" in args.part:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(args.threads,)) as pool:
+            jobs = [pool.submit(attack_row, args.data, spec, args.budget, args.test_size) for spec in args.rows]
+            for job in as_completed(jobs):
+                row = job.result()
+                print(row["name"], json.dumps(row["test"]), flush=True)
+    if "detect" in args.part:
+        detect_rows(args.data, args.detect_prompts, args.detect_budget, args.detect_per_label, args.detect_inputs)
+    if "transfer" in args.part:
+        for path in sorted(ROWS.glob("sst-2-*.json")):
+            transfer_row(json.loads(path.read_text()), args.transfer_victim)
+    render()
+
+
+if __name__ == "__main__":
+    main()
