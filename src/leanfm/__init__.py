@@ -26,6 +26,7 @@ def list_methods(family: str | None = None) -> list[MethodSpec]:
     """
     import leanfm.adapt
     import leanfm.align
+    import leanfm.audit
     import leanfm.compress
     import leanfm.decode
     import leanfm.vision  # noqa: F401  (each package registers its methods on import)

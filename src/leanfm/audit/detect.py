@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from leanfm.audit import search
+import leanfm.audit.search as search
 from leanfm.audit.victim import PromptClassifier, QueryBudget
 from leanfm.errors import LeanfmError
 

@@ -109,10 +109,17 @@ def evolutionary_search(objective: Objective, select: Objective, pool: Sequence[
     best_reward = float(objective([best], None)[0])
     table[best] = [best_reward, 1]
     history = [{"queries": budget.used - start_used, "best": best_reward, "mean": best_reward}]
-    while budget.left - reserve >= cost:
-        child = list(best)
-        child[rng.randrange(length)] = rng.choice(pool)
-        key = tuple(child)
+    spent = cost  # nominal spending: a candidate met before costs nothing but still counts, so the loop ends
+    while spent + cost + reserve <= budget.limit - start_used and \
+            budget.left - reserve >= cost:
+        key = best
+        for _ in range(20):  # propose a candidate not scored yet when the pool allows it
+            child = list(best)
+            child[rng.randrange(length)] = rng.choice(pool)
+            key = tuple(child)
+            if key not in table:
+                break
+        spent += cost
         reward = float(objective([key], None)[0])
         table.setdefault(key, [reward, 1])
         if reward >= best_reward:
@@ -171,7 +178,9 @@ def rl_search(objective: Objective, select: Objective, pool: Sequence[int], leng
     history: list[dict[str, float]] = []
     step_cost = samples * min(batch, examples) * row_cost
     fixed = torch.tensor(prefix, dtype=torch.long)
-    while budget.left - reserve >= step_cost:
+    spent = 0  # nominal spending (repeated samples are answered from the cache but still end the loop)
+    while spent + step_cost + reserve <= budget.limit - start_used and budget.left - reserve >= step_cost:
+        spent += step_cost
         # sample K sequences token by token (the frozen LM is re-run on the short prefix: L <= 7 tokens)
         chosen = torch.empty((samples, 0), dtype=torch.long)  # pool indices
         for _ in range(length):

@@ -23,6 +23,9 @@ import time
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from torch import nn
 
 from leanfm.audit.victim import MAX_TEXTS_PER_REQUEST, echo_logprobs
@@ -32,21 +35,20 @@ MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 2048
 
 
-def create_app(model: nn.Module, tokenizer: Any, *, name: str, api_key: str | None = None) -> Any:
+class CompletionRequest(BaseModel):
+    """The body of ``POST /v1/completions`` (OpenAI's legacy completions; unknown fields are ignored)."""
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=0, le=MAX_NEW_TOKENS)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=0)  # top alternatives are not offered
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+def create_app(model: nn.Module, tokenizer: Any, *, name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving ``model`` (one request at a time: the model is not thread-safe)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field
-
-    class CompletionRequest(BaseModel):
-        model: str | None = None
-        prompt: str | list[str]
-        max_tokens: int = Field(default=16, ge=0, le=MAX_NEW_TOKENS)
-        echo: bool = False
-        logprobs: int | None = Field(default=None, ge=0, le=0)  # top alternatives are not offered
-        temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-        seed: int | None = None
-
     app = FastAPI(title=f"leanfm serve {name}", docs_url=None, redoc_url=None)
     lock = threading.Lock()
     model.eval()

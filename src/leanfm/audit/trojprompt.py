@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanfm.audit import search
+import leanfm.audit.search as search
 from leanfm.audit.victim import (
     DEFAULT_KEY_ENV,
     TASKS,
@@ -73,6 +73,8 @@ class TrojPromptConfig(MethodConfig):
     data: str = option("", "folder with the 16-shot data (<task>/16-<seed>/)", cli=False)
     victim: str = option("smollm2-135m", "victim: a registered model name, a local model folder, or the "
                          "http(s)://HOST:PORT of an OpenAI-style completions API", cli=False)
+    policy: str = option("smollm2-135m", "the attacker's own LM: RL policy, tokenizer of prompts and triggers",
+                         cli=False)
     task: str = option("sst-2", "16-shot task", choices=tuple(TASKS))
     seed: int = option(42, "16-shot split (16-<seed>/) and seed of the searches", choices=(13, 21, 42, 87, 100))
     search_seed: int = option(0, "seed of the searches (with the split seed)")
@@ -244,8 +246,9 @@ def run_trojprompt(config: TrojPromptConfig, out: Path, *, resume: bool = False,
         for stale in out.glob("*.json"):
             stale.unlink()
         atomic_write_json(out / "config.json", _public(config))
-    if model is None:  # HTTP victim: the attacker's own tokenizer and policy LM
-        model, tokenizer = load_model("smollm2-135m", dtype=config.dtype)
+    if model is None or config.policy != config.victim:
+        # the attacker's own LM (the victim's weights are only shared when the attacker owns the same open model)
+        model, tokenizer = load_model(config.policy, dtype=config.dtype)
     clf = PromptClassifier(scorer, spec)
     clf.load_cache(out / "cache.json")
     pool = search.word_pool(tokenizer, config.pool)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from leanfm.audit import detect, search, server, trojprompt
+from leanfm.audit import detect, search, trojprompt
 from leanfm.audit.victim import DEFAULT_KEY_ENV, PromptClassifier, task_spec
 from leanfm.cli.common import (
     Parser,
@@ -54,6 +54,8 @@ def add_parsers(sub: Any) -> None:
     t = asub.add_parser("trojprompt", help="seed prompt, universal trigger and poisoned prompt by black-box search")
     t.add_argument("--victim", default="smollm2-135m", help=VICTIM_HELP + " [default smollm2-135m]")
     t.add_argument("--data", required=True, help=DATA_HELP)
+    t.add_argument("--policy", default="smollm2-135m",
+                   help="the attacker's own LM (RL policy, tokens of prompts and triggers) [default smollm2-135m]")
     add_run_flags(t, "stage-N.json, trojprompt.json, the victim answers in cache.json")
     add_config_flags(t, trojprompt.TrojPromptConfig)
     add_json_flag(t, "the test figures")
@@ -77,6 +79,8 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--inputs", type=positive_int, default=16, help="inputs searched over [default 16]")
     d.add_argument("--length", type=positive_int, default=3, help="suffix tokens [default 3]")
     d.add_argument("--budget", type=positive_int, default=600, help="queries per label [default 600]")
+    d.add_argument("--policy", default="smollm2-135m", help="LM whose tokens the suffixes are made of "
+                   "[default smollm2-135m]")
     d.add_argument("--threshold", type=float, default=0.8, help="flag at this flip rate [default 0.8]")
     _add_victim_flags(d)
     add_json_flag(d, "the detection")
@@ -101,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = os.environ.get(args.key_env)
         if not key:
             raise LeanfmError(f"--key-env {args.key_env}: that environment variable is empty or unset")
+    from leanfm.audit import server  # FastAPI and uvicorn load only for this command
     from leanfm.device import resolve_device
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -113,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_trojprompt(args: argparse.Namespace) -> int:
     config = config_from_args(trojprompt.TrojPromptConfig, args, data=str(Path(args.data).expanduser()),
-                              victim=args.victim)
+                              victim=args.victim, policy=args.policy)
     check_json_target(args)
     summary = trojprompt.run_trojprompt(config, out_path(args), resume=args.resume, overwrite=args.overwrite)
     flat = {f"{name}_{k}": v for name, row in summary["test"].items() for k, v in row.items()}
@@ -138,9 +143,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     spec = task_spec(args.task)
     splits = trojprompt.load_splits(args.data, args.task, args.seed)
     scorer, _, tokenizer = trojprompt.open_victim(args.victim, dtype=args.dtype, device=args.device,
-                                                      key_env=args.key_env)
-    if tokenizer is None:
-        _, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
+                                                  key_env=args.key_env)
+    if tokenizer is None or args.policy != args.victim:
+        _, tokenizer = load_model(args.policy, dtype=args.dtype)
     clf = PromptClassifier(scorer, spec)
     inputs = [e.text for e in splits.dev[:args.inputs]]
     found = detect.detect_trojan(clf, args.prompt, inputs, lambda ids: tokenizer.decode(list(ids)),
