@@ -179,23 +179,23 @@ class _Stage:
         clean, triggered = self.examples_for(examples)
 
         def score(candidates: Sequence[tuple[int, ...]], rows: Sequence[int] | None) -> np.ndarray:
-            out = []
-            for cand in candidates:
+            groups = []  # (candidate index, examples, trigger text, wanted target or None for the true labels)
+            for i, cand in enumerate(candidates):
                 prompt, trigger = self.texts(cand)
-                total = 0.0
                 for group, trig, target in ((clean, "", None), (triggered, trigger, self.target)):
-                    if not group:
-                        continue
-                    chosen = group if rows is None else [group[r % len(group)] for r in rows]
-                    probs = self.clf.probabilities(prompt, [e.text for e in chosen], trig)
-                    rewards = search.rlprompt_reward(probs, wanted(chosen, target))
-                    if target is None and self.kind == "poison" and self.clean_term == "worst-class":
-                        labels = wanted(chosen)
-                        total += min(float(rewards[labels == c].mean()) for c in np.unique(labels))
-                    else:
-                        total += float(rewards.mean())
-                out.append(total)
-            return np.array(out)
+                    if group:
+                        chosen = group if rows is None else [group[r % len(group)] for r in rows]
+                        groups.append((i, prompt, chosen, trig, target))
+            answers = self.clf.probabilities_many([(p, [e.text for e in ch], t) for _, p, ch, t, _ in groups])
+            total = np.zeros(len(candidates))
+            for (i, _, chosen, _, target), probs in zip(groups, answers, strict=True):
+                rewards = search.rlprompt_reward(probs, wanted(chosen, target))
+                if target is None and self.kind == "poison" and self.clean_term == "worst-class":
+                    labels = wanted(chosen)
+                    total[i] += min(float(rewards[labels == c].mean()) for c in np.unique(labels))
+                else:
+                    total[i] += float(rewards.mean())
+            return total
 
         return score
 
