@@ -347,3 +347,16 @@ def test_evaluate_run_transfers_a_run_to_another_victim(tmp_path):
     other = trojprompt.evaluate_run(tmp_path / "run", "tiny-opt")
     assert other["test"] != summary["test"] and other["victim"] == "tiny-opt"
     assert json.loads((tmp_path / "run" / "trojprompt.json").read_text())["trigger"] == summary["trigger"]
+
+
+def test_detect_command_reports_a_score_per_label_and_refuses_a_bad_threshold(tmp_path, capsys):
+    data = make_fewshot(tmp_path / "data", tasks=("sst-2",))
+    common = ["audit", "detect", "--victim", "tiny-llama", "--policy", "tiny-llama", "--task", "sst-2", "--prompt",
+              "Sentiment:", "--data", str(data), "--inputs", "4", "--budget", "16", "--length", "1"]
+    assert main([*common, "--json", str(tmp_path / "d.json")]) == 0
+    found = json.loads((tmp_path / "d.json").read_text())
+    assert len(found["per_label"]) == 2 and 0.0 <= found["score"] <= 1.0 and found["queries"] <= 32
+    assert found["score"] == max(found["per_label"]) and found["flagged"] == (found["score"] >= 0.8)
+    capsys.readouterr()
+    assert main([*common, "--threshold", "2"]) == 2
+    assert "--threshold 2.0 is invalid" in capsys.readouterr().err

@@ -147,7 +147,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if tokenizer is None or args.policy != args.victim:
         _, tokenizer = load_model(args.policy, dtype=args.dtype)
     clf = PromptClassifier(scorer, spec)
-    inputs = [e.text for e in splits.dev[:args.inputs]]
+    dev = splits.dev  # the 16-shot files are grouped by label: take every k-th so every label is among the inputs
+    inputs = [e.text for e in dev[::max(1, len(dev) // args.inputs)][:args.inputs]]
     found = detect.detect_trojan(clf, args.prompt, inputs, lambda ids: tokenizer.decode(list(ids)),
                                  search.word_pool(tokenizer), length=args.length, budget_per_label=args.budget,
                                  threshold=args.threshold)
