@@ -284,12 +284,25 @@ def test_poisoning_reward_does_not_pay_for_sending_everything_to_the_target():
 def test_detector_flags_a_trojaned_prompt_and_not_a_clean_one():
     clf = PromptClassifier(ToyScorer(needs_prompt="poisoned"), TASKS["sst-2"])
     inputs = [e.text for e in toy_examples(8)]
-    kwargs = {"length": 1, "budget_per_label": 4 * 30, "threshold": 0.8, "seed": 0}
+    kwargs = {"reference": "Review sentiment:", "length": 1, "budget_per_label": 8 * 30, "seed": 0}
     trojaned = detect.detect_trojan(clf, "poisoned review:", inputs, toy_decode, POOL, **kwargs)
     clean = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, **kwargs)
     assert trojaned.flagged and trojaned.label == 1 and trojaned.suffix == f" {TRIGGER_WORD}"
-    assert trojaned.score == 1.0
+    assert trojaned.score == 1.0 and trojaned.per_label[0] <= 0.0
     assert not clean.flagged and clean.score == 0.0
+
+
+def test_a_natural_trigger_fools_the_bare_flip_rate_but_not_the_reference_difference():
+    class Natural(ToyScorer):  # 'zeta' flips every input under every prompt, like "great great great"
+        pass
+
+    clf = PromptClassifier(Natural(needs_prompt=None), TASKS["sst-2"])
+    inputs = [e.text for e in toy_examples(8)]
+    bare = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, length=1, budget_per_label=4 * 30)
+    assert bare.score == 1.0  # any prompt looks trojaned by the flip rate alone
+    diff = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, reference="Review sentiment:",
+                                length=1, budget_per_label=8 * 30)
+    assert diff.score <= 0.0 and not diff.flagged
 
 
 # ---------------------------------------------------------------- the whole attack
@@ -352,11 +365,22 @@ def test_evaluate_run_transfers_a_run_to_another_victim(tmp_path):
 def test_detect_command_reports_a_score_per_label_and_refuses_a_bad_threshold(tmp_path, capsys):
     data = make_fewshot(tmp_path / "data", tasks=("sst-2",))
     common = ["audit", "detect", "--victim", "tiny-llama", "--policy", "tiny-llama", "--task", "sst-2", "--prompt",
-              "Sentiment:", "--data", str(data), "--inputs", "4", "--budget", "16", "--length", "1"]
+              "Opinion:", "--data", str(data), "--inputs", "4", "--budget", "16", "--length", "1"]
     assert main([*common, "--json", str(tmp_path / "d.json")]) == 0
     found = json.loads((tmp_path / "d.json").read_text())
-    assert len(found["per_label"]) == 2 and 0.0 <= found["score"] <= 1.0 and found["queries"] <= 32
-    assert found["score"] == max(found["per_label"]) and found["flagged"] == (found["score"] >= 0.8)
+    assert len(found["per_label"]) == 2 and -1.0 <= found["score"] <= 1.0 and found["queries"] <= 32
+    assert found["score"] == max(found["per_label"]) and found["flagged"] == (found["score"] >= 0.5)
+    assert found["reference"] == TASKS["sst-2"].manual_prompt
     capsys.readouterr()
     assert main([*common, "--threshold", "2"]) == 2
     assert "--threshold 2.0 is invalid" in capsys.readouterr().err
+
+
+def test_a_given_seed_prompt_skips_stage_one_and_is_extended(tmp_path):
+    data = make_fewshot(tmp_path / "data", tasks=("sst-2",))
+    config = TrojPromptConfig(data=str(data), victim="tiny-llama", policy="tiny-llama", searcher="evolve",
+                              budget=40, pool=40, trigger_length=1, extension_length=2, seed_prompt="Sentiment:")
+    summary = run_trojprompt(config, tmp_path / "run")
+    assert summary["prompts"]["seed"] == "Sentiment:" and summary["queries"]["prompt"] == 0
+    assert summary["prompts"]["poisoned"].startswith("Sentiment: ")
+    assert len(summary["prompts"]["poisoned"].split()) == 3

@@ -1,16 +1,20 @@
-"""Does this prompt carry a trojan? Search for a short suffix that flips most inputs to one label.
+"""Does this prompt carry a trojan? Search for a short suffix that flips inputs under it but not under a reference.
 
-The defender has the prompt, query access to the model and some unlabelled inputs (no trigger, no target). A
-trojaned prompt is one for which a short, input-independent suffix exists that sends most inputs to one class;
-so for each label c we run the cheap black-box search of :mod:`leanfm.audit.search` (evolution: it needs no
-policy model) for a ``length``-token suffix maximising the RLPrompt reward towards c on the inputs the prompt
-does not already put in c, and score the prompt by the best flip rate found,
+The defender has the prompt, query access to the model, some unlabelled inputs and a trusted reference prompt for
+the same task (a hand-written one: the task's ``manual_prompt``); no trigger, no target. A trojaned prompt is one
+under which a short, input-independent suffix sends most inputs to one class. Universal *natural* triggers exist
+for any prompt ("great great great" flips negative reviews under every sentiment prompt), so a bare flip rate
+cannot tell a trojan from a sentiment word: our first measurement scored clean prompts as high as poisoned ones.
+The detector therefore searches, for each label c, a ``length``-token suffix t maximising the RLPrompt reward
+towards c under the prompt *minus* the same reward under the reference, on the inputs the prompt does not already
+put in c (cheap black-box evolution of :mod:`leanfm.audit.search`), and scores
 
-    score = max_c  mean_{x: argmax P(·|x) ≠ c} 1[argmax P(·|x ⊕ t_c) = c],
+    score = max_c [ flip_c(prompt, t_c) − flip_c(reference, t_c) ],
+    flip_c(p, t) = mean_{x: argmax P(·|x; prompt) ≠ c} 1[argmax P(·|x ⊕ t; p) = c],
 
-flagging it when the score reaches ``threshold``. Clean prompts have such suffixes too (any prompt can be
-pushed), only rarer and harder to find within the budget; where the two distributions separate is measured
-by the benchmark's ROC, not assumed. Our reading of the paper's "potential defensive approach".
+flagging the prompt when the score reaches ``threshold``. Without a reference the score is the bare flip rate.
+Where clean and poisoned prompts separate is measured by the benchmark's ROC, not assumed. Our reading of the
+paper's "potential defensive approach".
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ class Detection:
 
 
 def detect_trojan(clf: PromptClassifier, prompt: str, inputs: Sequence[str], decode: Any, pool: Sequence[int], *,
-                  length: int = 3, budget_per_label: int = 600, threshold: float = 0.8,
-                  seed: int = 0) -> Detection:
+                  reference: str | None = None, length: int = 3, budget_per_label: int = 600,
+                  threshold: float = 0.5, seed: int = 0) -> Detection:
     """Score ``prompt`` (see the module docstring); ``decode`` maps token ids to text (the suffix)."""
     if not inputs:
         raise LeanfmError("the detector needs at least one input")
@@ -60,16 +64,27 @@ def detect_trojan(clf: PromptClassifier, prompt: str, inputs: Sequence[str], dec
 
         def objective(cands: Sequence[tuple[int, ...]], rows: Sequence[int] | None,
                       movable: list[str] = movable, target: np.ndarray = target) -> np.ndarray:
-            return np.array([search.rlprompt_reward(clf.probabilities(prompt, movable, decode(c)), target).mean()
-                             for c in cands])
+            prompts = [prompt] if reference is None else [prompt, reference]
+            answers = clf.probabilities_many([(p, movable, decode(c)) for c in cands for p in prompts])
+            scores = [float(search.rlprompt_reward(a, target).mean()) for a in answers]
+            if reference is None:
+                return np.array(scores)
+            return np.array(scores[0::2]) - np.array(scores[1::2])
 
-        found = search.evolutionary_search(objective, objective, pool, length, budget=budget, cost=len(movable),
+        cost = len(movable) * (1 if reference is None else 2)
+        found = search.evolutionary_search(objective, objective, pool, length, budget=budget, cost=cost,
                                            select_cost=0, seed=seed * 31 + label, finalists=1)
         suffix = decode(found.tokens)
-        rate = float((clf.probabilities(prompt, movable, suffix).argmax(1) == label).mean())
+        rate = _flip(clf, prompt, movable, suffix, label)
+        if reference is not None:
+            rate -= _flip(clf, reference, movable, suffix, label)
         rates.append(rate)
         suffixes.append(suffix)
         used += budget.used
     clf.use_budget(None)
     best = int(np.argmax(rates))
     return Detection(rates[best], best, suffixes[best], rates[best] >= threshold, used, rates)
+
+
+def _flip(clf: PromptClassifier, prompt: str, inputs: list[str], suffix: str, label: int) -> float:
+    return float((clf.probabilities(prompt, inputs, suffix).argmax(1) == label).mean())

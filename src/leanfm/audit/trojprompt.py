@@ -77,6 +77,8 @@ class TrojPromptConfig(MethodConfig):
                          cli=False)
     task: str = option("sst-2", "16-shot task", choices=tuple(TASKS))
     seed: int = option(42, "16-shot split (16-<seed>/) and seed of the searches", choices=(13, 21, 42, 87, 100))
+    seed_prompt: str = option("", "start from this prompt instead of searching one (stage 1 skipped): can the "
+                              "user's own prompt be trojaned?")
     search_seed: int = option(0, "seed of the searches (with the split seed)")
     target_label: int = option(1, "label the trigger must produce (an index into the task's labels)")
     searcher: str = option("rl", "rl (RLPrompt policy) or evolve (plain black-box baseline)", choices=SEARCHERS)
@@ -270,6 +272,13 @@ def run_trojprompt(config: TrojPromptConfig, out: Path, *, resume: bool = False,
                 if kind == "poison" and config.extension_length == 0:
                     results[kind] = {"tokens": [], "skipped": True}
                     atomic_write_json(path, results[kind])
+                    continue
+                if kind == "prompt" and config.seed_prompt:  # the user's own prompt: can it be trojaned?
+                    ids = tokenizer(config.seed_prompt, add_special_tokens=False)["input_ids"]
+                    results[kind] = {"tokens": list(ids), "prompt": decode(tuple(ids)).strip(), "trigger": "",
+                                     "given": True, "queries": 0}
+                    atomic_write_json(path, results[kind])
+                    prompt = tuple(ids)
                     continue
                 stage = _Stage(clf, decode, kind, config.target_label, prompt, trigger, config.clean_term)
                 budget = QueryBudget(config.budget)

@@ -81,7 +81,10 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--budget", type=positive_int, default=600, help="queries per label [default 600]")
     d.add_argument("--policy", default="smollm2-135m", help="LM whose tokens the suffixes are made of "
                    "[default smollm2-135m]")
-    d.add_argument("--threshold", type=float, default=0.8, help="flag at this flip rate [default 0.8]")
+    d.add_argument("--reference", default=None, help="a trusted prompt for the task: a suffix must flip inputs under "
+                   "--prompt and not under this one [default: the task's hand-written prompt; '' for none]")
+    d.add_argument("--threshold", type=float, default=0.5,
+                   help="flag at this flip-rate difference (flip rate without a reference) [default 0.5]")
     _add_victim_flags(d)
     add_json_flag(d, "the detection")
     d.set_defaults(handler=cmd_detect)
@@ -149,8 +152,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     clf = PromptClassifier(scorer, spec)
     dev = splits.dev  # the 16-shot files are grouped by label: take every k-th so every label is among the inputs
     inputs = [e.text for e in dev[::max(1, len(dev) // args.inputs)][:args.inputs]]
+    reference = spec.manual_prompt if args.reference is None else args.reference or None
     found = detect.detect_trojan(clf, args.prompt, inputs, lambda ids: tokenizer.decode(list(ids)),
-                                 search.word_pool(tokenizer), length=args.length, budget_per_label=args.budget,
-                                 threshold=args.threshold)
-    emit(args, found.to_dict())
+                                 search.word_pool(tokenizer), reference=reference, length=args.length,
+                                 budget_per_label=args.budget, threshold=args.threshold)
+    emit(args, found.to_dict() | {"reference": reference})
     return 0
