@@ -89,7 +89,9 @@ class TrojPromptConfig(MethodConfig):
     pool: int = option(4000, "whole-word tokens the searches draw from")
     rl_samples: int = option(8, "RL: prompts sampled per step")
     rl_batch: int = option(16, "RL: examples per step")
-    rl_lr: float = option(1e-3, "RL: learning rate of the policy's MLP")
+    # chosen on the dev split of 16-21 (a split no benchmark row uses): 1e-3 collapsed the policy to
+    # one prompt within 3 steps (entropy 4.5 -> 0.2 nats); dev reward 38.1 at 1e-5 vs 15.7 at 1e-4 (1500 queries)
+    rl_lr: float = option(1e-5, "RL: learning rate of the policy's MLP (chosen on a dev split, BENCHMARKS.md)")
     rl_entropy: float = option(0.01, "RL: entropy bonus")
     clean_term: str = option("worst-class", "poisoning stage's clean reward: mean over examples (TrojLLM) or "
                              "the worst class's mean (stops 'everything -> target' from paying)",
