@@ -68,11 +68,14 @@ def attack_row(data: str, spec: str, budget: int, test_size: int) -> dict[str, A
     return row
 
 
-def transfer_row(attack: dict[str, Any], victim: str) -> dict[str, Any]:
-    name = f"transfer-{attack['name']}-{Path(victim).name}"
-    result = evaluate_run(leanfm_home() / "bench" / "trojprompt" / attack["name"], victim)
+def transfer_row(attack: dict[str, Any], victim: str, test_size: int | None) -> dict[str, Any]:
+    name = f"transfer-{attack['name']}-{Path(victim).name}-t{test_size}"
+    path = ROWS / f"{name}.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    result = evaluate_run(leanfm_home() / "bench" / "trojprompt" / attack["name"], victim, test_size=test_size)
     row = {"name": name, "part": "transfer", "source": attack["name"], "victim": Path(victim).name, **result}
-    atomic_write_json(ROWS / f"{name}.json", row)
+    atomic_write_json(path, row)
     return row
 
 
@@ -176,15 +179,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     transfers = [r for r in rows if r["part"] == "transfer"]
     if transfers:
         lines += ["### Transfer to another victim", "",
-                  "| run | victim | seed-prompt ACC | poisoned ACC | poisoned ASR | (on the source victim) |",
-                  "|---|---|---|---|---|---|"]
+                  "The prompts and trigger found on SmolLM2-135M-Instruct, scored unchanged on SmolLM2 compressed by "
+                  "MoDeGPT at 30% (`make run`'s model) and on Gemma-3-270M (base; a different family and tokenizer). "
+                  "ACC/ASR of the hand-written prompt on the same victim in the last columns.", "",
+                  "| run | victim | test | seed-prompt ACC | poisoned ACC | poisoned ASR | no-trigger target rate | "
+                  "source victim ACC / ASR | manual prompt ACC / ASR here |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         by_name = {r["name"]: r for r in attacks}
         for r in transfers:
             src = by_name.get(r["source"], {}).get("test", {})
-            lines.append(f"| {r['source']} | {r['victim']} | {100 * r['test']['seed']['acc']:.1f} | "
-                         f"{100 * r['test']['poisoned']['acc']:.1f} | {100 * r['test']['poisoned']['asr']:.1f} | "
+            t = r["test"]
+            lines.append(f"| {r['source']} | {r['victim']} | {r['test_size']} | {100 * t['seed']['acc']:.1f} | "
+                         f"{100 * t['poisoned']['acc']:.1f} | {100 * t['poisoned']['asr']:.1f} | "
+                         f"{100 * t['poisoned']['target_rate_clean']:.1f} | "
                          + (f"{100 * src['poisoned']['acc']:.1f} / {100 * src['poisoned']['asr']:.1f}"
-                            if src else "—") + " |")
+                            if src else "—")
+                         + f" | {100 * t['manual']['acc']:.1f} / {100 * t['manual']['asr']:.1f} |")
         lines.append("")
     detects = [r for r in rows if r["part"] == "detect"]
     if detects:
@@ -285,7 +295,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS)
     parser.add_argument("--budget", type=int, default=1500)
     parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--transfer-victim", default=str(ROOT / "results" / "smollm2-modegpt-0.3"))
+    parser.add_argument("--transfer-victim", action="append", default=None,
+                        help="victims to transfer to [default: results/smollm2-modegpt-0.3 and gemma3-270m]")
+    parser.add_argument("--transfer-test-size", type=int, default=None, help="[default: each run's]")
     parser.add_argument("--detect-prompts", type=int, default=20)
     parser.add_argument("--detect-budget", type=int, default=600, help="per stage of each cheap attack")
     parser.add_argument("--detect-per-label", type=int, default=120)
@@ -305,8 +317,10 @@ def main() -> None:
     if "detect" in args.part:
         detect_rows(args.data, args.detect_prompts, args.detect_budget, args.detect_per_label, args.detect_inputs)
     if "transfer" in args.part:
-        for path in sorted(ROWS.glob("sst-2-*.json")):
-            transfer_row(json.loads(path.read_text()), args.transfer_victim)
+        victims = args.transfer_victim or [str(ROOT / "results" / "smollm2-modegpt-0.3"), "gemma3-270m"]
+        for victim in victims:
+            for path in sorted(ROWS.glob("sst-2-*.json")):
+                transfer_row(json.loads(path.read_text()), victim, args.transfer_test_size)
     render()
 
 

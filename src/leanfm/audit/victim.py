@@ -112,7 +112,8 @@ def echo_logprobs(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, bat
     """
     if not texts:
         return []
-    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    # the tokenizer's own special tokens (Gemma's <bos>; none for SmolLM2): what the model was trained with
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
     ids: list[list[int]] = encoded["input_ids"]
     offsets: list[list[tuple[int, int]]] = encoded["offset_mapping"]
     for text, row in zip(texts, ids, strict=True):
@@ -125,7 +126,9 @@ def echo_logprobs(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, bat
     prefixes = sorted(groups, key=len)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logprobs: dict[tuple[int, ...], torch.Tensor] = {}  # prefix -> [len(prefix), vocab] log-softmax rows
+    last_tokens: dict[tuple[int, ...], list[int]] = {p: sorted({ids[i][-1] for i in groups[p]}) for p in prefixes}
+    inner: dict[tuple[int, ...], list[float]] = {}  # prefix -> log p(prefix[t + 1] | prefix[:t + 1])
+    last: dict[tuple[int, ...], dict[int, float]] = {}  # prefix -> {last token: log p(token | prefix)}
     with torch.inference_mode():
         for start in range(0, len(prefixes), batch_size):
             chunk = prefixes[start:start + batch_size]
@@ -136,13 +139,19 @@ def echo_logprobs(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, bat
                 batch[r, :len(prefix)] = torch.tensor(prefix)
                 mask[r, :len(prefix)] = 1
             logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
-            rows = torch.log_softmax(logits.float(), dim=-1).cpu()
             for r, prefix in enumerate(chunk):
-                logprobs[prefix] = rows[r, :len(prefix)]
+                # log p = logit - logsumexp over the vocabulary, gathered at the tokens asked for only
+                # (a [T, V] log-softmax copy per text would cost 1 GB a batch with Gemma's 262k vocabulary)
+                row = logits[r, :len(prefix)].float()  # [T, V]
+                norm = torch.logsumexp(row, dim=-1)  # [T]
+                nxt = torch.tensor(prefix[1:], device=row.device)
+                inner[prefix] = (row[:-1].gather(1, nxt[:, None])[:, 0] - norm[:-1]).tolist()
+                wanted = torch.tensor(last_tokens[prefix], device=row.device)
+                last[prefix] = dict(zip(last_tokens[prefix], (row[-1, wanted] - norm[-1]).tolist(), strict=True))
     out = []
-    for i, (text, row) in enumerate(zip(texts, ids, strict=True)):
-        table = logprobs[tuple(row[:-1])]  # row t predicts token t + 1
-        values: list[float | None] = [None] + [float(table[t, row[t + 1]]) for t in range(len(row) - 1)]
+    for i, (text, row_ids) in enumerate(zip(texts, ids, strict=True)):
+        prefix = tuple(row_ids[:-1])
+        values: list[float | None] = [None, *inner[prefix], last[prefix][row_ids[-1]]]
         spans = offsets[i]
         out.append(Echo([text[a:b] for a, b in spans], values, [a for a, _ in spans]))
     return out
