@@ -384,3 +384,22 @@ def test_a_given_seed_prompt_skips_stage_one_and_is_extended(tmp_path):
     assert summary["prompts"]["seed"] == "Sentiment:" and summary["queries"]["prompt"] == 0
     assert summary["prompts"]["poisoned"].startswith("Sentiment: ")
     assert len(summary["prompts"]["poisoned"].split()) == 3
+
+
+def test_rl_search_never_overdraws_its_budget_when_a_candidate_costs_two_queries_per_example(tiny):
+    model, _ = tiny
+
+    def charging(budget: QueryBudget, per_row: int, rows_all: int):
+        def objective(cands, rows):  # no cache: every call pays, like fresh victim queries
+            budget.charge(len(cands) * (rows_all if rows is None else per_row * len(rows)))
+            return np.array([float(sum(c)) for c in cands])
+        return objective
+
+    for limit in range(90, 160, 5):
+        budget = QueryBudget(limit)
+        objective = charging(budget, 2, 16)  # 8 examples, scored with and without the trigger
+        pool = list(range(1000, 1500))  # large: the policy's greedy sequence is new, so it must be paid for
+        found = search.rl_search(objective, charging(budget, 2, 4), pool, 2, lm=model, start_id=1, budget=budget,
+                                 examples=8, samples=2, batch=4, seed=limit, finalists=1, select_cost=4,
+                                 row_cost=2, full_cost=16)
+        assert budget.used <= limit and found.queries == budget.used

@@ -158,11 +158,12 @@ def _device(module: nn.Module) -> torch.device:
 def rl_search(objective: Objective, select: Objective, pool: Sequence[int], length: int, *, lm: nn.Module,
               start_id: int, budget: QueryBudget, examples: int, samples: int = 8, batch: int = 16,
               lr: float = 1e-3, entropy: float = 0.01, seed: int, finalists: int = 4, select_cost: int,
-              prefix: tuple[int, ...] = (), row_cost: int = 1) -> SearchResult:
+              prefix: tuple[int, ...] = (), row_cost: int = 1, full_cost: int | None = None) -> SearchResult:
     """RLPrompt-style policy search (see the module docstring); one step costs ``samples * batch * row_cost``
     queries (``row_cost``: queries one example costs a candidate, e.g. 2 when scored with and without trigger).
 
-    ``prefix`` tokens (e.g. the seed prompt an extension continues) are fed to the policy before it samples.
+    ``prefix`` tokens (e.g. the seed prompt an extension continues) are fed to the policy before it samples;
+    ``full_cost``: queries of one candidate on all examples (default ``examples * row_cost``).
     """
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -215,7 +216,7 @@ def rl_search(objective: Objective, select: Objective, pool: Sequence[int], leng
                           f"the final selection ({reserve})")
     # the policy's greedy sequence joins the candidates (scored once on all examples)
     greedy = _greedy(lm, head, head_weight, pool, start_id, fixed, length)
-    if greedy not in table and budget.left - reserve >= examples:
+    if greedy not in table and budget.left - reserve >= (full_cost or examples * row_cost):
         table[greedy] = [float(objective([greedy], None)[0]), 1]
     return _finish(table, select, finalists, budget, start_used, history)
 

@@ -230,7 +230,7 @@ def _search(config: TrojPromptConfig, stage: _Stage, splits: Splits, length: int
                             samples=config.rl_samples, batch=config.rl_batch, lr=config.rl_lr,
                             entropy=config.rl_entropy, seed=seed, finalists=config.finalists,
                             select_cost=select_cost, prefix=prefix,
-                            row_cost=sum(1 for g in stage.examples_for(splits.train) if g))
+                            row_cost=sum(1 for g in stage.examples_for(splits.train) if g), full_cost=cost)
 
 
 def run_trojprompt(config: TrojPromptConfig, out: Path, *, resume: bool = False, overwrite: bool = False) -> dict:
