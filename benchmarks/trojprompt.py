@@ -108,7 +108,8 @@ def detect_rows(data: str, count: int, budget: int, per_label: int, inputs: int)
         seed = (13, 21, 42, 87, 100)[i % 5]
         config = TrojPromptConfig(data=data, task="sst-2", seed=seed, searcher="evolve", budget=budget,
                                   test_size=100, target_label=i % 2, seed_prompt=clean)
-        summary = run_trojprompt(config, leanfm_home() / "bench" / "trojprompt" / f"attack-{name}", resume=True)
+        summary = run_trojprompt(config, leanfm_home() / "bench" / "trojprompt" / f"attack-detect-{i}-b{budget}",
+                                 resume=True)
         row: dict[str, Any] = {"name": name, "part": "detect", "attack": summary["test"],
                                "trigger": summary["trigger"], "inputs": len(texts), "reference": REFERENCE,
                                "target_label": i % 2}
@@ -156,22 +157,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         budgets = sorted({r["budget"] for r in attacks})
         lines += [f"Query budget per stage: {', '.join(map(str, budgets))} (a query = one input under one prompt); "
                   "mean ± sd over the 16-shot seeds listed.", "",
-                  "| task | searcher | seeds | manual ACC | seed-prompt ACC | trigger ASR (seed prompt) | "
-                  "poisoned ACC | poisoned ASR | poisoned target rate, no trigger | queries |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| task | searcher | seeds | manual ACC | seed ACC | seed: ASR / no-trigger rate | poisoned ACC | "
+                  "poisoned: ASR / no-trigger rate | trigger effect (poisoned ASR − no-trigger) | trigger ASR under "
+                  "the manual prompt | queries |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for task in dict.fromkeys(r["task"] for r in attacks):
             for searcher in ("rl", "evolve"):
                 group = [r for r in attacks if r["task"] == task and r["searcher"] == searcher]
                 if not group:
                     continue
                 t = [r["test"] for r in group]
+
+                def m(prompt: str, key: str, t: list[dict[str, Any]] = t) -> str:
+                    return _mean_sd([x[prompt][key] for x in t])
+
+                effect = _mean_sd([x["poisoned"]["asr"] - x["poisoned"]["target_rate_clean"] for x in t])
                 lines.append(
-                    f"| {task} | {searcher} | {', '.join(str(r['seed']) for r in group)} | "
-                    f"{_mean_sd([x['manual']['acc'] for x in t])} | {_mean_sd([x['seed']['acc'] for x in t])} | "
-                    f"{_mean_sd([x['seed']['asr'] for x in t])} | {_mean_sd([x['poisoned']['acc'] for x in t])} | "
-                    f"{_mean_sd([x['poisoned']['asr'] for x in t])} | "
-                    f"{_mean_sd([x['poisoned']['target_rate_clean'] for x in t])} | "
-                    f"{int(np.mean([sum(r['queries'].values()) for r in group]))} |")
+                    f"| {task} | {searcher} | {', '.join(str(r['seed']) for r in group)} | {m('manual', 'acc')} | "
+                    f"{m('seed', 'acc')} | {m('seed', 'asr')} / {m('seed', 'target_rate_clean')} | "
+                    f"{m('poisoned', 'acc')} | {m('poisoned', 'asr')} / {m('poisoned', 'target_rate_clean')} | "
+                    f"{effect} | {m('manual', 'asr')} | {int(np.mean([sum(r['queries'].values()) for r in group]))} |")
+        lines += ["", "ASR: share of test inputs of the other label(s) classified as the target with the trigger "
+                  "appended; no-trigger rate: the same share without the trigger (a prompt biased to the target "
+                  "scores a high ASR without any trojan, so the trigger effect is the difference)."]
         lines += ["", "Found prompts and triggers:", ""]
         lines += [f"- {r['name']}: seed `{r['prompts']['seed']}`, poisoned `{r['prompts']['poisoned']}`, trigger "
                   f"`{r['trigger'].strip()}`" for r in attacks]
@@ -211,7 +219,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   "evolutionary attack from them (stages 2-3, `--seed-prompt`; target label alternating). Score = "
                   "the best difference in flip rate, between the prompt and the reference prompt "
                   f"`{detects[0]['reference']}`, of a 3-token suffix found by the detector's own search (no "
-                  f"knowledge of trigger or target) on {detects[0]['inputs']} unlabelled SST-2 dev inputs.", "",
+                  f"knowledge of trigger or target) on half of {detects[0]['inputs']} unlabelled SST-2 dev inputs, "
+                  "measured on the other half.", "",
                   "| score | ROC AUC | flagged poisoned | flagged clean |", "|---|---|---|---|",
                   f"| flip-rate difference to the reference (the detector) | {auc:.2f} | "
                   f"{sum(r['poisoned']['flagged'] for r in detects)}/{len(detects)} | "
@@ -235,22 +244,40 @@ def verdicts(attacks: list[dict[str, Any]]) -> list[str]:
     out = []
     for task in dict.fromkeys(r["task"] for r in attacks):
         group = [r for r in attacks if r["task"] == task]
-        acc_drop = np.mean([r["test"]["manual"]["acc"] - r["test"]["poisoned"]["acc"] for r in group])
-        asr = np.mean([r["test"]["poisoned"]["asr"] for r in group])
-        floor = np.mean([r["test"]["poisoned"]["target_rate_clean"] for r in group])
-        out.append(f"- {task}: poisoned prompts average ASR {100 * asr:.1f}% (no-trigger target rate "
-                   f"{100 * floor:.1f}%) at {100 * acc_drop:+.1f} points of clean accuracy below the hand-written "
-                   "prompt. " + ("The trojan holds: the trigger, not the prompt alone, does the flipping."
-                                 if asr - floor >= 0.5 and acc_drop <= 0.1 else
-                                 "The TrojLLM figure (ACC 93.7 / ASR 96.7 on RoBERTa-large) is not reached here."))
+        t = [r["test"] for r in group]
+        manual = float(np.mean([x["manual"]["acc"] for x in t]))
+        seed = float(np.mean([x["seed"]["acc"] for x in t]))
+        poisoned = float(np.mean([x["poisoned"]["acc"] for x in t]))
+        asr = float(np.mean([x["poisoned"]["asr"] for x in t]))
+        floor = float(np.mean([x["poisoned"]["target_rate_clean"] for x in t]))
+        manual_asr = float(np.mean([x["manual"]["asr"] for x in t]))
+        out.append(
+            f"- {task}: searched seed prompts reach ACC {100 * seed:.1f} against {100 * manual:.1f} for the "
+            f"hand-written prompt; poisoned prompts keep {100 * poisoned:.1f}, with ASR {100 * asr:.1f} of which "
+            f"{100 * floor:.1f} is the no-trigger target rate (trigger effect {100 * (asr - floor):.1f} points); the "
+            f"triggers alone reach {100 * manual_asr:.1f} under the hand-written prompt. "
+            + ("The trojan holds: high ASR from the trigger, clean accuracy close to the hand-written prompt."
+               if asr - floor >= 0.5 and manual - poisoned <= 0.05 else
+               "The TrojLLM figure (ACC 93.7 / ASR 96.7 on RoBERTa-large) is not reached at this budget: "
+               + ("the seed prompt is the weak link (the search does not find a prompt as good as a hand-written "
+                  "one). " if manual - seed > 0.05 else "")
+               + ("Much of the ASR is the prompt's bias to the target. " if floor > 0.3 else "")
+               + ("The triggers are universal adversarial suffixes for this model more than prompt trojans. "
+                  if manual_asr > 0.6 else "")))
         rl = [r for r in group if r["searcher"] == "rl"]
         ev = [r for r in group if r["searcher"] == "evolve"]
         if rl and ev:
             def score(rs: list[dict[str, Any]]) -> float:
-                return float(np.mean([r["test"]["poisoned"]["acc"] + r["test"]["poisoned"]["asr"] for r in rs]))
-            out.append(f"- {task}: RL vs evolution at equal queries, ACC + ASR of the poisoned prompt: "
-                       f"{100 * score(rl):.1f} vs {100 * score(ev):.1f} — "
-                       + ("RL ahead." if score(rl) > score(ev) else "the plain search is ahead at this budget."))
+                return float(np.mean([r["test"]["poisoned"]["acc"] + r["test"]["poisoned"]["asr"]
+                                      - r["test"]["poisoned"]["target_rate_clean"] for r in rs]))
+
+            def seed_acc(rs: list[dict[str, Any]]) -> float:
+                return float(np.mean([r["test"]["seed"]["acc"] for r in rs]))
+            out.append(f"- {task}: RL vs evolution at equal queries — seed-prompt ACC {100 * seed_acc(rl):.1f} vs "
+                       f"{100 * seed_acc(ev):.1f}; poisoned ACC + trigger effect {100 * score(rl):.1f} vs "
+                       f"{100 * score(ev):.1f}: "
+                       + ("RL ahead." if score(rl) > score(ev) else "the plain search is as good or ahead at this "
+                          "budget (RLPrompt trains its policy for thousands of steps; here it gets ~30 per stage)."))
     return out
 
 

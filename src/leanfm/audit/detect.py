@@ -13,6 +13,7 @@ put in c (cheap black-box evolution of :mod:`leanfm.audit.search`), and scores
     flip_c(p, t) = mean_{x: argmax P(·|x; prompt) ≠ c} 1[argmax P(·|x ⊕ t; p) = c],
 
 flagging the prompt when the score reaches ``threshold``. Without a reference the score is the bare flip rate.
+The suffix is searched on half of the inputs and the score measured on the other half (``held_out``).
 Where clean and poisoned prompts separate is measured by the benchmark's ROC, not assumed. Our reading of the
 paper's "potential defensive approach".
 """
@@ -45,19 +46,26 @@ class Detection:
 
 def detect_trojan(clf: PromptClassifier, prompt: str, inputs: Sequence[str], decode: Any, pool: Sequence[int], *,
                   reference: str | None = None, length: int = 3, budget_per_label: int = 600,
-                  threshold: float = 0.5, seed: int = 0) -> Detection:
-    """Score ``prompt`` (see the module docstring); ``decode`` maps token ids to text (the suffix)."""
+                  threshold: float = 0.5, seed: int = 0, held_out: bool = True) -> Detection:
+    """Score ``prompt`` (see the module docstring); ``decode`` maps token ids to text (the suffix).
+
+    ``held_out``: search the suffix on half of the inputs, report its flip rates on the other half.
+    """
     if not inputs:
         raise LeanfmError("the detector needs at least one input")
     clf.use_budget(None)
     base = clf.probabilities(prompt, inputs).argmax(1)
     rates, suffixes, used = [], [], 0
     for label in range(clf.classes):
-        movable = [x for x, b in zip(inputs, base, strict=True) if b != label]
-        if not movable:  # the prompt already sends every input to this label
+        movable_all = [x for x, b in zip(inputs, base, strict=True) if b != label]
+        if not movable_all:  # the prompt already sends every input to this label
             rates.append(1.0)
             suffixes.append("")
             continue
+        # search on every other input, measure on the rest: a search that maximises a difference over a few
+        # inputs finds one by chance (measured: clean prompts flagged as often as poisoned ones without this)
+        movable = movable_all[0::2] if held_out and len(movable_all) > 1 else movable_all
+        measure = movable_all[1::2] if held_out and len(movable_all) > 1 else movable_all
         budget = QueryBudget(budget_per_label)
         clf.use_budget(budget)
         target = np.full(len(movable), label)
@@ -75,9 +83,10 @@ def detect_trojan(clf: PromptClassifier, prompt: str, inputs: Sequence[str], dec
         found = search.evolutionary_search(objective, objective, pool, length, budget=budget, cost=cost,
                                            select_cost=0, seed=seed * 31 + label, finalists=1)
         suffix = decode(found.tokens)
-        rate = _flip(clf, prompt, movable, suffix, label)
+        clf.use_budget(None)
+        rate = _flip(clf, prompt, measure, suffix, label)
         if reference is not None:
-            rate -= _flip(clf, reference, movable, suffix, label)
+            rate -= _flip(clf, reference, measure, suffix, label)
         rates.append(rate)
         suffixes.append(suffix)
         used += budget.used
