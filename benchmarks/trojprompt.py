@@ -212,6 +212,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                           labels)
         working = [r for r in detects if r["attack"]["poisoned"]["asr"] - r["attack"]["poisoned"]
                    ["target_rate_clean"] >= 0.5]
+        usable = [r for r in detects if r["attack"]["seed"]["acc"] >= 0.7]
+        usable_auc = roc([r["poisoned"]["score"] for r in usable] + [r["seed"]["score"] for r in usable],
+                         [1] * len(usable) + [0] * len(usable))[1] if usable else float("nan")
         working_auc = roc([r["poisoned"]["score"] for r in working] + [r["seed"]["score"] for r in detects],
                           [1] * len(working) + [0] * len(detects))[1] if working else float("nan")
         lines += ["### Detector", "",
@@ -230,7 +233,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   f"{sum(r['seed']['bare_score'] >= 0.8 for r in detects)}/{len(detects)} |", "",
                   f"Flagging at the detector's default threshold 0.5 (bare flip rate: 0.8). Of the poisoned prompts, "
                   f"{len(working)} carry a working trojan on the test subset (ASR − no-trigger target rate ≥ 0.5); "
-                  f"AUC of those against all clean prompts: {working_auc:.2f}.", ""]
+                  f"AUC of those against all clean prompts: {working_auc:.2f}. "
+                  f"Restricted to deployable prompts (clean test ACC ≥ 0.7: {len(usable)} of {len(detects)}), "
+                  f"poisoned vs clean AUC: {usable_auc:.2f}.", ""]
     lines += ["![ACC and ASR per stage](results/trojprompt.png)", ""]
     loads = sorted(r.get("load_average", 0.0) for r in attacks)
     if loads:
