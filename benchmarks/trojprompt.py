@@ -293,18 +293,34 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     attacks = [r for r in rows if r["part"] == "attack"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    detects = [r for r in rows if r["part"] == "detect"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     stages = ["manual", "seed", "poisoned"]
-    for ax, metric in zip(axes, ("acc", "asr"), strict=True):
+    if detects:
+        labels = [1] * len(detects) + [0] * len(detects)
+        for key, name in (("score", "reference difference"), ("bare_score", "bare flip rate")):
+            points, auc = roc([r["poisoned"][key] for r in detects] + [r["seed"][key] for r in detects], labels)
+            axes[2].plot([p[0] for p in points], [p[1] for p in points], "-o", label=f"{name} (AUC {auc:.2f})")
+        axes[2].plot([0, 1], [0, 1], ":", color="grey")
+        axes[2].set_xlabel("false positive rate (clean prompts)")
+        axes[2].set_ylabel("true positive rate (poisoned)")
+        axes[2].set_title("detector ROC")
+        axes[2].legend(fontsize=8)
+    for ax, metric in zip(axes[:2], ("acc", "asr"), strict=True):
         for task in dict.fromkeys(r["task"] for r in attacks):
-            for searcher, style in (("rl", "-o"), ("evolve", "--s")):
+            for searcher, style, color in (("rl", "-o", "C0"), ("evolve", "--s", "C1")):
                 group = [r for r in attacks if r["task"] == task and r["searcher"] == searcher]
-                if group:
-                    ys = [np.mean([r["test"][s][metric] for r in group]) for s in stages]
-                    ax.plot(stages, ys, style, label=f"{task} {searcher}")
-        ax.set_title({"acc": "clean accuracy", "asr": "attack success (trigger)"}[metric])
+                if not group:
+                    continue
+                ys = [np.mean([r["test"][s][metric] for r in group]) for s in stages]
+                ax.plot(stages, ys, style, color=color if task == "sst-2" else None, label=f"{task} {searcher}")
+                if metric == "asr":
+                    floor = [np.mean([r["test"][s]["target_rate_clean"] for r in group]) for s in stages]
+                    ax.plot(stages, floor, ":", color=color if task == "sst-2" else None, alpha=0.6,
+                            label=f"{task} {searcher}: no trigger")
+        ax.set_title({"acc": "clean accuracy", "asr": "target rate with trigger (ASR) and without"}[metric])
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
