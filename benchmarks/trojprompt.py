@@ -74,7 +74,7 @@ def transfer_row(attack: dict[str, Any], victim: str, test_size: int | None) -> 
     if path.is_file():
         return dict(json.loads(path.read_text()))
     result = evaluate_run(leanfm_home() / "bench" / "trojprompt" / attack["name"], victim, test_size=test_size)
-    row = {"name": name, "part": "transfer", "source": attack["name"], "victim": Path(victim).name, **result}
+    row = {"name": name, "part": "transfer", "source": attack["name"], **result, "victim": Path(victim).name}
     atomic_write_json(path, row)
     return row
 
@@ -191,18 +191,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   "MoDeGPT at 30% (`make run`'s model) and on Gemma-3-270M (base; a different family and tokenizer). "
                   "ACC/ASR of the hand-written prompt on the same victim in the last columns.", "",
                   "| run | victim | test | seed-prompt ACC | poisoned ACC | poisoned ASR | no-trigger target rate | "
-                  "source victim ACC / ASR | manual prompt ACC / ASR here |",
+                  "source victim ACC / ASR | manual prompt here: ACC / ASR / no-trigger rate |",
                   "|---|---|---|---|---|---|---|---|---|"]
         by_name = {r["name"]: r for r in attacks}
         for r in transfers:
             src = by_name.get(r["source"], {}).get("test", {})
             t = r["test"]
-            lines.append(f"| {r['source']} | {r['victim']} | {r['test_size']} | {100 * t['seed']['acc']:.1f} | "
+            lines.append(f"| {r['source']} | {Path(r['victim']).name} | {r['test_size']} | {100 * t['seed']['acc']:.1f} | "
                          f"{100 * t['poisoned']['acc']:.1f} | {100 * t['poisoned']['asr']:.1f} | "
                          f"{100 * t['poisoned']['target_rate_clean']:.1f} | "
                          + (f"{100 * src['poisoned']['acc']:.1f} / {100 * src['poisoned']['asr']:.1f}"
                             if src else "—")
-                         + f" | {100 * t['manual']['acc']:.1f} / {100 * t['manual']['asr']:.1f} |")
+                         + f" | {100 * t['manual']['acc']:.1f} / {100 * t['manual']['asr']:.1f} / "
+                         f"{100 * t['manual']['target_rate_clean']:.1f} |")
         lines.append("")
     detects = [r for r in rows if r["part"] == "detect"]
     if detects:
@@ -263,7 +264,8 @@ def verdicts(attacks: list[dict[str, Any]]) -> list[str]:
             f"triggers alone reach {100 * manual_asr:.1f} under the hand-written prompt. "
             + ("The trojan holds: high ASR from the trigger, clean accuracy close to the hand-written prompt."
                if asr - floor >= 0.5 and manual - poisoned <= 0.05 else
-               "The TrojLLM figure (ACC 93.7 / ASR 96.7 on RoBERTa-large) is not reached at this budget: "
+               "The TrojLLM figure (ACC 93.7 / ASR 96.7 on RoBERTa-large) is not reached at this budget"
+               + (" (and the hand-written prompt itself is weak here). " if manual < 0.7 else ": ")
                + ("the seed prompt is the weak link (the search does not find a prompt as good as a hand-written "
                   "one). " if manual - seed > 0.05 else "")
                + ("Much of the ASR is the prompt's bias to the target. " if floor > 0.3 else "")
@@ -278,11 +280,14 @@ def verdicts(attacks: list[dict[str, Any]]) -> list[str]:
 
             def seed_acc(rs: list[dict[str, Any]]) -> float:
                 return float(np.mean([r["test"]["seed"]["acc"] for r in rs]))
+            wins = sum(score([a]) > score([b]) for a in rl for b in ev if a["seed"] == b["seed"])
+            pairs = sum(1 for a in rl for b in ev if a["seed"] == b["seed"])
             out.append(f"- {task}: RL vs evolution at equal queries — seed-prompt ACC {100 * seed_acc(rl):.1f} vs "
                        f"{100 * seed_acc(ev):.1f}; poisoned ACC + trigger effect {100 * score(rl):.1f} vs "
-                       f"{100 * score(ev):.1f}: "
-                       + ("RL ahead." if score(rl) > score(ev) else "the plain search is as good or ahead at this "
-                          "budget (RLPrompt trains its policy for thousands of steps; here it gets ~30 per stage)."))
+                       f"{100 * score(ev):.1f} (RL ahead on {wins} of {pairs} splits). "
+                       + ("RL's policy barely moves at this budget (~30 updates per stage; entropy stays near the "
+                          "LM's), so its edge is sampling the LM's fluent word sequences rather than learning; "
+                          "RLPrompt trains for thousands of steps."))
     return out
 
 
