@@ -197,7 +197,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for r in transfers:
             src = by_name.get(r["source"], {}).get("test", {})
             t = r["test"]
-            lines.append(f"| {r['source']} | {Path(r['victim']).name} | {r['test_size']} | {100 * t['seed']['acc']:.1f} | "
+            lines.append(f"| {r['source']} | {Path(r['victim']).name} | {r['test_size']} | "
+                         f"{100 * t['seed']['acc']:.1f} | "
                          f"{100 * t['poisoned']['acc']:.1f} | {100 * t['poisoned']['asr']:.1f} | "
                          f"{100 * t['poisoned']['target_rate_clean']:.1f} | "
                          + (f"{100 * src['poisoned']['acc']:.1f} / {100 * src['poisoned']['asr']:.1f}"
