@@ -331,16 +331,16 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
         axes[2].set_title("detector ROC")
         axes[2].legend(fontsize=8)
     for ax, metric in zip(axes[:2], ("acc", "asr"), strict=True):
-        for task in dict.fromkeys(r["task"] for r in attacks):
-            for searcher, style, color in (("rl", "-o", "C0"), ("evolve", "--s", "C1")):
+        for t_index, task in enumerate(dict.fromkeys(r["task"] for r in attacks)):
+            for searcher, style, color in (("rl", "-o", f"C{2 * t_index}"), ("evolve", "--s", f"C{2 * t_index + 1}")):
                 group = [r for r in attacks if r["task"] == task and r["searcher"] == searcher]
                 if not group:
                     continue
                 ys = [np.mean([r["test"][s][metric] for r in group]) for s in stages]
-                ax.plot(stages, ys, style, color=color if task == "sst-2" else None, label=f"{task} {searcher}")
+                ax.plot(stages, ys, style, color=color, label=f"{task} {searcher}")
                 if metric == "asr":
                     floor = [np.mean([r["test"][s]["target_rate_clean"] for r in group]) for s in stages]
-                    ax.plot(stages, floor, ":", color=color if task == "sst-2" else None, alpha=0.6,
+                    ax.plot(stages, floor, ":", color=color, alpha=0.6,
                             label=f"{task} {searcher}: no trigger")
         ax.set_title({"acc": "clean accuracy", "asr": "target rate with trigger (ASR) and without"}[metric])
         ax.set_ylim(0, 1)
