@@ -403,3 +403,23 @@ def test_rl_search_never_overdraws_its_budget_when_a_candidate_costs_two_queries
                                  examples=8, samples=2, batch=4, seed=limit, finalists=1, select_cost=4,
                                  row_cost=2, full_cost=16)
         assert budget.used <= limit and found.queries == budget.used
+
+
+def test_the_score_is_the_held_out_flip_rate_under_the_prompt_minus_under_the_reference():
+    class Partial(ToyScorer):  # the trigger works under the reference only for inputs numbered 2 mod 4
+        def positive(self, context: str) -> float:
+            if TRIGGER_WORD in context and "Review sentiment:" in context:
+                number = int(re.search(r"number (\d+)", context).group(1))
+                return 0.99 if number % 4 == 2 else super().positive(context.replace(TRIGGER_WORD, ""))
+            return super().positive(context)
+
+    clf = PromptClassifier(Partial(), TASKS["sst-2"])
+    inputs = [e.text for e in toy_examples(16)]
+    found = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, reference="Review sentiment:",
+                                 length=1, budget_per_label=16 * 30)
+    # searched on negatives 0, 4, 8, 12 (the reference resists: difference 1), measured on 2, 6, 10, 14 (the
+    # reference flips them too: difference 0)
+    assert found.per_label[1] == 0.0 and found.score == 0.0 and not found.flagged
+    searched_only = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, reference="Review sentiment:",
+                                         length=1, budget_per_label=16 * 30, held_out=False)
+    assert searched_only.per_label[1] == 0.5 and searched_only.suffix == f" {TRIGGER_WORD}"
