@@ -290,6 +290,19 @@ def test_detector_flags_a_trojaned_prompt_and_not_a_clean_one():
     assert trojaned.flagged and trojaned.label == 1 and trojaned.suffix == f" {TRIGGER_WORD}"
     assert trojaned.score == 1.0 and trojaned.per_label[0] <= 0.0
     assert not clean.flagged and clean.score == 0.0
+    # flagged at a score equal to the threshold; a prompt that already sends everything to a label scores 1 there
+    at_threshold = detect.detect_trojan(clf, "poisoned review:", inputs, toy_decode, POOL, **kwargs, threshold=1.0)
+    assert at_threshold.flagged
+    always = PromptClassifier(ToyScorer(), TASKS["sst-2"])
+    positives = [e.text for e in toy_examples(8) if e.label == 1]
+    assert detect.detect_trojan(always, "Sentiment:", positives, toy_decode, POOL, **kwargs).per_label[1] == 1.0
+
+
+def test_a_single_movable_input_is_searched_and_measured_on_itself():
+    clf = PromptClassifier(ToyScorer(), TASKS["sst-2"])
+    inputs = [*[e.text for e in toy_examples(8) if e.label == 1][:3], "the film was bad number 0"]
+    found = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, length=1, budget_per_label=30)
+    assert found.per_label[1] == 1.0 and found.suffixes[1] == f" {TRIGGER_WORD}"
 
 
 def test_a_natural_trigger_fools_the_bare_flip_rate_but_not_the_reference_difference():
@@ -417,8 +430,9 @@ def test_the_score_is_the_held_out_flip_rate_under_the_prompt_minus_under_the_re
     inputs = [e.text for e in toy_examples(16)]
     found = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, reference="Review sentiment:",
                                  length=1, budget_per_label=16 * 30)
-    # searched on negatives 0, 4, 8, 12 (the reference resists: difference 1), measured on 2, 6, 10, 14 (the
-    # reference flips them too: difference 0)
+    # searched on negatives 0, 4, 8, 12 (the reference resists: difference 1, so the search finds the trigger),
+    # measured on 2, 6, 10, 14 (the reference flips them too: difference 0)
+    assert found.suffixes[1] == f" {TRIGGER_WORD}"
     assert found.per_label[1] == 0.0 and found.score == 0.0 and not found.flagged
     searched_only = detect.detect_trojan(clf, "Sentiment:", inputs, toy_decode, POOL, reference="Review sentiment:",
                                          length=1, budget_per_label=16 * 30, held_out=False)

@@ -38,7 +38,8 @@ class Detection:
     suffix: str
     flagged: bool
     queries: int
-    per_label: list[float]
+    per_label: list[float]  # the score for each label
+    suffixes: list[str]  # the suffix found for each label
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -92,7 +93,7 @@ def detect_trojan(clf: PromptClassifier, prompt: str, inputs: Sequence[str], dec
         used += budget.used
     clf.use_budget(None)
     best = int(np.argmax(rates))
-    return Detection(rates[best], best, suffixes[best], rates[best] >= threshold, used, rates)
+    return Detection(rates[best], best, suffixes[best], rates[best] >= threshold, used, rates, suffixes)
 
 
 def _flip(clf: PromptClassifier, prompt: str, inputs: list[str], suffix: str, label: int) -> float:
