@@ -387,6 +387,8 @@ def test_detect_command_reports_a_score_per_label_and_refuses_a_bad_threshold(tm
     capsys.readouterr()
     assert main([*common, "--threshold", "2"]) == 2
     assert "--threshold 2.0 is invalid" in capsys.readouterr().err
+    same = [*common[:9], "Sentiment:", *common[10:]]  # the prompt under test is the default reference
+    assert main(same) == 2 and "is the default reference prompt" in capsys.readouterr().err
 
 
 def test_a_given_seed_prompt_skips_stage_one_and_is_extended(tmp_path):

@@ -144,6 +144,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise LeanfmError(f"--threshold {args.threshold} is invalid; accepted: a flip rate in [0, 1]")
     spec = task_spec(args.task)
+    if args.reference is None and args.prompt.strip() == spec.manual_prompt:
+        raise LeanfmError(f"--prompt '{args.prompt}' is the default reference prompt of {args.task}; "
+                          "pass another trusted prompt with --reference (or --reference '' for none)")
     splits = trojprompt.load_splits(args.data, args.task, args.seed)
     scorer, _, tokenizer = trojprompt.open_victim(args.victim, dtype=args.dtype, device=args.device,
                                                   key_env=args.key_env)
