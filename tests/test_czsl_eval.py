@@ -221,3 +221,21 @@ def test_bad_inputs_are_one_line_errors():
         feasibility_scores(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([[0, 5]]))
     with pytest.raises(LeanfmError, match="grid must be"):
         choose_threshold(HAND_SCORES, HAND_LABELS, SEEN, torch.zeros(4), PAIR_ATTR, PAIR_OBJ, grid=0)
+
+
+def test_choose_threshold_ranks_by_auc_then_hm_then_the_lowest_threshold(monkeypatch):
+    # Seen pair 0; unseen feasibilities .1 .2 .3; grid 3 -> thresholds .1 .2 .3 keeping 3, 2, 1 unseen pairs.
+    canned = {3: (0.5, 0.9), 2: (0.6, 0.1), 1: (0.6, 0.2)}  # kept unseen pairs -> (AUC, HM)
+
+    def fake_evaluate(scores, labels, seen, candidates, pair_attr=None, pair_obj=None):
+        auc, hm = canned[int((candidates & ~seen).sum())]
+        return czsl.CZSLResult(auc, hm, 0.0, 0.0, 0.0, 0.0, [], [], [])
+
+    monkeypatch.setattr(czsl, "evaluate_czsl", fake_evaluate)
+    flat = torch.tensor([1.0, 0.1, 0.2, 0.3])
+    seen = torch.tensor([True, False, False, False])
+    threshold, result = choose_threshold(HAND_SCORES, HAND_LABELS, seen, flat, PAIR_ATTR, PAIR_OBJ, grid=3)
+    assert threshold == pytest.approx(0.3) and (result.auc, result.best_hm) == (0.6, 0.2)  # AUC tie -> HM
+    canned[1] = (0.6, 0.1)
+    threshold, _ = choose_threshold(HAND_SCORES, HAND_LABELS, seen, flat, PAIR_ATTR, PAIR_OBJ, grid=3)
+    assert threshold == pytest.approx(0.2)  # tie on both -> the lower threshold (masks less)
