@@ -324,3 +324,24 @@ def test_encoder_bad_inputs_are_one_line(encoder):
     with pytest.raises(LeanfmError) as err:
         encoder.tokenize(["a photo"])
     one_line(err)
+
+
+def test_convert_openclip_writes_a_folder_that_loads_as_an_mmpt_base(tmp_path):
+    """open_clip weights + a CLIP tokenizer -> a transformers folder -> ``load_base`` gives the CLIP dual encoder
+    whose image-text scores are the original model's."""
+    from leanfm.models.dual_encoder import load_base
+
+    model = tiny_model()
+    save_file(to_openclip(model), str(tmp_path / "w.safetensors"))
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    clip.convert_openclip(tmp_path / "w.safetensors", tmp_path / "clip", tmp_path / "tok", quick_gelu=True,
+                          vision_heads=3, text_heads=2)
+    base = load_base(tmp_path / "clip")
+    assert isinstance(base, clip.CLIPDualEncoder)
+    ids, mask = base.tokenize(["a red cat"])
+    with torch.no_grad():
+        want = normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+        torch.testing.assert_close(base.encode_text(base.token_embeddings(ids), mask), want, atol=1e-5, rtol=0)
+    with pytest.raises(LeanfmError, match="is not a tokenizer folder"):
+        clip.convert_openclip(tmp_path / "w.safetensors", tmp_path / "other", tmp_path, quick_gelu=True)
+    assert not (tmp_path / "other").exists()

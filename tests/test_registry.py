@@ -15,7 +15,7 @@ EXPECTED = {
     ("modegpt", "compress"), ("wanda-sp", "compress"), ("svd-llm", "compress"), ("disp", "compress"),
     ("tome", "patch"), ("tofu", "patch"), ("vit", "train"), ("dynamo", "train"), ("dynamo", "decode"),
     ("cwcl-speech", "train"), ("cwcl-image", "train"), ("slu", "train"), ("continual", "train"),
-    ("trojprompt", "audit"),
+    ("mmpt", "train"), ("trojprompt", "audit"),
 }
 
 

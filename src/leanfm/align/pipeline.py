@@ -10,66 +10,40 @@ was trained, the frozen model and the zero-shot metrics). :func:`load_encoder` r
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
+from leanfm.align.cwcl import LOSSES
 from leanfm.align.trainer import AlignConfig, train_aligned
 from leanfm.config import check_at_least, option, register_method
 from leanfm.data import shapes, speech
 from leanfm.errors import LeanfmError
 from leanfm.eval.zero_shot import zero_shot_accuracy
 from leanfm.models.encoders import (
+    TOWER_KINDS,
     ImageEncoder,
     SpeechEncoder,
     TextEncoder,
     check_text_encoder,
     embed_texts,
+    load_tower,
+    save_tower,
     text_encoder,
 )
-from leanfm.paths import atomic_directory, atomic_write_bytes
 from leanfm.training import DistributedContext, init_distributed, prepare_run
 
-__all__ = ["KINDS", "ImageAlignConfig", "SpeechAlignConfig", "align_image", "align_speech", "check_text_encoder",
-           "embed_texts", "evaluate_folder", "evaluate_image", "evaluate_speech", "load_encoder", "save_encoder",
-           "text_encoder"]
+__all__ = ["KINDS", "ImageAlignConfig", "PoolAlignConfig", "SpeechAlignConfig", "align_image", "align_pool",
+           "align_speech", "check_text_encoder", "embed_texts", "evaluate_folder", "evaluate_image",
+           "evaluate_speech", "load_encoder", "save_encoder", "text_encoder"]
 
-KINDS = ("speech", "image")
-
-
-def _build(kind: str, config: dict[str, Any]) -> nn.Module:
-    if kind not in KINDS:
-        raise LeanfmError(f"unknown aligned encoder kind '{kind}'; accepted: {', '.join(KINDS)}")
-    return SpeechEncoder(**config) if kind == "speech" else ImageEncoder(**config)
-
-
-def save_encoder(out: Path, encoder: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``encoder.safetensors`` and ``align.json`` atomically."""
-    if out.exists():
-        shutil.rmtree(out)
-    with atomic_directory(out) as tmp:
-        atomic_write_bytes(tmp / "encoder.safetensors",
-                           save({k: v.contiguous() for k, v in encoder.state_dict().items()}))
-        (tmp / "align.json").write_text(json.dumps({**meta, "encoder": encoder.config}, indent=2) + "\n")
-    return out
-
-
-def load_encoder(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved aligned encoder: (module in eval mode, metadata)."""
-    folder = Path(folder)
-    if not (folder / "align.json").is_file():
-        raise LeanfmError(f"'{folder}' is not an aligned encoder (align.json missing); create one with "
-                          "'leanfm align speech|image --out DIR'")
-    meta = json.loads((folder / "align.json").read_text())
-    encoder = _build(meta["kind"], meta["encoder"])
-    encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
-    return encoder.eval(), meta
+KINDS = TOWER_KINDS
+# An aligned encoder's folder format lives with the towers (models layer) so other methods can read it too.
+save_encoder = save_tower
+load_encoder = load_tower
 
 
 @torch.no_grad()
@@ -199,6 +173,55 @@ def align_image(config: ImageAlignConfig, out: str | Path, *, resume: bool = Fal
     meta = {"kind": "image", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
             "metrics": metrics,
             "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": config.per_combo}}
+    if context.is_main:
+        save_encoder(out, encoder, meta)
+    context.barrier()
+    return meta
+
+
+@dataclass
+class PoolAlignConfig(AlignConfig):
+    """``leanfm czsl pretrain``: align a fresh image tower to the frozen text encoder on a captioned image pool."""
+
+    loss: str = option("clip", "clip (a CLIP-style base, the default) or cwcl", choices=LOSSES)
+    frozen: str = option("minilm-l6", "frozen text encoder (a registered sentence encoder)")
+    hidden: int = option(128, "width of the image tower's ViT")
+    layers: int = option(3, "layers of the image tower's ViT")
+    heads: int = option(4, "attention heads of the image tower's ViT")
+    image_size: int = option(32, "image side in pixels (patch 4)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_text_encoder(self.frozen)
+        check_at_least(self, 1, "hidden", "layers", "heads")
+        check_at_least(self, 4, "image_size")
+        if self.hidden % self.heads or self.image_size % 4:
+            raise LeanfmError(f"hidden {self.hidden} / heads {self.heads} / image size {self.image_size} invalid; "
+                              "accepted: hidden divisible by heads, image size divisible by 4")
+
+
+def align_pool(config: PoolAlignConfig, images: torch.Tensor, captions: list[str], out: str | Path, *,
+               resume: bool = False, overwrite: bool = False, context: DistributedContext | None = None,
+               data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Align a new :class:`ImageEncoder` on ``images`` ``[N, 3, H, W]`` and their ``captions``, save it to ``out``
+    (an aligned-encoder folder whose ``logit_scale`` is the learned 1/tau: a CLIP-like base for prompt tuning)."""
+    if len(captions) != images.shape[0] or not captions:
+        raise LeanfmError(f"{images.shape[0]} images and {len(captions)} captions; accepted: equal, non-zero counts")
+    out = Path(out)
+    context = context or init_distributed(config.device)
+    checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=context)
+    text_model = text_encoder(config.frozen)
+    unique = sorted(set(captions))
+    row = {caption: i for i, caption in enumerate(unique)}
+    targets = embed_texts(text_model, unique)[torch.tensor([row[c] for c in captions])]  # [N, d], one pass per text
+    torch.manual_seed(config.seed)
+    encoder = ImageEncoder(out_dim=text_model.dim, hidden=config.hidden, layers=config.layers, heads=config.heads,
+                           image_size=config.image_size)
+    summary = train_aligned(encoder, lambda rows: images[rows], targets, config, checkpoint, resume, context)
+    taus = [row["tau"] for row in summary["history"] if "tau" in row]
+    meta = {"kind": "image", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
+            "logit_scale": 1 / taus[-1] if taus else 1 / config.tau,
+            "data": {"images": len(captions), "captions": len(unique), **(data or {})}}
     if context.is_main:
         save_encoder(out, encoder, meta)
     context.barrier()

@@ -556,7 +556,7 @@ def emoji_pool(seed: int, n_per_emoji: int, styles: tuple[str, ...] = EMOJI_STYL
 
 def cifar10_pool(folder: str | Path, per_class: int, seed: int = 0, split: str = "train"
                  ) -> tuple[torch.Tensor, list[str]]:
-    """``per_class`` seeded CIFAR-10 images per class, ``[N, 3, 32, 32]``, captioned ``a photo of a <class>``.
+    """``per_class`` seeded CIFAR-10 images per class, ``[N, 3, 32, 32]``, captioned ``a photo of a(n) <class>``.
 
     ``folder`` holds ``cifar10-jpeg/{train,test}/<class>/<n>.jpg`` (or is that ``cifar10-jpeg`` folder), or is
     ``cifar10-jpeg.tar``, which is extracted once under ``$LEANFM_HOME/cifar10`` (never beside the tar).
@@ -574,7 +574,7 @@ def cifar10_pool(folder: str | Path, per_class: int, seed: int = 0, split: str =
         for index in sorted(torch.randperm(len(files), generator=generator)[:per_class].tolist()):
             with Image.open(files[index]) as image:
                 images.append(_to_tensor(_fit(_rgb(image), 32)))
-            captions.append(f"a photo of a {name}")
+            captions.append(f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}")
     return torch.stack(images), captions
 
 
@@ -610,3 +610,46 @@ def pool_overlap(captions: Iterable[str], data: CZSLData, pairs: Iterable[Pair] 
         if any(any(p.search(text) for p in ap) and any(p.search(text) for p in op) for ap, op in targets):
             hits.append(caption)
     return hits
+
+
+POOL_SOURCES = ("emoji", "shapes", "cifar10")
+
+
+def _is_emoji(data: CZSLData) -> bool:
+    return set(data.attrs) <= set(TONES) | set(GENDERS)
+
+
+def pretraining_pool(sources: list[str], excluded: list[CZSLData], *, per_item: int = 8, per_class: int = 500,
+                     cifar: str | Path | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str], dict]:
+    """The captioned pool a base image tower is aligned on, none of it from ``excluded``'s val/test-only pairs.
+
+    ``emoji``: emoji outside the emoji CZSL vocabulary (``per_item`` renders each); ``shapes``: renders of the
+    shapes dataset's *train* pairs (``per_item`` each); ``cifar10``: ``per_class`` photos per class from ``cifar``.
+    The emoji and shapes sources need the matching dataset in ``excluded``. Returns (images, captions, counts).
+    """
+    unknown = [s for s in sources if s not in POOL_SOURCES]
+    if unknown or not sources:
+        raise LeanfmError(f"unknown pool source(s) {unknown or sources}; accepted: {', '.join(POOL_SOURCES)}")
+    parts: list[tuple[torch.Tensor, list[str]]] = []
+    info: dict = {}
+    for source in sources:
+        if source == "cifar10":
+            if cifar is None:
+                raise LeanfmError("pool source cifar10 needs a CIFAR-10 folder or cifar10-jpeg.tar (--cifar)")
+            parts.append(cifar10_pool(cifar, per_class, seed))
+        else:
+            match = [d for d in excluded if _is_emoji(d) == (source == "emoji")]
+            if not match:
+                raise LeanfmError(f"pool source {source} needs its CZSL dataset to exclude (--exclude DIR built by "
+                                  f"'leanfm czsl build {source}')")
+            parts.append(emoji_pool(seed, per_item, exclude=match[0]) if source == "emoji"
+                         else shapes_pool(seed, per_item, match[0]))
+        info[source] = len(parts[-1][1])
+    images = torch.cat([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
+    for data in excluded:
+        hits = pool_overlap(captions, data)
+        if hits:
+            raise LeanfmError(f"the pool names {len(hits)} val/test-only pair(s) of '{data.root}' (e.g. '{hits[0]}'); "
+                              "accepted: a pool without them")
+    return images, captions, info

@@ -39,11 +39,13 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, C
 from transformers.masking_utils import create_causal_mask
 
 from leanfm.errors import LeanfmError
+from leanfm.paths import atomic_directory
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIPDualEncoder",
+    "convert_openclip",
     "load_clip",
     "load_openclip",
     "openclip_config",
@@ -260,6 +262,22 @@ def load_openclip(path: str | Path, quick_gelu: bool = False, vision_heads: int 
     log.info("open_clip %s: ViT %d layers, width %d, image %d", path, vision.num_hidden_layers,
              vision.hidden_size, vision.image_size)
     return model.eval()
+
+
+def convert_openclip(weights: Path, out: Path, tokenizer: Path, quick_gelu: bool = False,
+                     vision_heads: int | None = None, text_heads: int | None = None) -> Path:
+    """Write an open_clip ViT checkpoint as a transformers CLIP folder (safetensors + the user's CLIP tokenizer), so
+    ``--base OUT`` and stock transformers load it. The tokenizer must be a transformers CLIP tokenizer folder: open_clip
+    ships its BPE vocabulary inside the package, not in the checkpoint."""
+    if not tokenizer.is_dir() or not any((tokenizer / name).is_file() for name in _TOKENIZER_FILES):
+        raise LeanfmError(f"'{tokenizer}' is not a tokenizer folder; accepted: a folder with "
+                          f"{' or '.join(_TOKENIZER_FILES)}")
+    model = load_openclip(weights, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(str(tmp))
+        loaded.save_pretrained(str(tmp))
+    return out
 
 
 class CLIPDualEncoder(nn.Module):

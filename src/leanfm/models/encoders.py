@@ -11,15 +11,20 @@ Each trainable tower keeps its constructor arguments in ``.config`` so a saved o
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
 from leanfm.errors import LeanfmError
 from leanfm.models.registry import list_models, load_model, minilm_folder, model_spec
+from leanfm.paths import atomic_directory, atomic_write_bytes
 
 SENTENCE_ENCODER = "sentence-encoder"  # the ModelSpec.kind a frozen text encoder must have
 BERT_ENCODERS = ("minilm-l6", "tiny-bert")  # fine-tunable BERT bodies: the real MiniLM, a random one for tests
@@ -150,7 +155,62 @@ class ImageEncoder(nn.Module):
                                       intermediate_size=2 * hidden), add_pooling_layer=False)
         self.proj = nn.Linear(hidden, out_dim)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` ``[B, 3, H, W]`` in [0, 1] -> ``[B, out_dim]``."""
-        cls = self.vit(pixel_values=(images - 0.5) / 0.25).last_hidden_state[:, 0]  # [B, hidden]
+    def forward(self, images: torch.Tensor, prompts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``images`` ``[B, 3, H, W]`` in [0, 1] -> ``[B, out_dim]``.
+
+        ``prompts[l]`` ``[n, hidden]`` (MaPLe-style deep visual prompts): before layer ``l`` the ``n`` prompt tokens
+        are appended after the patch tokens, replacing the previous layer's prompt outputs (``l > 0``). Prompts
+        only reach the output through attention; with none (or all empty) this is the plain ViT.
+        """
+        if not prompts or all(p.shape[0] == 0 for p in prompts):
+            cls = self.vit(pixel_values=(images - 0.5) / 0.25).last_hidden_state[:, 0]  # [B, hidden]
+            return self.proj(cls)
+        if len(prompts) > len(self.vit.layers):
+            raise LeanfmError(f"{len(prompts)} prompt depths for a {len(self.vit.layers)}-layer ViT; "
+                              f"accepted: at most {len(self.vit.layers)}")
+        x = self.vit.embeddings((images - 0.5) / 0.25)  # [B, 1 + P, hidden]
+        tokens = x.shape[1]
+        for depth, layer in enumerate(self.vit.layers):
+            if depth < len(prompts):
+                prompt = prompts[depth].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, n, hidden]
+                x = torch.cat([x[:, :tokens], prompt], dim=1)  # [B, 1 + P + n, hidden]
+            x = layer(x, None)
+        cls = self.vit.layernorm(x)[:, 0]  # [B, hidden]
         return self.proj(cls)
+
+
+TOWER_KINDS = ("speech", "image")
+
+
+def build_tower(kind: str, config: dict[str, Any]) -> nn.Module:
+    """A fresh tower of ``kind`` from its saved constructor arguments."""
+    if kind not in TOWER_KINDS:
+        raise LeanfmError(f"unknown aligned encoder kind '{kind}'; accepted: {', '.join(TOWER_KINDS)}")
+    return SpeechEncoder(**config) if kind == "speech" else ImageEncoder(**config)
+
+
+def save_tower(out: Path, encoder: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write an aligned tower's folder atomically: ``encoder.safetensors`` (weights) and ``align.json``
+    (``meta`` plus the constructor arguments under ``encoder``). ``leanfm align`` writes these; MMPT reads them."""
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_directory(out) as tmp:
+        atomic_write_bytes(tmp / "encoder.safetensors",
+                           save({k: v.contiguous() for k, v in encoder.state_dict().items()}))
+        (tmp / "align.json").write_text(json.dumps({**meta, "encoder": encoder.config}, indent=2) + "\n")
+    return out
+
+
+def load_tower(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved aligned tower: (module in eval mode, metadata)."""
+    folder = Path(folder)
+    if not (folder / "align.json").is_file():
+        raise LeanfmError(f"'{folder}' is not an aligned encoder (align.json missing); create one with "
+                          "'leanfm align speech|image --out DIR' or 'leanfm czsl pretrain'")
+    try:
+        meta = json.loads((folder / "align.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LeanfmError(f"'{folder / 'align.json'}' is not valid JSON ({err})") from None
+    encoder = build_tower(meta.get("kind", ""), meta["encoder"])
+    encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    return encoder.eval(), meta
