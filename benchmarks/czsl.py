@@ -69,8 +69,8 @@ def pretrain(work: Path, data: Path | None, steps: int) -> dict[str, Any]:
     excluded = [czsl_data.read_czsl(work / kind) for kind in DATASETS]
     sources = ["emoji", "shapes"] + (["cifar10"] if data is not None else [])
     cifar = data / "cifar10-jpeg.tar" if data is not None else None
-    images, captions, info = czsl_data.pretraining_pool(sources, excluded, per_item=8, per_class=500, cifar=cifar,
-                                                        seed=0)
+    images, captions, info = czsl_data.pretraining_pool(sources, excluded, per_item=8, per_pair=40, per_class=500,
+                                                        cifar=cifar, seed=0)
     overlap = {d.root.name: czsl_data.pool_overlap(captions, d) for d in excluded}
     config = PoolAlignConfig(steps=steps, batch_size=256, lr=1e-3, warmup=100, checkpoint_every=250, device="cpu")
     started = time.perf_counter()

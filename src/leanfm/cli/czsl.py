@@ -52,7 +52,8 @@ def add_parsers(sub: Any) -> None:
                    help="CZSL folder whose val/test-only pairs the pool must not contain (repeatable; required "
                         "for the emoji and shapes sources)")
     r.add_argument("--cifar", default=None, help="CIFAR-10 folder or cifar10-jpeg.tar (source cifar10)")
-    r.add_argument("--per-item", type=positive_int, default=8, help="renders per emoji / shapes pair [default 8]")
+    r.add_argument("--per-item", type=positive_int, default=8, help="renders per pooled emoji [default 8]")
+    r.add_argument("--per-pair", type=positive_int, default=40, help="renders per seen shapes pair [default 40]")
     r.add_argument("--per-class", type=positive_int, default=500, help="CIFAR-10 images per class [default 500]")
     add_run_flags(r, "encoder.safetensors, align.json; checkpoints in OUT.training")
     add_config_flags(r, PoolAlignConfig)
@@ -103,7 +104,8 @@ def _pool(args: argparse.Namespace, config: PoolAlignConfig) -> tuple[Any, list[
         raise LeanfmError(f"unknown pool source(s) '{args.pool}'; accepted: a comma-separated subset of "
                           f"{', '.join(POOLS)}")
     excluded = [czsl_data.read_czsl(folder) for folder in args.exclude]
-    return czsl_data.pretraining_pool(sources, excluded, per_item=args.per_item, per_class=args.per_class,
+    return czsl_data.pretraining_pool(sources, excluded, per_item=args.per_item, per_pair=args.per_pair,
+                                      per_class=args.per_class,
                                       cifar=args.cifar, seed=config.seed)
 
 

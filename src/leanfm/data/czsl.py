@@ -619,12 +619,13 @@ def _is_emoji(data: CZSLData) -> bool:
     return set(data.attrs) <= set(TONES) | set(GENDERS)
 
 
-def pretraining_pool(sources: list[str], excluded: list[CZSLData], *, per_item: int = 8, per_class: int = 500,
-                     cifar: str | Path | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str], dict]:
+def pretraining_pool(sources: list[str], excluded: list[CZSLData], *, per_item: int = 8, per_pair: int = 40,
+                     per_class: int = 500, cifar: str | Path | None = None, seed: int = 0
+                     ) -> tuple[torch.Tensor, list[str], dict]:
     """The captioned pool a base image tower is aligned on, none of it from ``excluded``'s val/test-only pairs.
 
     ``emoji``: emoji outside the emoji CZSL vocabulary (``per_item`` renders each); ``shapes``: renders of the
-    shapes dataset's *train* pairs (``per_item`` each); ``cifar10``: ``per_class`` photos per class from ``cifar``.
+    shapes dataset's *train* pairs (``per_pair`` each); ``cifar10``: ``per_class`` photos per class from ``cifar``.
     The emoji and shapes sources need the matching dataset in ``excluded``. Returns (images, captions, counts).
     """
     unknown = [s for s in sources if s not in POOL_SOURCES]
@@ -643,7 +644,7 @@ def pretraining_pool(sources: list[str], excluded: list[CZSLData], *, per_item: 
                 raise LeanfmError(f"pool source {source} needs its CZSL dataset to exclude (--exclude DIR built by "
                                   f"'leanfm czsl build {source}')")
             parts.append(emoji_pool(seed, per_item, exclude=match[0]) if source == "emoji"
-                         else shapes_pool(seed, per_item, match[0]))
+                         else shapes_pool(seed, per_pair, match[0]))
         info[source] = len(parts[-1][1])
     images = torch.cat([p[0] for p in parts])
     captions = [c for p in parts for c in p[1]]
