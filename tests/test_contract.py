@@ -29,11 +29,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import leanfm.adapt.continual as continual
+import leanfm.adapt.mmpt as mmpt
 import leanfm.adapt.slu as slu
 import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
 import leanfm.decode.dynamo as dynamo
 import leanfm.vision.train as vit
+from czsl_fixtures import make_base, make_czsl
 from fewshot_data import make_fewshot
 from leanfm import load_model
 from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig
@@ -111,6 +113,19 @@ def _continual_run(config, folder, resume):
     return summary["training"][-1]["history"], load_file(str(folder / "out" / "weights.safetensors"))
 
 
+@functools.cache
+def _czsl_folders() -> tuple[str, str]:
+    """A tiny CZSL dataset in the public layout and a tiny frozen base, written once per test session."""
+    folder = Path(tempfile.mkdtemp(prefix="leanfm-czsl-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return str(make_czsl(folder / "data")), str(make_base(folder / "base"))
+
+
+def _mmpt_run(config, folder, resume):
+    summary = mmpt.train_czsl(config, folder / "out", resume=resume)
+    return summary["training"]["history"], load_file(str(folder / "out" / "prompts.safetensors"))
+
+
 def _beside(folder: Path) -> Path:
     return folder / "out.training"
 
@@ -157,6 +172,13 @@ CONTRACTS = [
                                                   "device": "cpu", **kw}),
         _continual_run, continual, lambda folder: folder / "out.training" / "task-00",
         ({"method": "ewc"}, "unknown method 'ewc'"), {"lr": 1e-2},
+    ),
+    Contract(  # MMPT: coupled visual prompts, vocabulary and context all learned; the towers frozen
+        "mmpt",
+        lambda **kw: mmpt.CZSLConfig(**{"data": _czsl_folders()[0], "base": _czsl_folders()[1], "method": "mmpt",
+                                        "steps": 4, "batch_size": 8, "warmup": 1, "checkpoint_every": 3,
+                                        "device": "cpu", **kw}),
+        _mmpt_run, mmpt, _beside, ({"method": "maple"}, "unknown method 'maple'"), {"lr": 1e-2},
     ),
 ]
 IDS = [c.name for c in CONTRACTS]
@@ -229,7 +251,8 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
 @pytest.mark.parametrize(("name", "config_class"), [("vit", vit.ViTTrainConfig), ("dynamo", dynamo.DynamoTrainConfig),
                                                    ("cwcl-speech", SpeechAlignConfig),
                                                    ("cwcl-image", ImageAlignConfig), ("slu", slu.SluConfig),
-                                                   ("continual", continual.ContinualConfig)])
+                                                   ("continual", continual.ContinualConfig),
+                                                   ("mmpt", mmpt.CZSLConfig)])
 def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
     """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
     import inspect

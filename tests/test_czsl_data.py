@@ -265,3 +265,18 @@ def test_emoji_builds_with_noto_alone_when_npm_is_missing(tmp_path, monkeypatch,
     assert "only the 'noto' emoji style is available" in caplog.text
     image = np.asarray(Image.open(root / "images" / read_czsl(root).samples[0].image))
     assert image.shape == (32, 32, 3)
+
+
+def test_pretraining_pool_joins_sources_and_refuses_a_pool_naming_an_unseen_pair(tmp_path):
+    shapes_data = czsl.read_czsl(czsl.build_shapes(tmp_path / "shapes", seed=0, per_train_pair=1, per_eval_pair=1))
+    images, captions, info = czsl.pretraining_pool(["shapes"], [shapes_data], per_pair=2, seed=0)
+    assert info == {"shapes": 2 * len(shapes_data.seen_pairs)} and images.shape == (len(captions), 3, 32, 32)
+    assert czsl.pool_overlap(captions, shapes_data) == []
+    other = czsl.read_czsl(czsl.build_shapes(tmp_path / "other", seed=1, per_train_pair=1, per_eval_pair=1))
+    with pytest.raises(LeanfmError, match="val/test-only pair") as caught:  # seed 1's unseen pairs are seed 0's seen
+        czsl.pretraining_pool(["shapes"], [shapes_data, other], per_pair=1, seed=0)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(LeanfmError, match="needs its CZSL dataset"):
+        czsl.pretraining_pool(["emoji"], [shapes_data])
+    with pytest.raises(LeanfmError, match="accepted: emoji, shapes, cifar10"):
+        czsl.pretraining_pool(["imagenet"], [shapes_data])

@@ -208,3 +208,17 @@ def test_minilm_text_path_equals_the_sentence_encoder_the_tower_was_aligned_to()
     with torch.no_grad():
         ours = base.encode_text(base.token_embeddings(ids), mask)
     torch.testing.assert_close(ours, text_encoder("minilm-l6")(texts), atol=2e-5, rtol=1e-4)
+
+
+def test_cli_train_then_eval_open_world(folders, tmp_path, capsys):
+    data, base = folders
+    run = tmp_path / "run"
+    assert main(["--quiet", "czsl", "train", str(data), "--base", str(base), "--method", "csp", "--steps", "3",
+                 "--batch-size", "8", "--device", "cpu", "--out", str(run), "--json", str(tmp_path / "t.json")]) == 0
+    trained = json.loads((tmp_path / "t.json").read_text())
+    assert trained["test_closed_auc"] == trained["metrics"]["test"]["closed"]["auc"]
+    capsys.readouterr()
+    assert main(["--quiet", "czsl", "eval", str(run), "--open-world", "--json", "-"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["test_open_feasible_auc"] == trained["test_open_feasible_auc"]
+    assert main(["czsl", "eval", str(run), "--data", str(tmp_path)]) == 2  # not a CZSL folder: one-line error
