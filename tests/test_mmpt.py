@@ -222,3 +222,28 @@ def test_cli_train_then_eval_open_world(folders, tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["test_open_feasible_auc"] == trained["test_open_feasible_auc"]
     assert main(["czsl", "eval", str(run), "--data", str(tmp_path)]) == 2  # not a CZSL folder: one-line error
+
+
+@pytest.mark.training
+def test_mmpt_trains_on_a_clip_base(folders, tmp_path, monkeypatch):
+    """The same prompts around a transformers CLIP folder (a tiny random one): trains, stays frozen, evaluates."""
+    from test_clip import tiny_model, tiny_tokenizer
+
+    tiny_model().save_pretrained(tmp_path / "clip")
+    tiny_tokenizer().save_pretrained(tmp_path / "clip")
+    seen = {}
+    real = mmpt.load_base
+
+    def spy(path, *args, **kwargs):
+        seen["base"] = real(path, *args, **kwargs)
+        seen["before"] = _weights(seen["base"])
+        return seen["base"]
+
+    monkeypatch.setattr(mmpt, "load_base", spy)
+    summary = mmpt.train_czsl(_config(folders, base=str(tmp_path / "clip"), steps=4), tmp_path / "run")
+    assert summary["training"]["steps"] == 4 and "open_feasible" in summary["metrics"]["test"]
+    assert type(seen["base"]).__name__ == "CLIPDualEncoder"
+    for key, value in _weights(seen["base"]).items():
+        assert torch.equal(value, seen["before"][key]), key
+    _, prompts, _ = mmpt.load_run(tmp_path / "run")
+    assert prompts.couple[0].weight.shape == (48, 32)  # text width 32 -> the CLIP image tower's 48
