@@ -247,3 +247,23 @@ def test_mmpt_trains_on_a_clip_base(folders, tmp_path, monkeypatch):
         assert torch.equal(value, seen["before"][key]), key
     _, prompts, _ = mmpt.load_run(tmp_path / "run")
     assert prompts.couple[0].weight.shape == (48, 32)  # text width 32 -> the CLIP image tower's 48
+
+
+@pytest.mark.training
+def test_first_loss_is_cross_entropy_over_seen_pairs_at_the_bases_temperature(folders, tmp_path):
+    """loss_0 = CE(exp(t) <f_img(x), f_txt(a, o)>, true seen pair) on step 0's seeded batch, by hand."""
+    config = _config(folders, method="csp", steps=1, batch_size=8)
+    summary = mmpt.train_czsl(config, tmp_path / "run")
+    base = load_base(folders[1])
+    data = read_czsl(folders[0])
+    assert base.logit_scale == 10.0  # the fixture's, not CLIP's default
+    prompts = mmpt.Prompts(base, data.attrs, data.objs, "csp", "a photo of", 0)
+    train = mmpt.load_split(data, "train", base.image_size)
+    rows = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed * 1_000_003))[:8]
+    open_pairs = data.all_pairs()
+    labels = torch.tensor([data.seen_pairs.index(open_pairs[int(i)]) for i in train.labels[rows]])
+    with torch.no_grad():
+        text = mmpt.pair_features(base, prompts, mmpt.pair_tensor(data, data.seen_pairs))
+        logits = 10.0 * mmpt.image_features(base, prompts, train.images[rows]) @ text.T
+    want = torch.nn.functional.cross_entropy(logits, labels)
+    assert summary["training"]["history"][0]["loss"] == pytest.approx(float(want), rel=1e-5)
