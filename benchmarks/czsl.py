@@ -31,6 +31,7 @@ import torch
 from leanfm.adapt.mmpt import CZSLConfig, train_czsl
 from leanfm.align.pipeline import PoolAlignConfig, align_pool
 from leanfm.data import czsl as czsl_data
+from leanfm.data import czsl_build
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.report.report import write_section
 
@@ -60,7 +61,7 @@ def _save(name: str, row: dict[str, Any]) -> dict[str, Any]:
 def build(work: Path) -> None:
     for kind in DATASETS:
         if not (work / kind / czsl_data.METADATA).is_file():
-            (czsl_data.build_emoji if kind == "emoji" else czsl_data.build_shapes)(work / kind, seed=0)
+            (czsl_build.build_emoji if kind == "emoji" else czsl_build.build_shapes)(work / kind, seed=0)
 
 
 def pretrain(work: Path, data: Path | None, steps: int) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def pretrain(work: Path, data: Path | None, steps: int) -> dict[str, Any]:
     excluded = [czsl_data.read_czsl(work / kind) for kind in DATASETS]
     sources = ["emoji", "shapes"] + (["cifar10"] if data is not None else [])
     cifar = data / "cifar10-jpeg.tar" if data is not None else None
-    images, captions, info = czsl_data.pretraining_pool(sources, excluded, per_item=8, per_pair=40, per_class=500,
+    images, captions, info = czsl_build.pretraining_pool(sources, excluded, per_item=8, per_pair=40, per_class=500,
                                                         cifar=cifar, seed=0)
     overlap = {d.root.name: czsl_data.pool_overlap(captions, d) for d in excluded}
     config = PoolAlignConfig(steps=steps, batch_size=256, lr=1e-3, warmup=100, checkpoint_every=250, device="cpu")

@@ -13,23 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from leanfm.data import czsl
-from leanfm.data.czsl import (
-    METADATA,
-    SPLIT_DIR,
-    CZSLData,
-    Sample,
+from leanfm.data import czsl, czsl_build
+from leanfm.data.czsl import METADATA, SPLIT_DIR, CZSLData, Sample, load_images, pool_overlap, read_czsl, split_pairs
+from leanfm.data.czsl_build import (
     build_emoji,
     build_shapes,
     cifar10_pool,
     emoji_pool,
     emoji_pool_entries,
     emoji_vocabulary,
-    load_images,
-    pool_overlap,
-    read_czsl,
     shapes_pool,
-    split_pairs,
 )
 from leanfm.errors import LeanfmError
 
@@ -129,7 +122,7 @@ def test_unknown_split_and_missing_image_are_one_line_errors(tmp_path):
 
 
 def test_split_pairs_sizes_and_coverage_are_as_designed():
-    pairs = czsl.shapes_pairs()
+    pairs = czsl_build.shapes_pairs()
     split = split_pairs(pairs, seed=3)
     seen = set(split["train"])
     val_unseen, test_unseen = set(split["val"]) - seen, set(split["test"]) - seen
@@ -145,7 +138,7 @@ def test_split_pairs_sizes_and_coverage_are_as_designed():
 def test_shapes_build_round_trip_and_determinism(tmp_path):
     first, second = build_shapes(tmp_path / "a", seed=1), build_shapes(tmp_path / "b", seed=1)
     data = read_czsl(first)
-    assert len(data.attrs) == 18 and "striped-red" in data.attrs and data.objs == sorted(czsl.shapes.SHAPES)
+    assert len(data.attrs) == 18 and "striped-red" in data.attrs and data.objs == sorted(czsl_build.shapes.SHAPES)
     assert {a for a, _ in data.seen_pairs} == set(data.attrs) and {o for _, o in data.seen_pairs} == set(data.objs)
     assert len(data.unseen_pairs()) == 40 and all(p not in data.seen_pairs for p in data.unseen_pairs())
     assert [len(data.split(n)) for n in ("train", "val", "test")] == [50 * 16, 43 * 8, 47 * 8]
@@ -214,7 +207,7 @@ def test_emoji_vocabulary_maps_names_to_the_right_sequences():
 def test_emoji_seen_pairs_are_evaluated_in_another_style_than_they_train_in(tmp_path):
     root = build_emoji(tmp_path / "e", seed=0, max_objects=4, per_train_pair=2, per_eval_pair=2)
     data = read_czsl(root)
-    assert set(data.attrs) == {*czsl.TONES, "man", "woman"}
+    assert set(data.attrs) == {*czsl_build.TONES, "man", "woman"}
     assert {a for a, _ in data.seen_pairs} == set(data.attrs) and {o for _, o in data.seen_pairs} == set(data.objs)
     styles = json.loads((root / "build.json").read_text())["styles"]
     if len(styles) < 2:
@@ -241,9 +234,9 @@ def test_emoji_pool_holds_no_czsl_emoji(tmp_path):
     data = CZSLData(Path("."), sorted({a for a, _ in vocabulary}), objs, {"train": [], "val": [], "test": []}, [])
     entries = emoji_pool_entries(data)
     assert len(entries) >= 1000
-    names = czsl._cldr_names()
-    banned = set(vocabulary.values()) | {names[n] for n in czsl.GESTURES + czsl.ROLES}
-    banned |= {names[f"{g}_{r}"] for g in ("man", "woman") for r in czsl.ROLES}
+    names = czsl_build._cldr_names()
+    banned = set(vocabulary.values()) | {names[n] for n in czsl_build.GESTURES + czsl_build.ROLES}
+    banned |= {names[f"{g}_{r}"] for g in ("man", "woman") for r in czsl_build.ROLES}
     points = [{ord(c) for c in text if c != "\ufe0f"} for text, _, _ in entries]
     assert not {text for text, _, _ in entries} & banned
     assert not any(p & {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF, 0x20E3} for p in points)
@@ -268,15 +261,15 @@ def test_emoji_builds_with_noto_alone_when_npm_is_missing(tmp_path, monkeypatch,
 
 
 def test_pretraining_pool_joins_sources_and_refuses_a_pool_naming_an_unseen_pair(tmp_path):
-    shapes_data = czsl.read_czsl(czsl.build_shapes(tmp_path / "shapes", seed=0, per_train_pair=1, per_eval_pair=1))
-    images, captions, info = czsl.pretraining_pool(["shapes"], [shapes_data], per_pair=2, seed=0)
+    shapes_data = read_czsl(build_shapes(tmp_path / "shapes", seed=0, per_train_pair=1, per_eval_pair=1))
+    images, captions, info = czsl_build.pretraining_pool(["shapes"], [shapes_data], per_pair=2, seed=0)
     assert info == {"shapes": 2 * len(shapes_data.seen_pairs)} and images.shape == (len(captions), 3, 32, 32)
     assert czsl.pool_overlap(captions, shapes_data) == []
-    other = czsl.read_czsl(czsl.build_shapes(tmp_path / "other", seed=1, per_train_pair=1, per_eval_pair=1))
+    other = read_czsl(build_shapes(tmp_path / "other", seed=1, per_train_pair=1, per_eval_pair=1))
     with pytest.raises(LeanfmError, match="val/test-only pair") as caught:  # seed 1's unseen pairs are seed 0's seen
-        czsl.pretraining_pool(["shapes"], [shapes_data, other], per_pair=1, seed=0)
+        czsl_build.pretraining_pool(["shapes"], [shapes_data, other], per_pair=1, seed=0)
     assert "\n" not in str(caught.value)
     with pytest.raises(LeanfmError, match="needs its CZSL dataset"):
-        czsl.pretraining_pool(["emoji"], [shapes_data])
+        czsl_build.pretraining_pool(["emoji"], [shapes_data])
     with pytest.raises(LeanfmError, match="accepted: emoji, shapes, cifar10"):
-        czsl.pretraining_pool(["imagenet"], [shapes_data])
+        czsl_build.pretraining_pool(["imagenet"], [shapes_data])

@@ -267,3 +267,11 @@ def test_first_loss_is_cross_entropy_over_seen_pairs_at_the_bases_temperature(fo
         logits = 10.0 * mmpt.image_features(base, prompts, train.images[rows]) @ text.T
     want = torch.nn.functional.cross_entropy(logits, labels)
     assert summary["training"]["history"][0]["loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_cli_build_writes_a_readable_dataset_and_never_overwrites_silently(tmp_path, capsys):
+    assert main(["--quiet", "czsl", "build", "shapes", "--out", str(tmp_path / "shapes")]) == 0
+    assert "18 attributes, 5 objects, 50 seen pairs" in capsys.readouterr().out
+    assert len(read_czsl(tmp_path / "shapes").split("train")) == 50 * 16
+    assert main(["czsl", "build", "shapes", "--out", str(tmp_path / "shapes")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from leanfm.cli.common import (
     positive_int,
 )
 from leanfm.data import czsl as czsl_data
+from leanfm.data import czsl_build
 from leanfm.errors import LeanfmError
 from leanfm.models.clip import convert_openclip
 from leanfm.paths import check_output_dir
@@ -89,7 +90,7 @@ def add_parsers(sub: Any) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     out = out_path(args)
     check_output_dir(out, args.overwrite)
-    build = czsl_data.build_emoji if args.kind == "emoji" else czsl_data.build_shapes
+    build = czsl_build.build_emoji if args.kind == "emoji" else czsl_build.build_shapes
     folder = build(out, seed=args.seed)
     data = czsl_data.read_czsl(folder)
     print(f"{args.kind}: {len(data.attrs)} attributes, {len(data.objs)} objects, {len(data.seen_pairs)} seen pairs, "
@@ -104,9 +105,8 @@ def _pool(args: argparse.Namespace, config: PoolAlignConfig) -> tuple[Any, list[
         raise LeanfmError(f"unknown pool source(s) '{args.pool}'; accepted: a comma-separated subset of "
                           f"{', '.join(POOLS)}")
     excluded = [czsl_data.read_czsl(folder) for folder in args.exclude]
-    return czsl_data.pretraining_pool(sources, excluded, per_item=args.per_item, per_pair=args.per_pair,
-                                      per_class=args.per_class,
-                                      cifar=args.cifar, seed=config.seed)
+    return czsl_build.pretraining_pool(sources, excluded, per_item=args.per_item, per_pair=args.per_pair,
+                                       per_class=args.per_class, cifar=args.cifar, seed=config.seed)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
