@@ -33,6 +33,7 @@ from leanfm.adapt.mmpt import CZSLConfig, train_czsl
 from leanfm.align.pipeline import PoolAlignConfig, align_pool
 from leanfm.data import czsl as czsl_data
 from leanfm.data import czsl_build
+from leanfm.eval.czsl import feasibility_scores, feasible_mask
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.report.report import write_section
 
@@ -172,6 +173,33 @@ def styles(work: Path, chosen: dict[str, dict[str, float]], steps: int) -> dict[
                             "methods": out})
 
 
+def feasibility(work: Path, chosen: dict[str, dict[str, float]], steps: int) -> dict[str, Any]:
+    """What the val-chosen feasibility threshold removes (seed-0 runs): the share of *infeasible* open-world pairs
+    (emoji: a gender with a hand gesture — no such emoji exists; shapes has none) and of the *real* unseen test
+    pairs it masks."""
+    out: dict[str, Any] = {}
+    for dataset in DATASETS:
+        data = czsl_data.read_czsl(work / dataset)
+        real = set(czsl_build.emoji_vocabulary()) if dataset == "emoji" else set(data.all_pairs())
+        index = mmpt.pair_index(data)
+        seen = torch.zeros(len(index), dtype=torch.bool)
+        seen[[index[p] for p in data.seen_pairs]] = True
+        infeasible = [index[p] for p in data.all_pairs() if p not in real]
+        unseen_test = [index[p] for p in data.pairs["test"] if not seen[index[p]]]
+        for method in TRAINED:
+            name = f"{dataset}-{method}-lr{chosen[dataset][method]:g}-s0-n{steps}"
+            base, prompts, meta = mmpt.load_run(work / "runs" / name)
+            attrs, objs = mmpt.primitive_features(base, prompts)
+            scores = feasibility_scores(attrs, objs, mmpt.pair_tensor(data, data.seen_pairs)).reshape(-1)
+            keep = feasible_mask(scores, seen, meta["metrics"]["feasibility_threshold"])
+            def masked(rows: list[int], keep: torch.Tensor = keep) -> float | None:
+                return round(100 * (1 - keep[rows].float().mean().item()), 1) if rows else None
+
+            out[f"{dataset}/{method}"] = {"infeasible_pairs": len(infeasible), "infeasible_masked": masked(infeasible),
+                                          "unseen_test_masked": masked(unseen_test)}
+    return _save("feasibility", {"what": "% of pairs the val-chosen threshold masks, seed 0", "runs": out})
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -241,6 +269,10 @@ def render(rows: list[dict[str, Any]], seeds: list[int]) -> None:
                        "", "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
         style_lines += [f"| {m} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |"
                         for m, v in by_style["methods"].items()]
+    if (masked := _cached("feasibility")) is not None:
+        style_lines += ["", f"Feasibility mask ({masked['what']}): " + "; ".join(
+            f"{k}: {v['infeasible_masked']}% of {v['infeasible_pairs']} infeasible pairs, {v['unseen_test_masked']}% "
+            "of the real unseen test pairs" for k, v in masked["runs"].items()) + "."]
     body = "\n".join([
         "## czsl: MMPT vs CSP, CoOp and zero-shot (open-world compositional zero-shot learning)",
         "",
@@ -257,7 +289,7 @@ def render(rows: list[dict[str, Any]], seeds: list[int]) -> None:
         f"pairs: {pretrained.get('overlap_with_val_test_pairs')}; logit scale {pretrained.get('logit_scale')}.",
         "",
         "Command: `python benchmarks/czsl.py --data ../shared/data --part build --part pretrain --part tune "
-        "--part runs`. Plot: results/czsl.png.",
+        "--part runs --part styles --part feasibility`. Plot: results/czsl.png.",
     ])
     write_section(ROOT / "BENCHMARKS.md", "czsl", body)
 
@@ -266,7 +298,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (cifar10-jpeg.tar)")
     parser.add_argument("--work", type=Path, default=None, help="work folder [default $LEANFM_HOME/bench/czsl]")
-    parser.add_argument("--part", action="append", choices=("build", "pretrain", "tune", "runs", "styles"),
+    parser.add_argument("--part", action="append", choices=("build", "pretrain", "tune", "runs", "styles",
+                                                                 "feasibility"),
                         default=[])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ablation-seeds", default="0", help="seeds of MMPT without visual prompts")
@@ -287,8 +320,10 @@ def main() -> None:
         runs(work, seeds, args.steps, chosen, [int(s) for s in args.ablation_seeds.split(",")])
     if "styles" in args.part and chosen:
         styles(work, chosen, args.steps)
+    if "feasibility" in args.part and chosen:
+        feasibility(work, chosen, args.steps)
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))
-            if p.stem not in ("pretrain", "tuning", "styles")]
+            if p.stem not in ("pretrain", "tuning", "styles", "feasibility")]
     final = [r for r in rows if chosen and (r["method"] == "zero-shot" or
                                             r["lr"] == chosen[r["dataset"]][r["method"].split("-")[0]])
              and r["steps"] in (0, args.steps)]
