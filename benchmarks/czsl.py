@@ -262,11 +262,18 @@ def render(rows: list[dict[str, Any]], seeds: list[int]) -> None:
                      f"{_cell(entry['open_feasible_auc'])} | {_cell(entry['open_feasible_best_hm'])} | "
                      f"{_cell(entry['open_feasible_best_seen'])} | {_cell(entry['open_feasible_best_unseen'])} | "
                      f"{statistics.fmean(entry['seconds']):.0f} |")
-    style_lines: list[str] = []
+    verdict = []
+    for dataset in DATASETS:
+        ours, peer = table.get(f"{dataset}/mmpt"), table.get(f"{dataset}/csp")
+        if ours and peer:
+            verdict.append(f"{dataset}: MMPT {_cell(ours['open_auc'])} vs CSP {_cell(peer['open_auc'])} open-world AUC "
+                           f"({'above' if ours['open_auc'][0] > peer['open_auc'][0] else 'not above'}); with the "
+                           f"feasibility mask {_cell(ours['open_feasible_auc'])} vs {_cell(peer['open_feasible_auc'])}")
+    style_lines: list[str] = ["", "Verdict: " + "; ".join(verdict) + "."] if verdict else []
     if (by_style := _cached("styles")) is not None:
         keys = sorted({k for v in by_style["methods"].values() for k in v})
-        style_lines = ["", f"Mechanism ({by_style['what']}): a seen pair's test images are in the other drawing style.",
-                       "", "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+        style_lines += ["", f"Mechanism ({by_style['what']}): a seen pair's test images are in the other "
+                        "drawing style.", "", "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
         style_lines += [f"| {m} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |"
                         for m, v in by_style["methods"].items()]
     if (masked := _cached("feasibility")) is not None:
