@@ -31,7 +31,7 @@ from leanfm.compress.engine import (
     run_block,
 )
 from leanfm.config import MethodConfig, check_at_least, option
-from leanfm.data.calibration import calibration_windows
+from leanfm.data.calibration import DEFAULT_CALIBRATION, mixed_calibration_windows, parse_calibration
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
@@ -91,6 +91,8 @@ class LayerwiseConfig(MethodConfig):
     # softmax temperature of the global allocation (METHODS.md: 0.05-0.15, unsure)
     epsilon: float = option(0.1, "softmax temperature of the global allocation")
     max_sparsity: float = option(0.8, "no layer loses more than this (the excess goes to the others)", cli=False)
+    calib_corpus: str = option(DEFAULT_CALIBRATION, "calibration text: comma-separated corpora (austen, pydocs, "
+                               "NAME:SPLIT) and/or text files or folders, windows shared out evenly")
     calib_samples: int = option(32, "calibration windows")
     calib_seqlen: int = option(512, "tokens per window")
     batch_size: int = option(4, "calibration windows per forward pass", cli=False)
@@ -103,6 +105,7 @@ class LayerwiseConfig(MethodConfig):
             raise LeanfmError(f"max_sparsity {self.max_sparsity}, epsilon {self.epsilon}: "
                               "accepted 0 < max_sparsity <= 1, epsilon > 0")
         check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size")
+        parse_calibration(self.calib_corpus)
 
 
 def allocate_sparsity(importance: torch.Tensor, ratio: float, epsilon: float, cap: float) -> torch.Tensor:
@@ -151,18 +154,20 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
         block_params_before=block_before, block_params_after=block_after,
         achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-        calibration={"corpus": "austen", "split": "calib", "samples": int(calib.shape[0]),
-                     "seqlen": int(calib.shape[1]), "seed": config.seed},
+        calibration={"sources": [src.describe() for src in parse_calibration(config.calib_corpus)],
+                     "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "seed": config.seed},
     )
 
 
 def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig, method: str,
                        block_fn: BlockFn) -> CompressionReport:
-    """Check the architecture, draw the calibration windows and run :func:`compress`.
-
-    Windows come from the ``calib`` split with the config's seed, so every training-free method sees the
-    same data and their results compare.
-    """
+    """Check the architecture, draw the calibration windows and run :func:`compress`."""
     check_architecture(model)
-    calib = calibration_windows(tokenizer, samples=config.calib_samples, seqlen=config.calib_seqlen, seed=config.seed)
-    return compress(model, calib, config, method, block_fn)
+    return compress(model, calibration_for(tokenizer, config), config, method, block_fn)
+
+
+def calibration_for(tokenizer: Any, config: LayerwiseConfig) -> torch.Tensor:
+    """The calibration ids ``[calib_samples, calib_seqlen]`` of ``config``: its sources and seed, so every
+    training-free method given the same settings calibrates on identical windows."""
+    return mixed_calibration_windows(tokenizer, config.calib_corpus, config.calib_samples, config.calib_seqlen,
+                                     config.seed)
