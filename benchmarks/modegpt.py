@@ -1,18 +1,28 @@
-"""MoDeGPT vs structured-pruning baselines on SmolLM2-135M: quality, cost and speed in one run.
+"""MoDeGPT vs published structured-compression baselines on SmolLM2-135M, judged in and out of domain.
 
-    python benchmarks/modegpt.py                      # full sweep (~1 h on 2 cores; resumes where it stopped)
-    python benchmarks/modegpt.py --ratios 0.3 --windows 4 --cloze 10 --out /tmp/mg   # quick look
+    python benchmarks/modegpt.py --data ../shared/data                 # everything (hours on 2 cores; resumes)
+    python benchmarks/modegpt.py --data ../shared/data --part sweep    # only the validation sweep of the defaults
+    python benchmarks/modegpt.py --ratios 0.3 --variants modegpt --windows 2 --cloze 10 --out /tmp/mg  # a quick look
 
-Every row compresses a fresh copy of the dense model with the same calibration windows (calib split, seed 0)
-and evaluates it with the same harness (Austen eval split). Rows are cached under ``OUT/rows`` so an
-interrupted run continues; delete that folder to re-measure. Speed (prefill batch 8 x 512, greedy decode
-batch 1) compares dense and MoDeGPT at 0.3, measured alternately in this process.
+Every row compresses a fresh copy of the dense model with the same calibration windows (the library default:
+Austen + Python docs, ``calib`` splits, seed 0) and scores it on the same windows of five kinds of text
+(:mod:`leanfm.eval.domains`): the held-out ``eval`` splits of the two calibration corpora (``austen`` =
+Persuasion, ``pydocs``) and three domains in no calibration mix — ``reviews`` (SST-2 + CR test sentences),
+``news`` (AG News test), ``questions`` (TREC test) — read from ``--data`` (any folder in the 16-shot layout);
+without it the held-out columns are skipped and the output says so. Cloze: last-word accuracy on Austen eval.
+
+Parts (``--part``, default all):
+- ``sweep``: MoDeGPT's own settings chosen on *validation* text (corpus ``train`` splits + 16-shot train/dev
+  pools; no test window): calibration size x Type I solve ridge, then the allocation temperature ε, at 0.3.
+- ``rows``: every variant at every ratio (cached under ``OUT/rows``; delete a file to re-measure it).
+- ``speed``/``cost``: dense vs MoDeGPT 0.3 throughput (alternating rounds) and one fresh-process compression.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,44 +31,112 @@ from pathlib import Path
 
 import torch
 
-from leanfm import evaluate, load_model
+from leanfm import load_model
 from leanfm.compress import compress_model
 from leanfm.data.calibration import split_token_ids, token_windows
+from leanfm.data.corpus import corpus
+from leanfm.eval.cloze import cloze_accuracy, cloze_items
+from leanfm.eval.domains import CORPUS_DOMAINS, domain_perplexities, domain_windows
+from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
 from leanfm.paths import atomic_write_bytes, atomic_write_json
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
 
 MODEL = "smollm2-135m"
-VARIANTS = {  # label -> (method, allocation)
-    "modegpt": ("modegpt", "global"),
-    "modegpt-uniform": ("modegpt", "uniform"),
-    "wanda-sp": ("wanda-sp", "uniform"),
-    "svd-llm": ("svd-llm", "uniform"),
+# label -> (method, settings); the last two are ablations, named so
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "modegpt": ("modegpt", {"allocation": "global"}),
+    "modegpt-uniform": ("modegpt", {"allocation": "uniform"}),
+    "flap": ("flap", {}),
+    "slicegpt": ("slicegpt", {}),
+    "svd-llm": ("svd-llm", {"allocation": "uniform"}),
+    "modegpt-no-recon": ("modegpt", {"allocation": "global", "reconstruct": False}),
+    "wanda-dims": ("wanda-sp", {"allocation": "uniform"}),
 }
+ABLATIONS = ("modegpt-no-recon", "wanda-dims")
+HELD = ("reviews", "news", "questions")
 
 
-def run_row(label: str, ratio: float, args: argparse.Namespace) -> dict:
-    """Compress a fresh dense model with one variant at one ratio and evaluate it (cached)."""
-    path = args.out / "rows" / f"{label}-{ratio:.2f}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def default_data() -> Path | None:
+    """``../shared/data`` beside the project when it exists (a developer's checkout), else nothing."""
+    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return guess if (guess / "fewshot").is_dir() else None
+
+
+class Judge:
+    """The windows every model is scored on (built once), and the scoring."""
+
+    def __init__(self, tokenizer: object, args: argparse.Namespace, split: str) -> None:
+        self.suite = domain_windows(tokenizer, args.data, 512, args.windows, split=split)
+        self.items = cloze_items(corpus("austen", "eval"), count=args.cloze) if split == "test" and args.cloze else []
+        self.tokenizer = tokenizer
+
+    def __call__(self, model: torch.nn.Module) -> dict:
+        out: dict = {"perplexity": domain_perplexities(model, self.suite)}
+        out["windows"] = {name: int(ids.shape[0]) for name, ids in self.suite.items()}
+        if self.items:
+            out["cloze_accuracy"] = cloze_accuracy(model, self.tokenizer, self.items)
+        return out
+
+
+def compress_row(label: str, ratio: float, settings: dict, judge: Judge, args: argparse.Namespace) -> dict:
+    """Compress a fresh dense model with one variant and score it."""
     model, tokenizer = load_model(MODEL)
+    dense_params = count_parameters(model)
     row: dict = {"label": label, "ratio": ratio}
     if label != "dense":
-        method, allocation = VARIANTS[label]
-        report = compress_model(model, tokenizer, method=method, ratio=ratio, allocation=allocation,
-                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
-        row.update(method=method, allocation=allocation, achieved_ratio=report.achieved_ratio,
-                   compress_seconds=report.seconds, compress_peak_rss_mb=report.peak_rss_mb,
-                   layer_sparsity=report.layer_sparsity)
-    result = evaluate(model, tokenizer, name=label, seqlen=512, windows=args.windows, cloze=args.cloze, speed=False)
-    row.update(params=result.params, perplexity=result.perplexity, cloze_accuracy=result.cloze_accuracy,
-               windows=result.windows, tokens=result.tokens)
+        method, fixed = VARIANTS.get(label, ("modegpt", {}))
+        merged = {"calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen, **fixed, **settings}
+        report = compress_model(model, tokenizer, method=method, ratio=ratio, **merged)
+        row.update(method=method, settings=merged, achieved_ratio=report.achieved_ratio,
+                   compress_seconds=report.seconds, layer_sparsity=report.layer_sparsity,
+                   calibration=report.calibration)
+    row["params"] = count_parameters(model)
+    row["model_ratio"] = 1 - row["params"] / dense_params  # whole model: embedding and LM head included
+    row.update(judge(model))
+    return row
+
+
+def cached(path: Path, make: object) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    row = make()  # type: ignore[operator]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, row)
-    print(json.dumps({k: row[k] for k in ("label", "ratio", "perplexity", "cloze_accuracy")}), flush=True)
+    ppl = row["perplexity"]
+    print(json.dumps({"label": row["label"], "ratio": row["ratio"], **{k: round(v, 2) for k, v in ppl.items()}}),
+          flush=True)
     return row
+
+
+def val_score(row: dict) -> float:
+    """One validation number: geometric mean of the per-domain perplexities (lower is better)."""
+    values = [v for k, v in row["perplexity"].items() if k != "heldout"]
+    return float(torch.tensor(values).log().mean().exp())
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    """Calibration size x solve ridge, then ε, for MoDeGPT at 0.3 on validation text; returns the choice."""
+    tokenizer = load_model(MODEL)[1]
+    judge = Judge(tokenizer, args, split="val")
+    rows = []
+    for samples in args.sweep_samples:
+        for mu in args.sweep_ridges:
+            settings = {"calib_samples": samples, "solve_ridge": mu}
+            name = f"n{samples}-mu{mu:g}"
+            rows.append({**cached(args.out / "sweep" / f"{name}.json",
+                                  lambda s=settings: compress_row("modegpt", 0.3, s, judge, args)), "name": name})
+    best = min(rows, key=val_score)
+    for eps in args.sweep_epsilons:
+        settings = {**best["settings"], "epsilon": eps}
+        settings = {k: settings[k] for k in ("calib_samples", "solve_ridge", "epsilon")}
+        name = f"n{settings['calib_samples']}-mu{settings['solve_ridge']:g}-eps{eps:g}"
+        rows.append({**cached(args.out / "sweep" / f"{name}.json",
+                              lambda s=settings: compress_row("modegpt", 0.3, s, judge, args)), "name": name})
+    best = min(rows, key=val_score)
+    return {"rows": rows, "best": best["name"], "best_settings": best["settings"], "split": "val",
+            "score": "geometric mean of validation perplexities (austen/pydocs train + 16-shot train/dev pools)"}
 
 
 def measure_speed(args: argparse.Namespace) -> dict:
@@ -75,7 +153,7 @@ def measure_speed(args: argparse.Namespace) -> dict:
         samples["mg_decode"].append(decode_tokens_per_s(compressed, windows[:1, :32], new_tokens=32, repeats=1))
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"rounds": args.speed_rounds, "threads": torch.get_num_threads(), "samples": samples, "median": med,
-            "prefill_speedup": med["mg_prefill"] / med["dense_prefill"],
+            "load_average": os.getloadavg(), "prefill_speedup": med["mg_prefill"] / med["dense_prefill"],
             "decode_speedup": med["mg_decode"] / med["dense_decode"]}
 
 
@@ -104,20 +182,20 @@ def plot(rows: list[dict], dense: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for label in VARIANTS:
-        pts = sorted((r["ratio"], r["perplexity"], r["cloze_accuracy"]) for r in rows if r["label"] == label)
-        if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    axes[0].axhline(dense["perplexity"], color="gray", ls="--", label="dense")
-    axes[1].axhline(dense["cloze_accuracy"], color="gray", ls="--", label="dense")
-    axes[0].set(xlabel="compression ratio (block parameters removed)", ylabel="perplexity (Austen eval)", yscale="log")
-    axes[1].set(xlabel="compression ratio (block parameters removed)", ylabel="cloze accuracy")
-    for ax in axes:
+    panels = [("austen", "Austen (calibration domain, held-out novel)"), ("pydocs", "Python docs (calibration domain)"),
+              ("heldout", "held-out text (reviews, news, questions)")]
+    panels = [p for p in panels if p[0] in dense["perplexity"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for label in labels_present(rows):
+            pts = sorted((r["ratio"], r["perplexity"][key] / dense["perplexity"][key])
+                         for r in rows if r["label"] == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    ls="--" if label in ABLATIONS else "-")
+        ax.set(title=title, xlabel="block parameters removed", ylabel="perplexity / dense", yscale="log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M: MoDeGPT vs baselines (same calibration, same harness)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: MoDeGPT vs baselines (same calibration mix, same windows)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -125,34 +203,57 @@ def plot(rows: list[dict], dense: dict) -> bytes:
     return buffer.getvalue()
 
 
-def markdown(rows: list[dict], dense: dict, speed: dict | None, cost: dict | None, args: argparse.Namespace,
-             command: str) -> str:
-    ratios = sorted({r["ratio"] for r in rows if r["label"] != "dense"})
+def labels_present(rows: list[dict]) -> list[str]:
+    order = [*VARIANTS, "disp"]
+    return [label for label in order if any(r["label"] == label for r in rows)]
+
+
+def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | None, cost: dict | None,
+             args: argparse.Namespace, command: str) -> str:
+    d = dense["perplexity"]
+    held = "heldout" in d
     lines = [
         "## MoDeGPT (compress)", "",
         "Claim (paper): training-free modular decomposition keeps 90-95% of zero-shot accuracy at 25-30% compression, "
-        "beats structured-pruning baselines at every ratio, and the global (importance-based) allocation beats a "
+        "beats structured-pruning baselines (SliceGPT, FLAP, ...) at every ratio, and the global allocation beats a "
         "uniform one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
-        f"Setting: SmolLM2-135M float32, calibration {args.calib_samples} x {args.calib_seqlen} tokens from the Austen "
-        f"`calib` split (seed 0), evaluation on the held-out `eval` split: perplexity over {dense['windows']} x "
-        f"512-token windows and last-word cloze accuracy on {args.cloze} items. "
-        f"Dense: perplexity **{dense['perplexity']:.2f}**, "
-        f"cloze **{dense['cloze_accuracy']:.2f}**, {dense['params'] / 1e6:.1f}M parameters.", "",
-        "| ratio | " + " | ".join(f"{v} ppl / cloze" for v in VARIANTS) + " |",
-        "|---|" + "---|" * len(VARIANTS),
+        f"Setting: SmolLM2-135M float32; every method calibrates on the same {args.calib_samples} x "
+        f"{args.calib_seqlen} tokens (the default mix: Austen + Python docs `calib` splits, seed 0). Perplexity over "
+        f"up to {args.windows} x 512-token windows of each text: `austen` (Persuasion, a novel no split calibrates "
+        "on), "
+        "`pydocs` (its `eval` files) and, in no calibration mix, `held-out` = geometric mean over reviews (SST-2 + CR "
+        "test), news (AG News test) and questions (TREC test); cloze = last-word accuracy on "
+        f"{args.cloze} Austen items. Dense: austen **{d['austen']:.2f}**, pydocs **{d['pydocs']:.2f}**"
+        + (f", held-out **{d['heldout']:.2f}**" if held else " (held-out skipped: no `--data` folder)")
+        + f", cloze **{dense.get('cloze_accuracy', 0):.2f}**, {dense['params'] / 1e6:.1f}M parameters. "
+        "`ratio` = fraction of block parameters removed; `model` = fraction of all parameters removed (embedding "
+        "and LM head included: SliceGPT unties and slices them). Ablations (dashed in the plot): `modegpt-no-recon` = "
+        "MoDeGPT's selection with the MLP down projection copied instead of solved; `wanda-dims` = Wanda scores on "
+        "single q/k head dims (the old baseline, not a published granularity).", "",
+        "| method | ratio | model | austen | pydocs | held-out | reviews | news | questions | cloze |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for ratio in ratios:
-        cells = []
-        for label in VARIANTS:
-            row = next((r for r in rows if r["label"] == label and r["ratio"] == ratio), None)
-            cells.append(f"{row['perplexity']:.2f} / {row['cloze_accuracy']:.2f}" if row else "-")
-        lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
+    for label in labels_present(rows):
+        for row in sorted((r for r in rows if r["label"] == label), key=lambda r: r["ratio"]):
+            p = row["perplexity"]
+            cells = [f"{p[k]:.1f}" if k in p else "-" for k in ("austen", "pydocs", "heldout", *HELD)]
+            lines.append(f"| {label} | {row['ratio']:.1f} | {row['model_ratio']:.3f} | " + " | ".join(cells)
+                         + f" | {row.get('cloze_accuracy', float('nan')):.2f} |")
+    if sweep:
+        lines += ["", f"Defaults chosen on validation text ({sweep['score']}; MoDeGPT at 0.3):", "",
+                  "| setting | austen | pydocs | reviews | news | questions |", "|---|---|---|---|---|---|"]
+        for r in sweep["rows"]:
+            p = r["perplexity"]
+            mark = " **(chosen)**" if r["name"] == sweep["best"] else ""
+            lines.append(f"| {r['name']}{mark} | " + " | ".join(f"{p[k]:.1f}" if k in p else "-"
+                                                               for k in (*CORPUS_DOMAINS, *HELD)) + " |")
+        lines += ["", "`nN` = calibration windows of 512 tokens, `muM` = Type I solve ridge (x mean diagonal of "
+                  "C[J,J]), `epsE` = allocation temperature (0.1 where not given)."]
     if cost:
         lines += ["", f"Compression cost, one `leanfm compress --ratio 0.3` in a fresh process, 2 threads: "
                   f"**{cost['seconds']:.0f} s**, peak RSS **{cost['peak_rss_mb']:.0f} MB** for a "
-                  f"{cost['dense_model_mb']:.0f} MB float32 model "
-                  f"({cost['peak_rss_mb'] / cost['dense_model_mb']:.1f}x, "
-                  f"including the Python/torch runtime); the saved checkpoint is {cost['compressed_file_mb']:.0f} MB."]
+                  f"{cost['dense_model_mb']:.0f} MB float32 model; the saved checkpoint is "
+                  f"{cost['compressed_file_mb']:.0f} MB."]
     if speed:
         m = speed["median"]
         lines += ["", f"Speed, dense vs MoDeGPT 0.3, {speed['rounds']} alternating rounds, {speed['threads']} threads, "
@@ -163,43 +264,68 @@ def markdown(rows: list[dict], dense: dict, speed: dict | None, cost: dict | Non
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--data", type=Path, default=default_data(), help="16-shot data folder (held-out text)")
+    parser.add_argument("--part", choices=("all", "sweep", "rows", "render"), default="all")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--ablation-ratios", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--cloze", type=int, default=100)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--sweep-samples", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--sweep-ridges", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
+    parser.add_argument("--sweep-epsilons", type=float, nargs="+", default=[0.05, 0.2])
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--no-cost", dest="measure_cost", action="store_false", help="skip the fresh-process cost run")
     parser.add_argument("--out", type=Path, default=Path("results/modegpt"))
+    parser.add_argument("--disp-rows", type=Path, default=Path("results/disp/rows"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(2)
     set_quiet(True)
-    dense = run_row("dense", 0.0, args)
-    for ratio in args.ratios:
-        for variant in args.variants:
-            run_row(variant, ratio, args)
-    rows = [dense] + [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))
-                      if not p.name.startswith("dense")]  # every cached row, so variants can be added later
-    speed_path = args.out / "speed.json"
+    if args.data is None:
+        print("no --data folder: held-out text (reviews, news, questions) skipped", file=sys.stderr)
+    sweep_path = args.out / "sweep.json"
+    if args.part in ("all", "sweep") and not sweep_path.is_file():
+        atomic_write_json(sweep_path, run_sweep(args))
+    if args.part == "sweep":
+        return
+    if args.part in ("all", "rows"):
+        tokenizer = load_model(MODEL)[1]
+        judge = Judge(tokenizer, args, split="test")
+        cached(args.out / "rows" / "dense.json", lambda: compress_row("dense", 0.0, {}, judge, args))
+        for ratio in args.ratios:
+            for label in args.variants:
+                if label in ABLATIONS and ratio not in args.ablation_ratios:
+                    continue
+                cached(args.out / "rows" / f"{label}-{ratio:.2f}.json",
+                       lambda label=label, ratio=ratio: compress_row(label, ratio, {}, judge, args))
+    rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))]
+    if args.disp_rows.is_dir():
+        rows += [json.loads(p.read_text()) for p in sorted(args.disp_rows.glob("*.json"))]
+    dense = next(r for r in rows if r["label"] == "dense")
+    rows = [r for r in rows if r["label"] != "dense" and isinstance(r.get("perplexity"), dict)]
+    sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
+    speed_path, cost_path = args.out / "speed.json", args.out / "cost.json"
+    if args.part == "all" and not speed_path.is_file() and args.speed_rounds > 0:
+        atomic_write_json(speed_path, measure_speed(args))
+    if args.part == "all" and not cost_path.is_file() and args.measure_cost:
+        atomic_write_json(cost_path, measure_cost(args))
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
-    if speed is None and args.speed_rounds > 0:
-        speed = measure_speed(args)
-        atomic_write_json(speed_path, speed)
-    cost_path = args.out / "cost.json"
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
-    if cost is None and args.measure_cost:
-        cost = measure_cost(args)
-        atomic_write_json(cost_path, cost)
-    summary = {"model": MODEL, "rows": rows, "speed": speed, "cost": cost,
-               "settings": {k: str(v) for k, v in vars(args).items()}}
+    summary = {"model": MODEL, "dense": dense, "rows": rows, "sweep": sweep, "speed": speed, "cost": cost,
+               "settings": {k: str(v) for k, v in vars(args).items()}, "load_average": os.getloadavg()}
     atomic_write_json(args.out.with_suffix(".json"), summary)
-    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows[1:], dense))
-    command = "python benchmarks/modegpt.py" + ("" if args.out == Path("results/modegpt") else f" --out {args.out}")
-    write_section(args.benchmarks_md, "modegpt", markdown(rows[1:], dense, speed, cost, args, command))
+    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, dense))
+    command = "python benchmarks/modegpt.py --data ../shared/data"
+    write_section(args.benchmarks_md, "modegpt", markdown(rows, dense, sweep, speed, cost, args, command))
 
 
 if __name__ == "__main__":

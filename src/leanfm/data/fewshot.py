@@ -220,3 +220,24 @@ def build_sequence(folder: str | Path, name: str = "text4", *, split_seed: int =
         task_name = dataset if labels is None else f"{dataset}[{','.join(names[i] for i in local)}]"
         tasks.append(ClassTask(task_name, tuple(remap.values()), chosen["train"], chosen["val"], chosen["test"]))
     return TaskSequence(name, class_names, tasks)
+
+
+# Held-out text for language-model evaluation: the sentences of the 16-shot tasks, grouped by the kind of text
+# they are (none of it is in any calibration mix). "test" = the official test sets; "val" = the 16-shot train +
+# dev pools (drawn from the original training sets), for choosing settings without touching a test set.
+TEXT_DOMAINS: dict[str, tuple[str, ...]] = {
+    "reviews": ("sst-2", "cr"),  # movie and product reviews
+    "news": ("agnews",),
+    "questions": ("trec",),
+}
+
+
+def domain_text(folder: str | Path, domain: str, split: str = "test") -> str:
+    """The sentences of one :data:`TEXT_DOMAINS` domain, one per line, tasks in the listed order."""
+    if domain not in TEXT_DOMAINS:
+        raise LeanfmError(f"unknown text domain '{domain}'; accepted: {', '.join(TEXT_DOMAINS)}")
+    if split not in ("test", "val"):
+        raise LeanfmError(f"unknown split '{split}' of the 16-shot text; accepted: test, val")
+    root = fewshot_root(folder)
+    read = test_set if split == "test" else validation_pool
+    return "\n".join(example.text for task in TEXT_DOMAINS[domain] for example in read(root, task))
