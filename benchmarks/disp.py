@@ -1,15 +1,15 @@
-"""DISP-LLM vs MoDeGPT and the baselines on SmolLM2-135M at 30% and 50%: quality, training cost and speed.
+"""DISP-LLM vs MoDeGPT and the baselines on SmolLM2-135M at 30% and 50%: quality in and out of domain, cost, speed.
 
-    python benchmarks/disp.py                       # ~45 min of training on 2 cores, then evaluation; resumes
-    python benchmarks/disp.py --steps 20 --windows 4 --cloze 10 --out /tmp/disp   # quick look
+    python benchmarks/disp.py --data ../shared/data     # ~30 min of training on 2 cores, then evaluation; resumes
+    python benchmarks/disp.py --steps 20 --windows 2 --cloze 10 --out /tmp/disp   # quick look
 
 Training runs ``leanfm compress --method disp`` in a subprocess (the user's command, checkpointed; an
-interrupted run continues with ``--resume``); pruned models live under ``$LEANFM_HOME/bench/disp``. Each pruned
-model is evaluated with the same harness and settings as ``benchmarks/modegpt.py`` (Austen eval split, 20 x 512
-perplexity windows, 100 cloze items). The MoDeGPT / wanda-sp / svd-llm rows are that benchmark's cached rows;
-the dense model is re-evaluated here and must reproduce its dense row exactly, which shows both runs measured
-the same thing. Speed: dense vs each pruned model, prefill (8 x 512) and greedy decode (batch 1), measured
-alternately in this process.
+interrupted run continues with ``--resume``) on the library's default training text, Austen + Python docs
+``train`` splits (the same two domains MoDeGPT calibrates on, other documents); pruned models live under
+``$LEANFM_HOME/bench/disp``. Each pruned model is judged exactly as ``benchmarks/modegpt.py`` judges its rows
+(``lm_judge.Judge``: five kinds of text, three of them in no training or calibration mix); the dense model is
+re-scored here and must reproduce that benchmark's dense row, which shows both measured the same thing. Speed:
+dense vs each pruned model, prefill (8 x 512) and greedy decode (batch 1), measured alternately in this process.
 """
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ from pathlib import Path
 
 import torch
 
-from leanfm import evaluate, load_model
+from leanfm import load_model
 from leanfm.data.calibration import split_token_ids, token_windows
+from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
+from lm_judge import HELD, Judge, default_data
 
 MODEL = "smollm2-135m"
 VARIANTS = {"disp": "reinmax", "disp-gumbel": "gumbel"}  # label -> sampler
-BASELINES = ("modegpt", "wanda-sp", "svd-llm")  # rows of benchmarks/modegpt.py
+BASELINES = ("modegpt", "flap", "slicegpt", "svd-llm")  # rows of benchmarks/modegpt.py
 
 
 def train(label: str, ratio: float, args: argparse.Namespace) -> Path:
@@ -49,25 +51,26 @@ def train(label: str, ratio: float, args: argparse.Namespace) -> Path:
     return out
 
 
-def evaluate_row(label: str, ratio: float, folder: str, args: argparse.Namespace) -> dict:
-    """Evaluate one model with the shared harness settings (cached under ``OUT/rows``)."""
+def evaluate_row(label: str, ratio: float, folder: str, judge: Judge, dense_params: int,
+                 args: argparse.Namespace) -> dict:
+    """Judge one model exactly as benchmarks/modegpt.py does (cached under ``OUT/rows``)."""
     path = args.out / "rows" / f"{label}-{ratio:.2f}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model, tokenizer = load_model(folder)
-    result = evaluate(model, tokenizer, name=label, seqlen=512, windows=args.windows, cloze=args.cloze, speed=False)
-    row = {"label": label, "ratio": ratio, "params": result.params, "perplexity": result.perplexity,
-           "cloze_accuracy": result.cloze_accuracy, "windows": result.windows, "tokens": result.tokens}
+    model, _ = load_model(folder)
+    row = {"label": label, "ratio": ratio, "params": count_parameters(model)}
+    row["model_ratio"] = 1 - row["params"] / dense_params
+    row.update(judge(model))
     if label != "dense":
         report = json.loads((Path(folder) / "compression.json").read_text())
         training = report["training"]
         row.update(achieved_ratio=report["achieved_ratio"], steps=training["steps"],
                    train_seconds=training["train_seconds"], tokens_seen=training["tokens_seen"],
                    compress_seconds=report["seconds"], layer_sparsity=report["layer_sparsity"],
-                   history=training["history"], sampler=VARIANTS[label])
+                   history=training["history"], sampler=VARIANTS[label], calibration=report["calibration"])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, row)
-    print(json.dumps({k: row[k] for k in ("label", "ratio", "perplexity", "cloze_accuracy")}), flush=True)
+    print(json.dumps({"label": label, "ratio": ratio, **row["perplexity"]}), flush=True)
     return row
 
 
@@ -93,15 +96,16 @@ def plot(rows: list[dict], baselines: list[dict], dense: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = "heldout" if "heldout" in dense["perplexity"] else "austen"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
     for label, group in (("disp (ReinMax)", "disp"), ("disp (Gumbel)", "disp-gumbel")):
-        pts = sorted((r["ratio"], r["perplexity"]) for r in rows if r["label"] == group)
+        pts = sorted((r["ratio"], r["perplexity"][key]) for r in rows if r["label"] == group)
         axes[0].plot(*zip(*pts, strict=True), marker="o", lw=2, label=label) if pts else None
     for label in BASELINES:
-        pts = sorted((r["ratio"], r["perplexity"]) for r in baselines if r["label"] == label)
+        pts = sorted((r["ratio"], r["perplexity"][key]) for r in baselines if r["label"] == label)
         axes[0].plot(*zip(*pts, strict=True), marker="s", ls="--", label=label) if pts else None
-    axes[0].axhline(dense["perplexity"], color="gray", ls=":", label="dense")
-    axes[0].set(xlabel="ratio (block parameters removed)", ylabel="perplexity (Austen eval)", yscale="log")
+    axes[0].axhline(dense["perplexity"][key], color="gray", ls=":", label="dense")
+    axes[0].set(xlabel="ratio (block parameters removed)", ylabel=f"perplexity ({key})", yscale="log")
     for row in rows:
         steps = [h["step"] for h in row["history"]]
         name = f"{row['label']} {row['ratio']:.1f}"
@@ -112,7 +116,7 @@ def plot(rows: list[dict], baselines: list[dict], dense: dict) -> bytes:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: DISP-LLM vs MoDeGPT and baselines (same harness)")
+    fig.suptitle("SmolLM2-135M: DISP-LLM vs MoDeGPT and baselines (same judge)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -121,29 +125,27 @@ def plot(rows: list[dict], baselines: list[dict], dense: dict) -> bytes:
 
 
 def markdown(rows: list[dict], baselines: list[dict], dense: dict, speed: dict | None, command: str) -> str:
-    ratios = sorted({r["ratio"] for r in rows})
-    labels = [v for v in VARIANTS if any(r["label"] == v for r in rows)] + list(BASELINES)
-    everything = rows + baselines
+    d = dense["perplexity"]
     lines = [
         "## DISP-LLM (compress)", "",
         "Claim (paper): letting each block choose its own residual channels (learned by a hypernetwork on the "
         "frozen model) makes structural pruning as accurate as semi-structured pruning; at 50% it beats MoDeGPT "
         "(LLaMA-2 7B WikiText-2: 9.84 vs 11.88) and SliceGPT / LLM-Pruner.", "",
-        f"Setting: SmolLM2-135M, evaluation on the Austen `eval` split ({dense['windows']} x 512 windows, "
-        f"cloze on {dense.get('cloze_items', 100)} items), dense perplexity **{dense['perplexity']:.2f}**, cloze "
-        f"**{dense['cloze_accuracy']:.2f}**. DISP trains on the `train` split (batch 4 x 256 tokens, bfloat16 "
-        "autocast, AdamW lr 1e-2, λ 16, 2 threads); MoDeGPT / wanda-sp / svd-llm calibrate on 32 x 512 tokens of "
-        "the `calib` split without training. Baseline rows are `benchmarks/modegpt.py`'s; the dense model "
-        "re-evaluated in this run reproduced its row exactly.", "",
-        "| ratio | " + " | ".join(f"{v} ppl / cloze" for v in labels) + " |",
-        "|---|" + "---|" * len(labels),
+        "Setting: SmolLM2-135M. DISP trains on the Austen + Python docs `train` splits (batch 4 x 256 tokens, two "
+        "windows from each, bfloat16 autocast, AdamW lr 1e-2, λ 16, 2 threads); the training-free methods calibrate "
+        "on 32 x 512 tokens of the same two corpora's `calib` splits. All rows are judged on the same windows "
+        "(`benchmarks/modegpt.py`'s judge: perplexity on Austen `eval`, Python docs `eval` and held-out text — "
+        "reviews, news, questions, geometric mean — and Austen cloze); the baseline rows are that benchmark's, and "
+        "the dense model re-scored in this run reproduced its row. Dense: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in d.items()) + f", cloze {dense.get('cloze_accuracy', 0):.2f}.", "",
+        "| method | ratio | model | austen | pydocs | held-out | reviews | news | questions | cloze |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for ratio in ratios:
-        cells = []
-        for label in labels:
-            row = next((r for r in everything if r["label"] == label and abs(r["ratio"] - ratio) < 1e-9), None)
-            cells.append(f"{row['perplexity']:.1f} / {row['cloze_accuracy']:.2f}" if row else "-")
-        lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
+    for row in sorted(rows + baselines, key=lambda r: (r["ratio"], r["label"] not in VARIANTS, r["label"])):
+        p = row["perplexity"]
+        cells = [f"{p[k]:.1f}" if k in p else "-" for k in ("austen", "pydocs", "heldout", *HELD)]
+        lines.append(f"| {row['label']} | {row['ratio']:.1f} | {row['model_ratio']:.3f} | " + " | ".join(cells)
+                     + f" | {row.get('cloze_accuracy', float('nan')):.2f} |")
     if not any(r["label"] == "disp-gumbel" for r in rows):
         lines += ["", "The Gumbel-sigmoid sampler (the official code's) was not compared in this run "
                   "(`--gumbel-ratio 0`); ReinMax (the paper's) is the default."]
@@ -166,15 +168,16 @@ def markdown(rows: list[dict], baselines: list[dict], dense: dict, speed: dict |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=default_data(), help="16-shot data folder (held-out text)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--gumbel-ratio", type=float, default=0.5,
+    parser.add_argument("--gumbel-ratio", type=float, default=0.0,
                         help="ratio of the Gumbel-sigmoid ablation (0: none)")
-    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--cloze", type=int, default=100)
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/disp"))
-    parser.add_argument("--models", type=Path, default=leanfm_home() / "bench" / "disp")
+    parser.add_argument("--models", type=Path, default=leanfm_home() / "bench" / "disp-mix")
     parser.add_argument("--baselines", type=Path, default=Path("results/modegpt/rows"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args()
@@ -182,20 +185,24 @@ def main() -> None:
     set_quiet(True)
     runs = [("disp", r) for r in args.ratios] + ([("disp-gumbel", args.gumbel_ratio)] if args.gumbel_ratio > 0 else [])
     folders = {(label, ratio): train(label, ratio, args) for label, ratio in runs}
-    dense = evaluate_row("dense", 0.0, MODEL, args)
-    dense["cloze_items"] = args.cloze
+    dense_model, tokenizer = load_model(MODEL)
+    dense_params = count_parameters(dense_model)
+    del dense_model
+    judge = Judge(tokenizer, args)
+    dense = evaluate_row("dense", 0.0, MODEL, judge, dense_params, args)
     baselines = []
-    reference = args.baselines / "dense-0.00.json"
+    reference = args.baselines / "dense.json"
     if reference.is_file():
         ref = json.loads(reference.read_text())
-        if (ref["windows"], ref["tokens"]) == (dense["windows"], dense["tokens"]):
-            if abs(ref["perplexity"] - dense["perplexity"]) > 1e-6 * dense["perplexity"]:
-                raise SystemExit(f"dense perplexity {dense['perplexity']} differs from the baseline run's "
-                                 f"{ref['perplexity']}; re-run benchmarks/modegpt.py before comparing")
-            cached = [json.loads(p.read_text()) for p in sorted(args.baselines.glob("*.json"))]
-            baselines = [r for r in cached if r["label"] in BASELINES
-                         and any(abs(r["ratio"] - ratio) < 1e-9 for ratio in args.ratios)]
-    rows = [evaluate_row(label, ratio, str(folder), args) for (label, ratio), folder in folders.items()]
+        if ref["perplexity"].keys() != dense["perplexity"].keys() or any(
+                abs(ref["perplexity"][k] - v) > 1e-6 * v for k, v in dense["perplexity"].items()):
+            raise SystemExit(f"dense perplexities {dense['perplexity']} differ from the baseline run's "
+                             f"{ref['perplexity']}; re-run benchmarks/modegpt.py with the same --data/--windows")
+        cached = [json.loads(p.read_text()) for p in sorted(args.baselines.glob("*.json"))]
+        baselines = [r for r in cached if r["label"] in BASELINES
+                     and any(abs(r["ratio"] - ratio) < 1e-9 for ratio in args.ratios)]
+    rows = [evaluate_row(label, ratio, str(folder), judge, dense_params, args)
+            for (label, ratio), folder in folders.items()]
     speed_path = args.out / "speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     if speed is None and args.speed_rounds > 0:
@@ -206,7 +213,7 @@ def main() -> None:
                "settings": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, baselines, dense))
-    command = "python benchmarks/disp.py" + ("" if args.out == Path("results/disp") else f" --out {args.out}")
+    command = "python benchmarks/disp.py --data ../shared/data"
     write_section(args.benchmarks_md, "disp", markdown(rows, baselines, dense, speed, command))
 
 

@@ -34,14 +34,13 @@ import torch
 from leanfm import load_model
 from leanfm.compress import compress_model
 from leanfm.data.calibration import split_token_ids, token_windows
-from leanfm.data.corpus import corpus
-from leanfm.eval.cloze import cloze_accuracy, cloze_items
-from leanfm.eval.domains import CORPUS_DOMAINS, domain_perplexities, domain_windows
+from leanfm.eval.domains import CORPUS_DOMAINS
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
 from leanfm.paths import atomic_write_bytes, atomic_write_json
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
+from lm_judge import HELD, Judge, default_data
 
 MODEL = "smollm2-135m"
 # label -> (method, settings); the last two are ablations, named so
@@ -55,29 +54,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "wanda-dims": ("wanda-sp", {"allocation": "uniform"}),
 }
 ABLATIONS = ("modegpt-no-recon", "wanda-dims")
-HELD = ("reviews", "news", "questions")
-
-
-def default_data() -> Path | None:
-    """``../shared/data`` beside the project when it exists (a developer's checkout), else nothing."""
-    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return guess if (guess / "fewshot").is_dir() else None
-
-
-class Judge:
-    """The windows every model is scored on (built once), and the scoring."""
-
-    def __init__(self, tokenizer: object, args: argparse.Namespace, split: str) -> None:
-        self.suite = domain_windows(tokenizer, args.data, 512, args.windows, split=split)
-        self.items = cloze_items(corpus("austen", "eval"), count=args.cloze) if split == "test" and args.cloze else []
-        self.tokenizer = tokenizer
-
-    def __call__(self, model: torch.nn.Module) -> dict:
-        out: dict = {"perplexity": domain_perplexities(model, self.suite)}
-        out["windows"] = {name: int(ids.shape[0]) for name, ids in self.suite.items()}
-        if self.items:
-            out["cloze_accuracy"] = cloze_accuracy(model, self.tokenizer, self.items)
-        return out
 
 
 def compress_row(label: str, ratio: float, settings: dict, judge: Judge, args: argparse.Namespace) -> dict:

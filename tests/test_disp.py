@@ -113,7 +113,7 @@ def test_export_masks_hit_the_target_and_keep_a_channel_everywhere():
 
 
 def _trainer(model, tokenizer, tmp_path, **overrides):
-    config = DispConfig(ratio=0.4, **{**TRAIN, **overrides})
+    config = DispConfig(**{"ratio": 0.4, **TRAIN, **overrides})
     return DispTrainer(model, tokenizer, config, checkpoint=tmp_path / "ckpt")
 
 
@@ -203,3 +203,4 @@ def test_encoder_is_refused(tmp_path, capsys):
     args[args.index("tiny-llama")] = "minilm-l6"
     assert main(args) == 2
     assert "unsupported architecture 'bert'" in capsys.readouterr().err
+

@@ -17,7 +17,8 @@ def _activations(tokens: int, width: int, rank: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     basis = torch.randn(rank, width, generator=torch.Generator().manual_seed(99))
     scales = torch.linspace(3.0, 0.3, rank)
-    return (torch.randn(tokens, rank, generator=gen) * scales) @ basis + 0.05 * torch.randn(tokens, width, generator=gen)
+    signal = (torch.randn(tokens, rank, generator=gen) * scales) @ basis
+    return signal + 0.05 * torch.randn(tokens, width, generator=gen)
 
 
 def _mlp_error(acts: torch.Tensor, down: torch.Tensor, kept: torch.Tensor, new_down: torch.Tensor) -> float:
@@ -88,7 +89,8 @@ def test_vo_svd_full_rank_is_exact_and_keeps_the_bias_mapping():
     layout = AttentionLayout(num_heads=2, num_kv_heads=2, head_dim=4, rotary_dim=0)
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(200, 6, generator=gen, dtype=torch.float64)
-    wv, wo = torch.randn(8, 6, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    wv = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    wo = torch.randn(6, 8, generator=gen, dtype=torch.float64)
     bv = torch.randn(8, generator=gen, dtype=torch.float64)
     new_v, new_b, new_o = vo_svd(wv, bv, wo, x.T @ x, layout, 4)
     assert new_b is not None

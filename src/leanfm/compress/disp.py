@@ -40,7 +40,7 @@ from torch import nn
 from leanfm.compress.base import RATIO_HELP, CompressionReport, check_architecture, check_ratio
 from leanfm.compress.engine import block_parameter_count
 from leanfm.config import MethodConfig, check_at_least, option, register_method
-from leanfm.data.calibration import random_windows, split_token_ids
+from leanfm.data.calibration import mixed_windows, parse_calibration, source_token_ids
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
@@ -80,7 +80,8 @@ class DispConfig(MethodConfig):
     offset: float = option(3.0, "added to every mask logit before sampling", cli=False)
     batch_size: int = option(4, "global batch of windows, split across ranks")
     seqlen: int = option(256, "tokens per training window")
-    split: str = option("train", "corpus split the training windows come from", cli=False)
+    train_corpus: str = option("austen:train,pydocs:train", "training text: comma-separated corpora (NAME:SPLIT) "
+                               "and/or text files or folders; every batch shares its windows out evenly")
     seed: int = option(0, "seed of the hypernetwork, the mask noise and the batches", cli=False)
     checkpoint_every: int = option(25, "steps between checkpoints")
     # bfloat16 autocast for the frozen model's forward/backward (~2.7x faster on CPU)
@@ -102,6 +103,7 @@ class DispConfig(MethodConfig):
         if self.lr <= 0 or self.lam < 0 or self.tau <= 0:
             raise LeanfmError(f"lr {self.lr}, lambda {self.lam}, tau {self.tau}: accepted lr > 0, lambda >= 0, tau > 0")
         check_device_name(self.device)
+        parse_calibration(self.train_corpus)
 
 
 # ---------------------------------------------------------------- parameter counting
@@ -347,10 +349,10 @@ class DispTrainer:
                                            weight_decay=self.config.weight_decay)
         self.step, self.train_seconds = 0, 0.0
         self.history: list[dict[str, Any]] = []
-        self.ids = split_token_ids(self.tokenizer, "austen", self.config.split)
-        if self.ids.numel() <= self.config.seqlen:
-            raise LeanfmError(f"split '{self.config.split}' is too short for seqlen {self.config.seqlen}")
+        self.sources = parse_calibration(self.config.train_corpus)
+        self.ids = [source_token_ids(self.tokenizer, source) for source in self.sources]
         self.runtime = Runtime.for_config(self.config, self.context)
+        self.batch(0)  # a source too short for seqlen fails here, before any training
         self.hooks: ChannelMasks | None = None
 
     def sample_masks(self, step: int) -> dict[str, torch.Tensor]:
@@ -364,8 +366,8 @@ class DispTrainer:
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's share of the global batch of ``step`` (on the CPU; the loop moves it)."""
-        windows = random_windows(self.ids, self.config.batch_size, self.config.seqlen,
-                                 self.config.seed * 1_000_003 + 7919 * (step + 1))
+        windows = mixed_windows(self.ids, self.config.batch_size, self.config.seqlen,
+                                self.config.seed * 1_000_003 + 7919 * (step + 1), [s.describe() for s in self.sources])
         return self.runtime.context.shard(windows)
 
     def loss(self, step: int, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -431,7 +433,8 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
         achieved_ratio=1 - block_after / block_before,
         layer_sparsity=[round(1 - a / b, 4) for a, b in zip(per_block_after, per_block_before, strict=True)],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-        calibration={"corpus": "austen", "split": config.split, "samples": config.steps * config.batch_size,
+        calibration={"sources": [s.describe() for s in parse_calibration(config.train_corpus)],
+                     "samples": config.steps * config.batch_size,
                      "seqlen": config.seqlen, "seed": config.seed},
         training={"steps": trainer.step, "world_size": trainer.runtime.context.world_size,
                   "device": str(trainer.runtime.device), "train_seconds": trainer.train_seconds,

@@ -130,22 +130,29 @@ def source_token_ids(tokenizer: Any, source: CalibrationSource) -> torch.Tensor:
 
 def mixed_calibration_windows(tokenizer: Any, sources: str = DEFAULT_CALIBRATION, samples: int = 32,
                               seqlen: int = 512, seed: int = 0) -> torch.Tensor:
-    """``samples`` windows ``[samples, seqlen]`` shared out evenly between the sources of ``sources``.
-
-    Source ``i`` gives ``samples // n`` windows (the first ``samples % n`` sources one more), drawn with
-    ``seed`` as in :func:`random_windows`; the rows are grouped by source in the order given.
-    """
+    """``samples`` windows ``[samples, seqlen]`` shared out evenly between the sources of ``sources``
+    (see :func:`mixed_windows`)."""
     if samples < 1:
         raise LeanfmError(f"calibration samples {samples} must be >= 1")
     parsed = parse_calibration(sources)
+    return mixed_windows([source_token_ids(tokenizer, s) for s in parsed], samples, seqlen, seed,
+                         [s.describe() for s in parsed])
+
+
+def mixed_windows(ids: list[torch.Tensor], samples: int, seqlen: int, seed: int,
+                  names: list[str] | None = None) -> torch.Tensor:
+    """``samples`` windows from several token streams, ``[samples, seqlen]``, grouped by stream in order.
+
+    Stream ``i`` gives ``samples // n`` windows (the first ``samples % n`` streams one more), drawn with ``seed``
+    as in :func:`random_windows`.
+    """
     rows = []
-    for index, source in enumerate(parsed):
-        count = samples // len(parsed) + (1 if index < samples % len(parsed) else 0)
+    for index, stream in enumerate(ids):
+        count = samples // len(ids) + (1 if index < samples % len(ids) else 0)
         if count == 0:
             continue
-        ids = source_token_ids(tokenizer, source)
-        if ids.numel() <= seqlen:
-            raise LeanfmError(f"calibration source '{source.describe()}' has {ids.numel()} tokens, "
-                              f"too few for seqlen {seqlen}")
-        rows.append(random_windows(ids, count, seqlen, seed))
+        if stream.numel() <= seqlen:
+            name = names[index] if names else f"#{index}"
+            raise LeanfmError(f"text source '{name}' has {stream.numel()} tokens, too few for seqlen {seqlen}")
+        rows.append(random_windows(stream, count, seqlen, seed))
     return torch.cat(rows)
