@@ -148,7 +148,8 @@ CONTRACTS = [
     Contract(
         "disp",
         lambda **kw: disp.DispConfig(**{"ratio": 0.4, "steps": 4, "batch_size": 2, "seqlen": 32,
-                                        "checkpoint_every": 3, "autocast": False, "device": "cpu", **kw}),
+                                        "checkpoint_every": 3, "autocast": False, "device": "cpu",
+                                        "train_corpus": "austen:calib", **kw}),
         _disp_run, disp, _beside, ({"sampler": "softmax"}, "unknown sampler 'softmax'"), {"lam": 1.0},
     ),
     Contract(
