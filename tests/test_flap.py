@@ -22,8 +22,8 @@ from leanfm.compress.flap import (
     fluctuation_pass,
     global_search,
     head_units,
-    layer_scores,
     plan_removal,
+    score_layers,
     structure_costs,
 )
 from leanfm.errors import LeanfmError
@@ -67,7 +67,7 @@ def test_block_moments_and_scores_match_the_activations():
     """The dense pass's moments are the mean / sample variance of the o_proj and down_proj inputs, and the
     scores are FLAP's: attention (var ||W_j||^2)^2 and MLP var ||W_j||^2, standardised, heads by mean."""
     model, _ = load_model("tiny-llama")
-    adapter, layout, ids = get_adapter(model), get_adapter(model).layout(model), _ids()
+    adapter, ids = get_adapter(model), _ids()
     parts = adapter.parts(adapter.blocks(model)[1])
     seen: dict[str, list[torch.Tensor]] = {"o": [], "mid": []}
 
@@ -79,18 +79,29 @@ def test_block_moments_and_scores_match_the_activations():
         model(ids)
     for hook in hooks:
         hook.remove()
-    o_in, mid = fluctuation_pass(model, ids, batch_size=2)[1]
+    moments = fluctuation_pass(model, ids, batch_size=2)
+    o_in, mid = moments[1]
     x_o, x_mid = torch.cat(seen["o"]).double(), torch.cat(seen["mid"]).double()
     torch.testing.assert_close(o_in.mean, x_o.mean(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(o_in.var, x_o.var(0), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(mid.var, x_mid.var(0), atol=1e-6, rtol=1e-4)
-    scores = layer_scores(parts, layout, o_in, mid)
+    scores = score_layers(model, moments, "layer")[1]
     s_o = (x_o.var(0) * (parts.o.weight.double() ** 2).sum(0)) ** 2
     z_o = ((s_o - s_o.mean()) / s_o.std()).view(4, 16).mean(1)  # 4 heads of 16 dims
     per_group = z_o.view(2, 2).sort(dim=1).values  # 2 KV groups of 2 query heads
     torch.testing.assert_close(scores.unit_scores, per_group.mean(0), atol=1e-5, rtol=1e-4)
     s_mid = x_mid.var(0) * (parts.mlp_out.weight.double() ** 2).sum(0)
     torch.testing.assert_close(scores.mlp_scores, (s_mid - s_mid.mean()) / s_mid.std(), atol=1e-5, rtol=1e-4)
+
+
+def test_standardize_over_all_layers():
+    model, _ = load_model("tiny-llama")
+    parts = [get_adapter(model).parts(b) for b in get_adapter(model).blocks(model)]
+    moments = fluctuation_pass(model, _ids(), batch_size=2)
+    raw = torch.cat([m.var * (p.mlp_out.weight.double() ** 2).sum(0) for p, (_, m) in zip(parts, moments, strict=True)])
+    scores = torch.cat([layer.mlp_scores for layer in score_layers(model, moments, "all")])
+    torch.testing.assert_close(scores, (raw - raw.mean()) / raw.std(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(scores, torch.cat([s.mlp_scores for s in score_layers(model, moments, "layer")]))
 
 
 def test_head_units_take_one_head_per_kv_group():
@@ -241,6 +252,7 @@ def test_gqa_heads_per_group_stay_equal(tmp_path):
 @pytest.mark.parametrize(("settings", "message"), [
     ({"ratio": 1.5}, r"ratio 1\.5 is out of range; accepted: 0 < ratio < 1"),
     ({"ratio": 0.3, "allocation": "global"}, "unknown allocation 'global'; accepted: al-am, uniform"),
+    ({"ratio": 0.3, "standardize": "none"}, "unknown standardize 'none'; accepted: layer, all"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(LeanfmError, match=message) as err:

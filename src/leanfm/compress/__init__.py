@@ -18,11 +18,13 @@ from leanfm.compress.api import compress_model, save_compressed
 from leanfm.compress.base import CompressionReport, LayerwiseConfig, check_architecture
 from leanfm.compress.baselines import SvdLlmConfig, WandaSpConfig
 from leanfm.compress.disp import DispConfig
+from leanfm.compress.flap import FlapConfig
 from leanfm.compress.modegpt import ModegptConfig
 
 __all__ = [
     "CompressionReport",
     "DispConfig",
+    "FlapConfig",
     "LayerwiseConfig",
     "ModegptConfig",
     "SvdLlmConfig",

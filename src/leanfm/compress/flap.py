@@ -10,7 +10,8 @@ The three parts of the method, as implemented here:
   code (``lib/prune.py``), the attention score is the *square* of this per-channel value.
 - Adaptive structure search (AL-AM). Each layer's scores of each module are standardised, ``(S - mean) / std``
   over that layer's channels (the official code standardises the stacked ``[layers, channels]`` scores along
-  the channel axis, i.e. per layer and module); a head scores the *mean* of its channels' standardised scores.
+  the channel axis, i.e. per layer and module; ``standardize="all"`` uses one mean and std per module over all
+  layers instead); a head scores the *mean* of its channels' standardised scores.
   All structures of all layers are then sorted together and the lowest ones removed, each costing its own
   parameter count, until the removed count is nearest to ``R x`` the block parameters (the official code picks
   the cut whose kept total is nearest the target).
@@ -60,6 +61,7 @@ from leanfm.progress import progress
 
 log = logging.getLogger(__name__)
 ALLOCATIONS = ("al-am", "uniform")
+SCOPES = ("layer", "all")
 
 
 @dataclass
@@ -69,6 +71,8 @@ class FlapConfig(LayerwiseConfig):
     allocation: str = option("al-am", "al-am: one search over every layer's heads and MLP channels (FLAP); "
                              "uniform: every layer loses fraction R of its own parameters", choices=ALLOCATIONS)
     epsilon: float = option(0.1, "unused by flap (no softmax allocation)", cli=False)
+    standardize: str = option("layer", "standardise scores per layer (FLAP's code) or over all layers",
+                              choices=SCOPES)
     bias_compensation: bool = option(True, "turn the removed channels' mean output into a bias (FLAP)")
 
 
@@ -136,14 +140,30 @@ def structure_costs(parts: BlockParts, layout: AttentionLayout) -> tuple[int, in
     return unit, mlp
 
 
-def layer_scores(parts: BlockParts, layout: AttentionLayout, o_in: Moments, mid: Moments) -> LayerScores:
-    """FLAP's standardised scores of one layer's head units and MLP channels (see the module docstring)."""
-    attention = standardize(fluctuation(o_in.var, parts.o.weight) ** 2)  # FLAP squares the attention metric
+def layer_scores(parts: BlockParts, layout: AttentionLayout, attention: torch.Tensor,
+                 mlp: torch.Tensor) -> LayerScores:
+    """One layer's head units and MLP channels from its standardised channel scores (heads: channel mean)."""
     head_scores = attention.view(layout.num_heads, layout.head_dim).mean(1)
     unit_scores, unit_heads = head_units(head_scores, layout)
     unit_cost, mlp_cost = structure_costs(parts, layout)
-    mlp = standardize(fluctuation(mid.var, parts.mlp_out.weight))
     return LayerScores(unit_scores, unit_heads, unit_cost, mlp, mlp_cost, layout.group_size == 1)
+
+
+def score_layers(model: nn.Module, moments: list[tuple[Moments, Moments]], scope: str) -> list[LayerScores]:
+    """FLAP's scores of every layer: attention channels ``WIFV^2`` (FLAP squares it), MLP channels ``WIFV``,
+    standardised per layer and module (``scope="layer"``, FLAP's code) or over all layers of a module
+    (``scope="all"``)."""
+    adapter = get_adapter(model)
+    layout = adapter.layout(model)
+    parts = [adapter.parts(block) for block in adapter.blocks(model)]
+    attention = [fluctuation(o.var, p.o.weight) ** 2 for p, (o, _) in zip(parts, moments, strict=True)]
+    mlp = [fluctuation(m.var, p.mlp_out.weight) for p, (_, m) in zip(parts, moments, strict=True)]
+    if scope == "all":
+        attention = list(standardize(torch.cat(attention)).split([a.numel() for a in attention]))
+        mlp = list(standardize(torch.cat(mlp)).split([m.numel() for m in mlp]))
+    else:
+        attention, mlp = [standardize(a) for a in attention], [standardize(m) for m in mlp]
+    return [layer_scores(p, layout, a, m) for p, a, m in zip(parts, attention, mlp, strict=True)]
 
 
 def global_search(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
@@ -263,8 +283,7 @@ def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> Compressi
     layout = adapter.layout(model)
     params_before, block_before, sizes = count_parameters(model), block_parameter_count(model), _block_sizes(model)
     moments = fluctuation_pass(model, calib, config.batch_size)
-    blocks = adapter.blocks(model)
-    scores = [layer_scores(adapter.parts(b), layout, *m) for b, m in zip(blocks, moments, strict=True)]
+    scores = score_layers(model, moments, config.standardize)
     plan = plan_removal(scores, [config.ratio * s for s in sizes], per_layer=config.allocation == "uniform")
     specs = []
     for index, (layer, (units, mlp_removed)) in enumerate(zip(scores, plan, strict=True)):
