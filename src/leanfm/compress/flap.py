@@ -35,6 +35,10 @@ are pruned at once. Our reading where FLAP's code is silent or cannot apply:
   not FLAP's 1024 x 128 WikiText2 samples.
 - ``allocation="uniform"``: every layer removes fraction R of its own parameters, heads vs channels chosen by
   the same standardised scores (FLAP's "UL" setting, but with the module split left to the scores).
+
+Measured once (SmolLM2-135M, R = 0.3, 32 x 512 austen+pydocs windows, Austen perplexity over 20 windows):
+al-am 113.4, uniform 113.0, al-am with ``standardize="all"`` 730.8 (it strips the early layers by 60-83%):
+FLAP's per-layer standardisation is the sane default.
 """
 
 from __future__ import annotations
