@@ -18,6 +18,7 @@ from leanfm.compress import (
     save_compressed,
 )
 from leanfm.compress.base import allocate_sparsity
+from leanfm.compress.flap import FlapConfig
 from leanfm.compress.surgery import gather_heads, load_block_weights, qkv_params
 from leanfm.config import get_method, list_methods
 from leanfm.errors import LeanfmError
@@ -217,7 +218,8 @@ def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- the method registry
 
-COMPRESSORS = {"modegpt": ModegptConfig, "wanda-sp": WandaSpConfig, "svd-llm": SvdLlmConfig, "disp": DispConfig}
+COMPRESSORS = {"modegpt": ModegptConfig, "wanda-sp": WandaSpConfig, "svd-llm": SvdLlmConfig, "flap": FlapConfig,
+               "disp": DispConfig}
 
 
 def test_every_compressor_is_registered_with_its_config():
@@ -234,7 +236,7 @@ def test_every_compressor_is_registered_with_its_config():
 
 def test_unknown_compressor_lists_the_registered_ones(tokenizer):
     model, _ = load_model("tiny-llama")
-    with pytest.raises(LeanfmError, match=r"^unknown method 'sparse'; accepted: modegpt, wanda-sp, svd-llm, disp$"):
+    with pytest.raises(LeanfmError, match=f"^unknown method 'sparse'; accepted: {', '.join(COMPRESSORS)}$"):
         compress_model(model, tokenizer, method="sparse", ratio=0.3)
     with pytest.raises(LeanfmError, match="unknown method 'tome'"):
         get_method("tome", "compress")

@@ -1,7 +1,8 @@
 """Structured compression of causal LMs: the shared base, the layer-by-layer engine and the methods.
 
 Importing this package imports every compressor module, and each registers itself with the method registry
-(:func:`leanfm.config.register_method`, family ``compress``): ``modegpt``, ``wanda-sp``, ``svd-llm``, ``disp``.
+(:func:`leanfm.config.register_method`, family ``compress``): ``modegpt``, ``wanda-sp``, ``svd-llm``, ``flap``,
+``disp``.
 The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
 """
 
@@ -9,6 +10,7 @@ The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
 # isort: off
 from leanfm.compress import modegpt  # noqa: F401
 from leanfm.compress import baselines  # noqa: F401
+from leanfm.compress import flap  # noqa: F401
 from leanfm.compress import disp  # noqa: F401
 
 # isort: on
@@ -16,11 +18,13 @@ from leanfm.compress.api import compress_model, save_compressed
 from leanfm.compress.base import CompressionReport, LayerwiseConfig, check_architecture
 from leanfm.compress.baselines import SvdLlmConfig, WandaSpConfig
 from leanfm.compress.disp import DispConfig
+from leanfm.compress.flap import FlapConfig
 from leanfm.compress.modegpt import ModegptConfig
 
 __all__ = [
     "CompressionReport",
     "DispConfig",
+    "FlapConfig",
     "LayerwiseConfig",
     "ModegptConfig",
     "SvdLlmConfig",

@@ -32,6 +32,10 @@ class BlockStats:
     mlp_mid: torch.Tensor  # Gram of the MLP's intermediate activations (input of the down projection)
     o_in: torch.Tensor  # Gram of the output projection's input (the concatenated head outputs)
     tokens: int
+    # first moments (per-channel sums over tokens) of the same two inputs: with the Gram diagonals they give
+    # each channel's mean and variance (FLAP's fluctuation metric and bias compensation)
+    o_in_sum: torch.Tensor | None = None
+    mlp_mid_sum: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -80,11 +84,15 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
     assert first_proj is not None  # a block has q or the fused qkv
     acc: dict[str, torch.Tensor] = {}
 
+    def add(name: str, update: torch.Tensor) -> None:
+        acc[name] = acc[name] + update if name in acc else update
+
     def gram(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, features]
-            update = (x.T @ x).double()
-            acc[name] = acc[name] + update if name in acc else update
+            add(name, (x.T @ x).double())
+            if name in ("o_in", "mlp_mid"):
+                add(f"{name}_sum", x.double().sum(0))
 
         return hook
 
@@ -100,7 +108,9 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
         for handle in handles:
             handle.remove()
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs)
-    return BlockStats(acc["attn_in"], acc["mlp_in"], acc["mlp_mid"], acc["o_in"], tokens), outputs
+    stats = BlockStats(acc["attn_in"], acc["mlp_in"], acc["mlp_mid"], acc["o_in"], tokens, acc["o_in_sum"],
+                       acc["mlp_mid_sum"])
+    return stats, outputs
 
 
 @torch.no_grad()

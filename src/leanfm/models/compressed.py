@@ -53,6 +53,7 @@ class LayerSpec:
     # DISP-LLM: kept residual channels read by attention / the MLP ("attn_in", "mlp_in") and written back by
     # them ("attn_out", "mlp_out"); the blocks keep their original attention and only their Linears shrink
     channels: dict[str, list[int]] = field(default_factory=dict)
+    out_bias: bool = False  # o_proj and the MLP's output Linear carry a bias even if the base has none (FLAP)
 
     @property
     def rope_pairs(self) -> int:
@@ -197,8 +198,9 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
     hidden = parts.o.out_features
     for path, old in zip(adapter.mlp_in, parts.mlp_in, strict=True):
         _set_module(block, path, _linear(old.in_features, spec.intermediate, old))
-    _set_module(block, adapter.mlp_out, _linear(spec.intermediate, hidden, parts.mlp_out))
-    has_bias = {"o": parts.o.bias is not None}
+    out_bias, dtype = spec.out_bias or parts.mlp_out.bias is not None, parts.mlp_out.weight.dtype
+    _set_module(block, adapter.mlp_out, nn.Linear(spec.intermediate, hidden, bias=out_bias, dtype=dtype))
+    has_bias = {"o": spec.out_bias or parts.o.bias is not None}
     for name in "qkv":
         linear = getattr(parts, name) or parts.qkv
         assert linear is not None  # a block has q, k and v or the fused qkv
