@@ -10,6 +10,7 @@ The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
 from leanfm.compress import modegpt  # noqa: F401
 from leanfm.compress import baselines  # noqa: F401
 from leanfm.compress import disp  # noqa: F401
+from leanfm.compress import slicegpt  # noqa: F401
 
 # isort: on
 from leanfm.compress.api import compress_model, save_compressed

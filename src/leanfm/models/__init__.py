@@ -9,6 +9,7 @@ from leanfm.models.registry import (
     resolve_dtype,
     unregister_model,
 )
+from leanfm.models import sliced as _sliced  # noqa: F401,I001  registers leanfm_sliced_llama with the Auto classes
 
 __all__ = [
     "ADAPTERS",
