@@ -9,7 +9,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from leanfm import load_model
 from leanfm.compress import compress_model, save_compressed
-from leanfm.compress.slicegpt import fold_norms, pca_basis, slice_model, sliced_block_params, width_for_ratio
+from leanfm.compress.slicegpt import (
+    fold_norms,
+    pca_basis,
+    signal_gram,
+    slice_model,
+    sliced_block_params,
+    width_for_ratio,
+)
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.models.sliced import SlicedLlamaForCausalLM, sliced_config
@@ -165,3 +172,13 @@ def test_refusals_are_one_line(tokenizer, name, settings, words):
     with pytest.raises(LeanfmError) as err:
         compress_model(model, tokenizer, method="slicegpt", **settings, **SMALL)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_signal_gram_normalises_each_token_as_the_norm_does():
+    states = [torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])]  # one batch, two tokens, D = 2
+    # token 1: mean square 12.5; token 2: mean square 0.5 (eps 0)
+    expected = torch.tensor([[9.0, 12.0], [12.0, 16.0]], dtype=torch.float64) / 12.5 + torch.tensor(
+        [[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64) / 0.5
+    torch.testing.assert_close(signal_gram(states, "normed", 0.0), expected)
+    torch.testing.assert_close(signal_gram(states, "raw", 0.0), torch.tensor([[10.0, 12.0], [12.0, 16.0]],
+                                                                            dtype=torch.float64))

@@ -137,8 +137,9 @@ def sliced_block_params(config: LlamaConfig, width: int) -> int:
     """Parameters of one sliced llama block at residual width ``width``: its Linears (biases as configured), its two
     norms and its two ``width x width`` shortcuts."""
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    q_out, kv_out, inter = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, \
-        config.intermediate_size
+    heads = int(config.num_attention_heads)
+    q_out, kv_out = heads * head_dim, int(config.num_key_value_heads or heads) * head_dim
+    inter = int(config.intermediate_size)
     attn_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
     attention = width * (q_out + 2 * kv_out) + q_out * width + attn_bias * (q_out + 2 * kv_out + width)
     mlp = 3 * width * inter + mlp_bias * (2 * inter + width)
@@ -153,17 +154,20 @@ def width_for_ratio(config: LlamaConfig, ratio: float, dense_block_params: int) 
     ratios = [1 - layers * sliced_block_params(config, w) / dense_block_params for w in widths]
     best = min(range(len(widths)), key=lambda i: abs(ratios[i] - ratio))
     if abs(ratios[best] - ratio) > RATIO_TOLERANCE:
-        raise LeanfmError(f"ratio {ratio} is out of reach for slicegpt on this model; accepted: {max(0.0, min(ratios)):.3f}"
-                          f" <= ratio <= {max(ratios):.3f} (widths {widths[0]}..{widths[-1]} in steps of 8)")
+        low, high = max(0.0, min(ratios)), max(ratios)
+        raise LeanfmError(f"ratio {ratio} is out of reach for slicegpt on this model; accepted: {low:.3f} <= ratio "
+                          f"<= {high:.3f} (widths {widths[0]}..{widths[-1]} in steps of {WIDTH_MULTIPLE})")
     return widths[best], ratios[best]
 
 
 @torch.no_grad()
-def _load(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    linear.weight.copy_(weight.to(linear.weight.dtype))
-    if getattr(linear, "bias", None) is not None:
+def _load(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Copy ``weight`` (and ``bias``) into a Linear or an Embedding, in its own dtype."""
+    target = cast(nn.Linear, module)  # both hold .weight; an Embedding has no .bias
+    target.weight.copy_(weight.to(target.weight.dtype))
+    if getattr(module, "bias", None) is not None:
         assert bias is not None  # sliced Linears have a bias exactly where the dense ones do
-        linear.bias.copy_(bias.to(linear.bias.dtype))
+        target.bias.copy_(bias.to(target.bias.dtype))
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
@@ -171,9 +175,10 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _slice_block(dense: nn.Module, layer: nn.Module, states: list[torch.Tensor], u_in: torch.Tensor,
-                 kwargs: dict, width: int, basis: Basis, signal: str, eps: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Fill sliced block ``layer`` from folded dense block ``dense``; ``states`` are its ``d'``-dim inputs in basis
+def _slice_block(dense: Any, layer: Any, states: list[torch.Tensor], u_in: torch.Tensor, kwargs: dict,
+                 width: int, basis: Basis, signal: str, eps: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Fill sliced block ``layer`` (a :class:`SlicedLlamaDecoderLayer`) from the folded dense ``LlamaDecoderLayer``
+    ``dense``; ``states`` are its ``d'``-dim inputs in basis
     ``u_in`` ``[D, d']``. Returns the ``d'``-dim outputs and their basis (the next block's ``u_in``)."""
     attn, mlp = layer.self_attn, layer.mlp
     for name in ("q_proj", "k_proj", "v_proj"):

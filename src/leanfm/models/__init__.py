@@ -1,5 +1,6 @@
 """Model registry, loading and architecture adapters."""
 
+from leanfm.models import sliced as _sliced  # noqa: F401  registers leanfm_sliced_llama with the Auto classes
 from leanfm.models.adapters import ADAPTERS, ArchAdapter, AttentionLayout, BlockParts, get_adapter
 from leanfm.models.registry import (
     ModelSpec,
@@ -9,7 +10,6 @@ from leanfm.models.registry import (
     resolve_dtype,
     unregister_model,
 )
-from leanfm.models import sliced as _sliced  # noqa: F401,I001  registers leanfm_sliced_llama with the Auto classes
 
 __all__ = [
     "ADAPTERS",
