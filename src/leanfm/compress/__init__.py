@@ -12,6 +12,7 @@ from leanfm.compress import modegpt  # noqa: F401
 from leanfm.compress import baselines  # noqa: F401
 from leanfm.compress import flap  # noqa: F401
 from leanfm.compress import disp  # noqa: F401
+from leanfm.compress import slicegpt  # noqa: F401
 
 # isort: on
 from leanfm.compress.api import compress_model, save_compressed
