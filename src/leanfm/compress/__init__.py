@@ -1,8 +1,8 @@
 """Structured compression of causal LMs: the shared base, the layer-by-layer engine and the methods.
 
 Importing this package imports every compressor module, and each registers itself with the method registry
-(:func:`leanfm.config.register_method`, family ``compress``): ``modegpt``, ``wanda-sp``, ``svd-llm``, ``flap``,
-``disp``.
+(:func:`leanfm.config.register_method`, family ``compress``): ``modegpt``, ``wanda-sp`` (an ablation), ``svd-llm``,
+``flap``, ``disp``, ``slicegpt``.
 The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
 """
 
@@ -21,6 +21,7 @@ from leanfm.compress.baselines import SvdLlmConfig, WandaSpConfig
 from leanfm.compress.disp import DispConfig
 from leanfm.compress.flap import FlapConfig
 from leanfm.compress.modegpt import ModegptConfig
+from leanfm.compress.slicegpt import SliceGptConfig
 
 __all__ = [
     "CompressionReport",
@@ -28,6 +29,7 @@ __all__ = [
     "FlapConfig",
     "LayerwiseConfig",
     "ModegptConfig",
+    "SliceGptConfig",
     "SvdLlmConfig",
     "WandaSpConfig",
     "check_architecture",

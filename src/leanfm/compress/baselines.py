@@ -1,14 +1,16 @@
 """Training-free baselines run through the same engine, budget and checkpoint format as MoDeGPT.
 
-``wanda-sp``: Wanda's score ``|W| * ||X||`` aggregated over whole structures (FLAP / Wanda-SP style). MLP
-channel ``j`` scores ``||a_j|| * sum_i |W_down[i, j]|``; a query/key head dim scores the Wanda mass of its
-q and k rows (summed over the query heads of a KV group, rotary partners together); a value/output dim scores
-``||o_in_j|| * sum_i |W_o[i, j]|`` summed over the group. The lowest-scoring structures are removed and the
-survivors are kept as they are — no reconstruction, which is exactly what MoDeGPT adds.
+``wanda-sp`` — an **ablation**, not a published baseline: Wanda's score ``|W| * ||X||`` on MoDeGPT's own
+granularity (single q/k head dims). MLP channel ``j`` scores ``||a_j|| * sum_i |W_down[i, j]|``; a query/key
+head dim scores the Wanda mass of its q and k rows (summed over the query heads of a KV group, rotary partners
+together); a value/output dim scores ``||o_in_j|| * sum_i |W_o[i, j]|`` summed over the group. No
+reconstruction. Its additive row mass ignores how q and k combine, which is why it loses badly (issue 13
+measured the q/k scoring as ~90% of its gap to MoDeGPT); published Wanda-SP / FLAP prune whole heads and MLP
+channels — that is :mod:`leanfm.compress.flap`, the baseline to compare with.
 
 ``svd-llm``: every Linear of a block is replaced by a rank-``r`` factorisation holding the same fraction of its
 parameters, computed by activation-aware (whitened) truncated SVD as in SVD-LLM, without its optional
-parameter-update step. It stands in for SliceGPT (see docs/ARCHITECTURE.md for why).
+parameter-update step. SliceGPT itself is :mod:`leanfm.compress.slicegpt`.
 """
 
 from __future__ import annotations
@@ -143,6 +145,6 @@ def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig) -> 
 
 
 register_method("wanda-sp", "compress", WandaSpConfig, compress_wanda_sp,
-                description="baseline: Wanda scores over whole structures, pruned without reconstruction")
+                description="ablation: Wanda scores on single q/k head dims and channels, no reconstruction")
 register_method("svd-llm", "compress", SvdLlmConfig, compress_svd_llm,
-                description="baseline: activation-whitened truncated SVD of every Linear (stands in for SliceGPT)")
+                description="baseline: activation-whitened truncated SVD of every Linear (SVD-LLM)")
