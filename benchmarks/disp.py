@@ -43,8 +43,8 @@ def train(label: str, ratio: float, args: argparse.Namespace) -> Path:
     out = args.models / f"{label}-{ratio:.2f}"
     if (out / "compression.json").is_file():
         return out
-    cmd = [sys.executable, "-m", "leanfm", "--threads", "2", "compress", MODEL, "--method", "disp", "--ratio",
-           str(ratio), "--sampler", VARIANTS[label], "--steps", str(args.steps), "--out", str(out)]
+    cmd = [sys.executable, "-m", "leanfm", "--threads", str(args.threads), "compress", MODEL, "--method", "disp",
+           "--ratio", str(ratio), "--sampler", VARIANTS[label], "--steps", str(args.steps), "--out", str(out)]
     if out.with_name(out.name + ".training").is_dir():
         cmd.append("--resume")
     subprocess.run(cmd, check=True)
@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--cloze", type=int, default=100)
     parser.add_argument("--speed-rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training subprocess")
     parser.add_argument("--out", type=Path, default=Path("results/disp"))
     parser.add_argument("--models", type=Path, default=leanfm_home() / "bench" / "disp-mix")
     parser.add_argument("--baselines", type=Path, default=Path("results/modegpt/rows"))

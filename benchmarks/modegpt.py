@@ -92,26 +92,40 @@ def val_score(row: dict) -> float:
     return float(torch.tensor(values).log().mean().exp())
 
 
+# the baselines' own settings, chosen on the same validation text at 0.3 (their papers' alternatives)
+BASELINE_CHOICES: dict[str, list[dict]] = {
+    "flap": [{"allocation": "al-am"}, {"allocation": "uniform"}],
+    "slicegpt": [{"signal": "normed"}, {"signal": "raw"}],
+}
+
+
 def run_sweep(args: argparse.Namespace) -> dict:
-    """Calibration size x solve ridge, then ε, for MoDeGPT at 0.3 on validation text; returns the choice."""
+    """Calibration size x solve ridge, then ε, for MoDeGPT at 0.3 on validation text; then each baseline's own
+    alternatives (:data:`BASELINE_CHOICES`). Returns every row and the choices."""
     tokenizer = load_model(MODEL)[1]
     judge = Judge(tokenizer, args, split="val")
-    rows = []
-    for samples in args.sweep_samples:
-        for mu in args.sweep_ridges:
-            settings = {"calib_samples": samples, "solve_ridge": mu}
-            name = f"n{samples}-mu{mu:g}"
-            rows.append({**cached(args.out / "sweep" / f"{name}.json",
-                                  lambda s=settings: compress_row("modegpt", 0.3, s, judge, args)), "name": name})
+
+    def row(name: str, label: str, settings: dict) -> dict:
+        make = lambda: compress_row(label, 0.3 if label != "dense" else 0.0, settings, judge, args)  # noqa: E731
+        return {**cached(args.out / "sweep" / f"{name}.json", make), "name": name}
+
+    dense = row("dense", "dense", {})
+    rows = [row(f"n{n}-mu{mu:g}", "modegpt", {"calib_samples": n, "solve_ridge": mu})
+            for n in args.sweep_samples for mu in args.sweep_ridges]
     best = min(rows, key=val_score)
     for eps in args.sweep_epsilons:
-        settings = {**best["settings"], "epsilon": eps}
-        settings = {k: settings[k] for k in ("calib_samples", "solve_ridge", "epsilon")}
-        name = f"n{settings['calib_samples']}-mu{settings['solve_ridge']:g}-eps{eps:g}"
-        rows.append({**cached(args.out / "sweep" / f"{name}.json",
-                              lambda s=settings: compress_row("modegpt", 0.3, s, judge, args)), "name": name})
+        settings = {k: best["settings"][k] for k in ("calib_samples", "solve_ridge")} | {"epsilon": eps}
+        rows.append(row(f"{best['name']}-eps{eps:g}", "modegpt", settings))
     best = min(rows, key=val_score)
-    return {"rows": rows, "best": best["name"], "best_settings": best["settings"], "split": "val",
+    baselines = {}
+    for label, choices in BASELINE_CHOICES.items():
+        if label not in args.variants:
+            continue
+        tried = [row(f"{label}-" + "-".join(f"{v}" for v in c.values()), label, c) for c in choices]
+        rows += tried
+        baselines[label] = min(tried, key=val_score)["settings"]
+    return {"dense": dense, "rows": rows, "best": best["name"], "best_settings": best["settings"],
+            "baseline_settings": baselines, "split": "val",
             "score": "geometric mean of validation perplexities (austen/pydocs train + 16-shot train/dev pools)"}
 
 
@@ -218,13 +232,16 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
     if sweep:
         lines += ["", f"Defaults chosen on validation text ({sweep['score']}; MoDeGPT at 0.3):", "",
                   "| setting | austen | pydocs | reviews | news | questions |", "|---|---|---|---|---|---|"]
-        for r in sweep["rows"]:
+        for r in [sweep["dense"], *sweep["rows"]] if "dense" in sweep else sweep["rows"]:
             p = r["perplexity"]
             mark = " **(chosen)**" if r["name"] == sweep["best"] else ""
             lines.append(f"| {r['name']}{mark} | " + " | ".join(f"{p[k]:.1f}" if k in p else "-"
                                                                for k in (*CORPUS_DOMAINS, *HELD)) + " |")
         lines += ["", "`nN` = calibration windows of 512 tokens, `muM` = Type I solve ridge (x mean diagonal of "
-                  "C[J,J]), `epsE` = allocation temperature (0.1 where not given)."]
+                  "C[J,J]), `epsE` = allocation temperature (0.1 where not given); `flap-*` / `slicegpt-*` = each "
+                  "baseline's own alternatives (FLAP's allocation, SliceGPT's PCA signal), at the chosen "
+                  "calibration; the rows above use "
+                  + ", ".join(f"{k} {v}" for k, v in sweep.get("baseline_settings", {}).items()) + "."]
     if cost:
         lines += ["", f"Compression cost, one `leanfm compress --ratio 0.3` in a fresh process, 2 threads: "
                   f"**{cost['seconds']:.0f} s**, peak RSS **{cost['peak_rss_mb']:.0f} MB** for a "
@@ -274,6 +291,7 @@ def main() -> None:
     if args.part == "sweep":
         return
     if args.part in ("all", "rows"):
+        tuned = json.loads(sweep_path.read_text()).get("baseline_settings", {}) if sweep_path.is_file() else {}
         tokenizer = load_model(MODEL)[1]
         judge = Judge(tokenizer, args, split="test")
         cached(args.out / "rows" / "dense.json", lambda: compress_row("dense", 0.0, {}, judge, args))
@@ -281,8 +299,9 @@ def main() -> None:
             for label in args.variants:
                 if label in ABLATIONS and ratio not in args.ablation_ratios:
                     continue
+                chosen = {k: v for k, v in tuned.get(label, {}).items() if k not in ("calib_samples", "calib_seqlen")}
                 cached(args.out / "rows" / f"{label}-{ratio:.2f}.json",
-                       lambda label=label, ratio=ratio: compress_row(label, ratio, {}, judge, args))
+                       lambda label=label, ratio=ratio, chosen=chosen: compress_row(label, ratio, chosen, judge, args))
     rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))]
     if args.disp_rows.is_dir():
         rows += [json.loads(p.read_text()) for p in sorted(args.disp_rows.glob("*.json"))]
