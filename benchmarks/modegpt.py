@@ -272,6 +272,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-ridges", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
     parser.add_argument("--sweep-epsilons", type=float, nargs="+", default=[0.05, 0.2])
     parser.add_argument("--speed-rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (speed is always measured with 2)")
     parser.add_argument("--no-cost", dest="measure_cost", action="store_false", help="skip the fresh-process cost run")
     parser.add_argument("--out", type=Path, default=Path("results/modegpt"))
     parser.add_argument("--disp-rows", type=Path, default=Path("results/disp/rows"))
@@ -281,7 +282,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     set_quiet(True)
     if args.data is None:
         print("no --data folder: held-out text (reviews, news, questions) skipped", file=sys.stderr)
@@ -310,6 +311,7 @@ def main() -> None:
     sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
     speed_path, cost_path = args.out / "speed.json", args.out / "cost.json"
     if args.part == "all" and not speed_path.is_file() and args.speed_rounds > 0:
+        torch.set_num_threads(2)
         atomic_write_json(speed_path, measure_speed(args))
     if args.part == "all" and not cost_path.is_file() and args.measure_cost:
         atomic_write_json(cost_path, measure_cost(args))
