@@ -25,9 +25,12 @@ from pathlib import Path
 import torch
 
 from leanfm import load_model
+from leanfm.compress.disp import MASK_NAMES, block_count, block_shape, export_masks, prune_to_masks
+from leanfm.compress.engine import block_parameter_count
 from leanfm.data.calibration import split_token_ids, token_windows
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
+from leanfm.models import get_adapter
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
@@ -71,6 +74,30 @@ def evaluate_row(label: str, ratio: float, folder: str, judge: Judge, dense_para
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, row)
     print(json.dumps({"label": label, "ratio": ratio, **row["perplexity"]}), flush=True)
+    return row
+
+
+def random_masks_row(ratio: float, judge: Judge, dense_params: int, args: argparse.Namespace) -> dict:
+    """DISP's structure with *random* channel choices at the same parameter budget: what the hypernetwork's
+    learning is worth (the learned masks must beat it). Random logits go through DISP's own export."""
+    path = args.out / "rows" / f"disp-random-{ratio:.2f}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, _ = load_model(MODEL)
+    adapter = get_adapter(model)
+    shapes = [block_shape(adapter, block) for block in adapter.blocks(model)]
+    full = sum(int(block_count(s, s.widths)) for s in shapes)
+    generator = torch.Generator().manual_seed(0)
+    logits = {n: torch.randn(len(shapes), shapes[0].widths[n], generator=generator) for n in MASK_NAMES}
+    before = block_parameter_count(model)
+    prune_to_masks(model, export_masks(logits, shapes, (1 - ratio) * full))
+    row = {"label": "disp-random", "ratio": ratio, "params": count_parameters(model),
+           "achieved_ratio": 1 - block_parameter_count(model) / before}
+    row["model_ratio"] = 1 - row["params"] / dense_params
+    row.update(judge(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, row)
+    print(json.dumps({"label": "disp-random", "ratio": ratio, **row["perplexity"]}), flush=True)
     return row
 
 
@@ -136,7 +163,9 @@ def markdown(rows: list[dict], baselines: list[dict], dense: dict, speed: dict |
         "on 32 x 512 tokens of the same two corpora's `calib` splits. All rows are judged on the same windows "
         "(`benchmarks/modegpt.py`'s judge: perplexity on Austen `eval`, Python docs `eval` and held-out text — "
         "reviews, news, questions, geometric mean — and Austen cloze); the baseline rows are that benchmark's, and "
-        "the dense model re-scored in this run reproduced its row. Dense: "
+        "the dense model re-scored in this run reproduced its row. `disp-random` = DISP's structure with random "
+        "channel choices at the same budget (random logits through DISP's own export): what the learning is worth. "
+        "Dense: "
         + ", ".join(f"{k} {v:.2f}" for k, v in d.items()) + f", cloze {dense.get('cloze_accuracy', 0):.2f}.", "",
         "| method | ratio | model | austen | pydocs | held-out | reviews | news | questions | cloze |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -204,12 +233,14 @@ def main() -> None:
                      and any(abs(r["ratio"] - ratio) < 1e-9 for ratio in args.ratios)]
     rows = [evaluate_row(label, ratio, str(folder), judge, dense_params, args)
             for (label, ratio), folder in folders.items()]
+    randoms = [random_masks_row(ratio, judge, dense_params, args) for ratio in args.ratios]
     speed_path = args.out / "speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     if speed is None and args.speed_rounds > 0:
         speed = measure_speed({f"{label}-{ratio:.1f}": f for (label, ratio), f in folders.items()
                                if label == "disp"}, args.speed_rounds)
         atomic_write_json(speed_path, speed)
+    baselines += randoms
     summary = {"model": MODEL, "dense": dense, "rows": rows, "baselines": baselines, "speed": speed,
                "settings": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_json(args.out.with_suffix(".json"), summary)
