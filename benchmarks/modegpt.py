@@ -117,6 +117,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
         settings = {k: best["settings"][k] for k in ("calib_samples", "solve_ridge")} | {"epsilon": eps}
         rows.append(row(f"{best['name']}-eps{eps:g}", "modegpt", settings))
     best = min(rows, key=val_score)
+    for n in args.sweep_more_samples:  # more calibration at the best ridge and temperature
+        settings = {k: best["settings"][k] for k in ("solve_ridge", "epsilon") if k in best["settings"]}
+        eps = f"-eps{settings['epsilon']:g}" if "epsilon" in settings else ""
+        rows.append(row(f"n{n}-mu{settings['solve_ridge']:g}{eps}", "modegpt", {"calib_samples": n, **settings}))
+    best = min(rows, key=val_score)
     baselines = {}
     for label, choices in BASELINE_CHOICES.items():
         if label not in args.variants:
@@ -271,6 +276,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-samples", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--sweep-ridges", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
     parser.add_argument("--sweep-epsilons", type=float, nargs="+", default=[0.05, 0.2])
+    parser.add_argument("--sweep-more-samples", type=int, nargs="*", default=[64])
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (speed is always measured with 2)")
     parser.add_argument("--no-cost", dest="measure_cost", action="store_false", help="skip the fresh-process cost run")
