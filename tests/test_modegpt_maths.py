@@ -67,11 +67,12 @@ def _vo_error(x: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, new_v: torch.
     return float(torch.linalg.norm(x @ wv.T @ wo.T - x @ new_v.T @ new_o.T) ** 2)
 
 
-def test_vo_svd_error_equals_the_discarded_singular_mass():
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: Gram eigenvalues below 1, so no clamp may touch them
+def test_vo_svd_error_equals_the_discarded_singular_mass(scale):
     """Type III: ||X (W_V W_O - W_V' W_O')||^2 = sum of the discarded squared singular values of X W_V W_O."""
     layout = AttentionLayout(num_heads=2, num_kv_heads=1, head_dim=8, rotary_dim=0)
     gen = torch.Generator().manual_seed(8)
-    x = _activations(600, 16, 16, seed=9).double()
+    x = scale * _activations(600, 16, 16, seed=9).double()
     wv = torch.randn(8, 16, generator=gen, dtype=torch.float64)  # [KV*hd, in]
     wo = torch.randn(16, 16, generator=gen, dtype=torch.float64)  # [out, H*hd]
     gram = x.T @ x
@@ -103,10 +104,11 @@ def _score_error(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, dims: torc
     return float(torch.linalg.norm(q @ k.T - q[:, dims] @ k[:, dims].T))
 
 
-def test_qk_selection_beats_random_and_reversed_selection():
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: energies below 1, so no clamp may touch them
+def test_qk_selection_beats_random_and_reversed_selection(scale):
     layout = AttentionLayout(num_heads=1, num_kv_heads=1, head_dim=16, rotary_dim=0)
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(300, 24, generator=gen)
+    x = scale * torch.randn(300, 24, generator=gen)
     scale = torch.logspace(0, -2, 16)[:, None]  # dims with very different energies
     wq = torch.randn(16, 24, generator=gen) * scale
     wk = torch.randn(16, 24, generator=gen) * scale.flip(0).sqrt() * scale.sqrt()
@@ -131,6 +133,18 @@ def test_rotary_pairs_score_by_pair_energy():
     dims, rope_index = qk_select(wq, wk, gram, layout, keep=0.5)
     assert rope_index == [[0]]
     assert sorted(dims[0].tolist()) == [0, 2]
+
+
+def test_pair_energies_with_more_pairs_and_non_rotary_dims():
+    """head_dim 12, rotary 8 (pairs (j, j+4)), 4 pass-through dims. Pair 3 = (3, 7) is q-on-one, k-on-the-other
+    (pair energy 16, per-dim 0); pairs 0-2 are balanced and weak (energy 2); pass dims score per dim."""
+    layout = AttentionLayout(num_heads=1, num_kv_heads=1, head_dim=12, rotary_dim=8)
+    q_diag = torch.tensor([1.0, 1, 1, 4, 1, 1, 1, 0, 3, 0.1, 0.1, 0.1])
+    k_diag = torch.tensor([1.0, 1, 1, 0, 1, 1, 1, 4, 3, 0.1, 0.1, 0.1])
+    dims, rope_index = qk_select(torch.diag(q_diag), torch.diag(k_diag), torch.eye(12, dtype=torch.float64),
+                                 layout, keep=0.25)
+    assert rope_index == [[3]]
+    assert dims[0].tolist() == [3, 7, 8]  # the strong pair, then the best pass-through dim
 
 
 def test_modegpt_config_refuses_negative_ridges():
