@@ -6,9 +6,10 @@ shrunk inside so that its output on calibration data is reconstructed as well as
 - Type I, MLP (Nyström): keep the ``k`` intermediate channels ``J`` with the largest ridge leverage
   ``diag(C (C + λI)^-1)`` of the intermediate Gram ``C``; rows ``J`` of gate/up (fc1) survive and the down
   projection is solved in closed form, ``W_D' = W_D C[:, J] (C[J, J] + μ I)^-1``. The paper's solve has no
-  ``μ``; ours (``solve_ridge``, relative to the mean diagonal of ``C[J, J]``) is there because the exact solve
-  fits the calibration windows: at 8 x 256 tokens it made held-out perplexity worse than no reconstruction at
-  all (issue 13). ``reconstruct=False`` is the ablation "MoDeGPT's selection, down columns copied".
+  ``μ``; ours (``solve_ridge``, relative to the mean diagonal of ``C[J, J]``) exists because the exact solve can
+  fit the calibration windows (issue 13 saw it at 8 x 256 tokens on 8 layers); on SmolLM2 with 8 or 32 x 512
+  tokens of the default mix the validation sweep chose μ = 0, the default. ``reconstruct=False`` is the ablation
+  "MoDeGPT's selection, down columns copied".
 - Type II, query/key (CR decomposition per head): dim ``j`` of a head scores ``sqrt((W_q^T C W_q)_jj (W_k^T C W_k)_jj)``
   (``C`` = Gram of the attention input, i.e. before RoPE), summed over the query heads sharing a KV head (GQA).
   Rotary partners ``(j, j + R/2)`` are kept or dropped together and keep their original frequency
@@ -58,7 +59,9 @@ class ModegptConfig(LayerwiseConfig):
     """Settings of a MoDeGPT run: the layer-wise ones plus the two ridges of Type I and the ablation switch."""
 
     ridge: float = option(1e-2, "λ of the ridge leverage scores, relative to the mean diagonal of C", cli=False)
-    solve_ridge: float = option(1e-1, "μ of the Type I (Nyström) solve, relative to the mean diagonal of C[J,J]")
+    # μ = 0 (the paper's exact solve) won the validation sweep at 8 and 32 x 512 calibration tokens
+    # (BENCHMARKS.md, MoDeGPT): 0.01 was within 2%, 0.1 and 1 were worse on every kind of text
+    solve_ridge: float = option(0.0, "μ of the Type I (Nyström) solve, relative to the mean diagonal of C[J,J]")
     reconstruct: bool = option(True, "solve the down projection (False: the ablation that copies its columns)",
                                cli=False)
 
