@@ -164,7 +164,7 @@ def measure_cost(args: argparse.Namespace) -> dict:
         )
         model_bytes = sum(f.stat().st_size for f in Path(tmp, "mg").glob("*.safetensors"))
     report = json.loads(done.stdout)
-    return {"seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
+    return {"seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"], "load_average": os.getloadavg(),
             "achieved_ratio": report["achieved_ratio"],
             "dense_model_mb": report["params_before"] * 4 / 2**20, "compressed_file_mb": model_bytes / 2**20}
 
@@ -247,14 +247,17 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
                   "baseline's own alternatives (FLAP's allocation, SliceGPT's PCA signal), at the chosen "
                   "calibration; the rows above use "
                   + ", ".join(f"{k} {v}" for k, v in sweep.get("baseline_settings", {}).items()) + "."]
+    stale = " (measured in an earlier run, before the calibration mix and the tuned defaults; not re-measured)"
     if cost:
-        lines += ["", f"Compression cost, one `leanfm compress --ratio 0.3` in a fresh process, 2 threads: "
+        lines += ["", f"Compression cost{'' if 'load_average' in cost else stale}, one `leanfm compress --ratio 0.3` "
+                  "in a fresh process, 2 threads: "
                   f"**{cost['seconds']:.0f} s**, peak RSS **{cost['peak_rss_mb']:.0f} MB** for a "
                   f"{cost['dense_model_mb']:.0f} MB float32 model; the saved checkpoint is "
                   f"{cost['compressed_file_mb']:.0f} MB."]
     if speed:
         m = speed["median"]
-        lines += ["", f"Speed, dense vs MoDeGPT 0.3, {speed['rounds']} alternating rounds, {speed['threads']} threads, "
+        lines += ["", f"Speed{'' if 'load_average' in speed else stale}, dense vs MoDeGPT 0.3, {speed['rounds']} "
+                  f"alternating rounds, {speed['threads']} threads, "
                   f"medians: prefill (8 x 512) {m['dense_prefill']:.0f} -> {m['mg_prefill']:.0f} tokens/s "
                   f"(**{speed['prefill_speedup']:.2f}x**); greedy decode (batch 1) {m['dense_decode']:.1f} -> "
                   f"{m['mg_decode']:.1f} tokens/s (**{speed['decode_speedup']:.2f}x**)."]
