@@ -11,6 +11,7 @@ from leanfm.cli import main
 from leanfm.compress import (
     DispConfig,
     ModegptConfig,
+    SliceGptConfig,
     SvdLlmConfig,
     WandaSpConfig,
     check_architecture,
@@ -219,7 +220,7 @@ def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
 # ---------------------------------------------------------------- the method registry
 
 COMPRESSORS = {"modegpt": ModegptConfig, "wanda-sp": WandaSpConfig, "svd-llm": SvdLlmConfig, "flap": FlapConfig,
-               "disp": DispConfig}
+               "disp": DispConfig, "slicegpt": SliceGptConfig}
 
 
 def test_every_compressor_is_registered_with_its_config():
@@ -286,6 +287,7 @@ def test_every_entry_refuses_an_encoder(tokenizer):
     message = r"^unsupported architecture 'bert' for compression; supported: llama, opt, phi, gpt_neox$"
     with pytest.raises(LeanfmError, match=message):
         check_architecture(bert)
+    llama_only = r"^slicegpt supports dense llama-architecture models only \(e.g. smollm2-135m\); got 'bert'$"
     for spec in list_methods("compress"):  # called directly (benchmarks, other code), not only via compress_model
-        with pytest.raises(LeanfmError, match=message):
+        with pytest.raises(LeanfmError, match=llama_only if spec.name == "slicegpt" else message):
             spec.entry(bert, tokenizer, spec.config(ratio=0.3))
