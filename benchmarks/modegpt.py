@@ -236,19 +236,21 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
                          + f" | {row.get('cloze_accuracy', float('nan')):.2f} |")
     if sweep:
         lines += ["", f"Defaults chosen on validation text ({sweep['score']}; MoDeGPT at 0.3):", "",
-                  "| setting | austen | pydocs | reviews | news | questions |", "|---|---|---|---|---|---|"]
+                  "| setting | austen | pydocs | reviews | news | questions | score |", "|---|---|---|---|---|---|---|"]
         for r in [sweep["dense"], *sweep["rows"]] if "dense" in sweep else sweep["rows"]:
             p = r["perplexity"]
             mark = " **(chosen)**" if r["name"] == sweep["best"] else ""
             lines.append(f"| {r['name']}{mark} | " + " | ".join(f"{p[k]:.1f}" if k in p else "-"
-                                                               for k in (*CORPUS_DOMAINS, *HELD)) + " |")
+                                                               for k in (*CORPUS_DOMAINS, *HELD))
+                         + f" | {val_score(r):.1f} |")
         lines += ["", "`nN` = calibration windows of 512 tokens, `muM` = Type I solve ridge (x mean diagonal of "
                   "C[J,J]), `epsE` = allocation temperature (0.1 where not given); rows with more calibration than "
                   f"the default {args.calib_samples} windows show its price and are not chosen from (every method in "
                   "the table calibrates on the same windows); `flap-*` / `slicegpt-*` = each "
                   "baseline's own alternatives (FLAP's allocation, SliceGPT's PCA signal), at the chosen "
                   "calibration; the rows above use "
-                  + ", ".join(f"{k} {v}" for k, v in sweep.get("baseline_settings", {}).items()) + "."]
+                  + ", ".join(f"{k} " + ", ".join(f"{n}={v}" for n, v in c.items() if not n.startswith("calib_"))
+                              for k, c in sweep.get("baseline_settings", {}).items()) + "."]
     stale = " (measured in an earlier run, before the calibration mix and the tuned defaults; not re-measured)"
     if cost:
         lines += ["", f"Compression cost{'' if 'load_average' in cost else stale}, one `leanfm compress --ratio 0.3` "
