@@ -234,6 +234,7 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
             cells = [f"{p[k]:.1f}" if k in p else "-" for k in ("austen", "pydocs", "heldout", *HELD)]
             lines.append(f"| {label} | {row['ratio']:.1f} | {row['model_ratio']:.3f} | " + " | ".join(cells)
                          + f" | {row.get('cloze_accuracy', float('nan')):.2f} |")
+    lines += ["", verdict(rows, dense)]
     if sweep:
         lines += ["", f"Defaults chosen on validation text ({sweep['score']}; MoDeGPT at 0.3):", "",
                   "| setting | austen | pydocs | reviews | news | questions | score |", "|---|---|---|---|---|---|---|"]
@@ -267,6 +268,27 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
                   f"{m['mg_decode']:.1f} tokens/s (**{speed['decode_speedup']:.2f}x**)."]
     lines += ["", "![MoDeGPT vs baselines](results/modegpt.png)", "", f"Regenerate: `{command}`"]
     return "\n".join(lines)
+
+
+def verdict(rows: list[dict], dense: dict) -> str:
+    """The claims, checked on this run's rows: MoDeGPT (global) lowest of the published methods at every ratio on
+    every text, and its held-out perplexity at 0.3 against 2x dense."""
+    published = ("flap", "slicegpt", "svd-llm", "disp")
+    keys = [k for k in ("austen", "pydocs", "heldout") if k in dense["perplexity"]]
+    losses = []
+    for mine in (r for r in rows if r["label"] == "modegpt"):
+        for other in (r for r in rows if r["label"] in published and abs(r["ratio"] - mine["ratio"]) < 1e-9):
+            losses += [f"{other['label']} at {mine['ratio']:.1f} on {k} ({other['perplexity'][k]:.1f} vs "
+                       f"{mine['perplexity'][k]:.1f})" for k in keys if other["perplexity"][k] < mine["perplexity"][k]]
+    text = ("Verdict: MoDeGPT has the lowest perplexity of the published methods at every ratio on every text"
+            if not losses else "Verdict: MoDeGPT is beaten by " + "; ".join(losses)) + "."
+    at3 = next((r for r in rows if r["label"] == "modegpt" and abs(r["ratio"] - 0.3) < 1e-9), None)
+    if at3 is not None and "heldout" in keys:
+        factor = at3["perplexity"]["heldout"] / dense["perplexity"]["heldout"]
+        text += (f" At 0.3 its held-out perplexity is {factor:.1f}x dense ({'within' if factor <= 2 else 'not within'}"
+                 f" the 2x asked for); Austen {at3['perplexity']['austen'] / dense['perplexity']['austen']:.2f}x, "
+                 f"Python docs {at3['perplexity']['pydocs'] / dense['perplexity']['pydocs']:.2f}x.")
+    return text
 
 
 def parse_args() -> argparse.Namespace:
