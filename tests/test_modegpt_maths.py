@@ -150,3 +150,30 @@ def test_pair_energies_with_more_pairs_and_non_rotary_dims():
 def test_modegpt_config_refuses_negative_ridges():
     with pytest.raises(LeanfmError, match="solve_ridge -1"):
         ModegptConfig(ratio=0.3, solve_ridge=-1).validate()
+
+
+def test_pair_energies_add_the_partners_energies():
+    """Pair A = (0, 2) spreads its energy over both dims (q = k = (2, 2)); pair B = (1, 3) holds it in one
+    (q = k = (3, 0)). Pair energies: A 4, B 3 -> keep A (a difference or a ratio of the partners would keep B)."""
+    layout = AttentionLayout(num_heads=1, num_kv_heads=1, head_dim=4, rotary_dim=4)
+    w = torch.diag(torch.tensor([2.0, 3.0, 2.0, 0.0]).sqrt())  # row energies (2, 3, 2, 0) on an identity Gram
+    dims, rope_index = qk_select(w, w, torch.eye(4, dtype=torch.float64), layout, keep=0.5)
+    assert rope_index == [[0]] and sorted(dims[0].tolist()) == [0, 2]
+
+
+def test_qk_score_is_a_product_of_query_and_key_energies():
+    """dim 0: E_q 100, E_k 0.01 (product 1); dim 1: E_q = E_k = 2 (product 4): the logit mass is in dim 1."""
+    layout = AttentionLayout(num_heads=1, num_kv_heads=1, head_dim=2, rotary_dim=0)
+    wq = torch.diag(torch.tensor([100.0, 2.0]).sqrt())
+    wk = torch.diag(torch.tensor([0.01, 2.0]).sqrt())
+    dims, _ = qk_select(wq, wk, torch.eye(2, dtype=torch.float64), layout, keep=0.5)
+    assert dims.tolist() == [[1]]
+
+
+def test_qk_scores_sum_over_the_query_heads_of_each_kv_group():
+    """GQA, 2 KV groups x 2 query heads: group 0's heads use dim 0, group 1's dim 1 — each group keeps its own."""
+    layout = AttentionLayout(num_heads=4, num_kv_heads=2, head_dim=2, rotary_dim=0)
+    wq = torch.tensor([[1.0, 0], [0, 0], [1, 0], [0, 0], [0, 0], [0, 1], [0, 0], [0, 1]])  # [H*hd, in]
+    wk = torch.ones(4, 2)
+    dims, _ = qk_select(wq, wk, torch.eye(2, dtype=torch.float64), layout, keep=0.5)
+    assert dims.tolist() == [[0], [1]]
