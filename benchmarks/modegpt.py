@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,10 +75,11 @@ def compress_row(label: str, ratio: float, settings: dict, judge: Judge, args: a
     return row
 
 
-def cached(path: Path, make: object) -> dict:
+def cached(path: Path, make: Callable[[], dict]) -> dict:
+    """The row stored at ``path``, or ``make()``'s, stored atomically there."""
     if path.is_file():
         return json.loads(path.read_text())
-    row = make()  # type: ignore[operator]
+    row = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, row)
     ppl = row["perplexity"]

@@ -155,8 +155,7 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
         block_params_before=block_before, block_params_after=block_after,
         achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-        calibration={"sources": [src.describe() for src in parse_calibration(config.calib_corpus)],
-                     "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "seed": config.seed},
+        calibration=calibration_record(config, calib),
     )
 
 
@@ -165,6 +164,12 @@ def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig
     """Check the architecture, draw the calibration windows and run :func:`compress`."""
     check_architecture(model)
     return compress(model, calibration_for(tokenizer, config), config, method, block_fn)
+
+
+def calibration_record(config: LayerwiseConfig, calib: torch.Tensor) -> dict[str, Any]:
+    """What a report records about the calibration windows ``calib`` drawn for ``config``."""
+    return {"sources": [src.describe() for src in parse_calibration(config.calib_corpus)],
+            "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "seed": config.seed}
 
 
 def calibration_for(tokenizer: Any, config: LayerwiseConfig) -> torch.Tensor:

@@ -351,6 +351,7 @@ class DispTrainer:
         self.history: list[dict[str, Any]] = []
         self.sources = parse_calibration(self.config.train_corpus)
         self.ids = [source_token_ids(self.tokenizer, source) for source in self.sources]
+        self.source_names = [source.describe() for source in self.sources]
         self.runtime = Runtime.for_config(self.config, self.context)
         self.batch(0)  # a source too short for seqlen fails here, before any training
         self.hooks: ChannelMasks | None = None
@@ -367,7 +368,7 @@ class DispTrainer:
     def batch(self, step: int) -> torch.Tensor:
         """This rank's share of the global batch of ``step`` (on the CPU; the loop moves it)."""
         windows = mixed_windows(self.ids, self.config.batch_size, self.config.seqlen,
-                                self.config.seed * 1_000_003 + 7919 * (step + 1), [s.describe() for s in self.sources])
+                                self.config.seed * 1_000_003 + 7919 * (step + 1), self.source_names)
         return self.runtime.context.shard(windows)
 
     def loss(self, step: int, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

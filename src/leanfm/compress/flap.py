@@ -52,11 +52,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, calibration_for, check_architecture
+from leanfm.compress.base import (
+    CompressionReport,
+    LayerwiseConfig,
+    calibration_for,
+    calibration_record,
+    check_architecture,
+)
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs, collect_stats
 from leanfm.compress.surgery import load_block_weights, qkv_params
 from leanfm.config import option, register_method
-from leanfm.data.calibration import parse_calibration
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import AttentionLayout, BlockParts, get_adapter
@@ -306,8 +311,7 @@ def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> Compressi
         achieved_ratio=1 - block_after / block_before,
         layer_sparsity=[round(1 - a / b, 4) for a, b in zip(_block_sizes(model), sizes, strict=True)],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-        calibration={"sources": [src.describe() for src in parse_calibration(config.calib_corpus)],
-                     "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "seed": config.seed},
+        calibration=calibration_record(config, calib),
     )
 
 

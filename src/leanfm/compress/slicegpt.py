@@ -44,10 +44,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, calibration_for
+from leanfm.compress.base import CompressionReport, LayerwiseConfig, calibration_for, calibration_record
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs
 from leanfm.config import option, register_method
-from leanfm.data.calibration import parse_calibration
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
@@ -266,8 +265,7 @@ def compress_slicegpt(model: nn.Module, tokenizer: Any, config: SliceGptConfig) 
         block_params_before=block_before, block_params_after=block_after, achieved_ratio=achieved,
         layer_sparsity=[round(achieved, 4)] * len(layers), seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
-        calibration={"sources": [src.describe() for src in parse_calibration(config.calib_corpus)],
-                     "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "seed": config.seed},
+        calibration=calibration_record(config, calib),
         width=width, hidden_size=int(dense_config.hidden_size), whole_model_ratio=1 - params_after / params_before,
     )
 

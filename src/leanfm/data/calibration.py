@@ -53,14 +53,9 @@ def calibration_windows(
     """``samples`` random windows of ``seqlen`` tokens from a split, shape ``[samples, seqlen]``.
 
     Start offsets are drawn with a seeded generator, so two methods given the same arguments calibrate on
-    identical data.
+    identical data. A one-source :func:`mixed_calibration_windows`.
     """
-    if samples < 1:
-        raise LeanfmError(f"calibration samples {samples} must be >= 1")
-    ids = split_token_ids(tokenizer, corpus_name, split)
-    if ids.numel() <= seqlen:
-        raise LeanfmError(f"split '{split}' has {ids.numel()} tokens, too few for seqlen {seqlen}")
-    return random_windows(ids, samples, seqlen, seed)
+    return mixed_calibration_windows(tokenizer, f"{corpus_name}:{split}", samples, seqlen, seed)
 
 
 def random_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
