@@ -34,7 +34,8 @@ from torch import nn
 from leanfm import load_model
 from leanfm.data.calibration import split_token_ids, token_windows
 from leanfm.data.corpus import corpus
-from leanfm.decode.dynamo import DecodeConfig, generate, head_perplexities, load
+from leanfm.decode.dynamo import DecodeConfig, generate, load
+from leanfm.decode.training import head_perplexities
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section

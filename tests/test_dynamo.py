@@ -12,18 +12,16 @@ from leanfm.cli import main
 from leanfm.decode.dynamo import (
     DecodeConfig,
     DynamoModel,
-    DynamoTrainConfig,
     blur3,
     generate,
-    head_perplexities,
     load,
     otsu_threshold,
     save_dynamo,
     select_tokens,
-    train_heads,
     weighted_joint,
 )
 from leanfm.decode.ngrams import NgramCounts
+from leanfm.decode.training import DynamoTrainConfig, head_perplexities, train_heads
 from leanfm.errors import LeanfmError
 from leanfm.eval.perplexity import perplexity
 

@@ -18,7 +18,8 @@ from leanfm.cli.common import (
     out_path,
     positive_int,
 )
-from leanfm.decode.dynamo import DecodeConfig, DynamoTrainConfig, generate, load, train_and_save
+from leanfm.decode.dynamo import DecodeConfig, generate, load
+from leanfm.decode.training import DynamoTrainConfig, train_and_save
 
 
 def add_parsers(sub: Any) -> None:

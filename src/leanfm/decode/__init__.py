@@ -3,6 +3,6 @@
 Importing the package registers DynaMo's trainer and decoder.
 """
 
-from leanfm.decode import dynamo
+from leanfm.decode import dynamo, training
 
-__all__ = ["dynamo"]
+__all__ = ["dynamo", "training"]
