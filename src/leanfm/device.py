@@ -47,3 +47,26 @@ def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = to
 def distributed_backend(device: torch.device) -> str:
     """nccl for CUDA tensors, gloo for everything else (CPU tensors never go through nccl)."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX.
+
+    Why: on such CPUs a bfloat16 forward of SmolLM2 measured ~2.7x faster than float32 and a few-row matmul
+    costs about one row; without them PyTorch emulates bf16 and it is slower than float32.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def decode_dtype(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bfloat16`` where :func:`fast_bfloat16`, else ``float32``; other names pass through."""
+    if name == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    return name

@@ -20,6 +20,7 @@ from leanfm.cli.common import (
 )
 from leanfm.decode.dynamo import DecodeConfig, generate, load
 from leanfm.decode.training import DynamoTrainConfig, train_and_save
+from leanfm.device import decode_dtype, resolve_device
 
 
 def add_parsers(sub: Any) -> None:
@@ -37,6 +38,9 @@ def add_parsers(sub: Any) -> None:
     add_config_flags(g, DecodeConfig)
     g.add_argument("--max-new-tokens", type=positive_int, default=64, help="[default 64]")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG [default 0]")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights' dtype; auto = bfloat16 where this CPU/GPU runs it natively [default auto]")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N [default auto]")
     add_json_flag(g)
     g.set_defaults(handler=cmd_generate)
 
@@ -53,13 +57,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(DecodeConfig, args)
     check_json_target(args)
-    model, tokenizer, stats = load(args.model)
+    device = resolve_device(args.device)
+    model, tokenizer, stats = load(args.model, dtype=decode_dtype(args.dtype, device))
+    model.to(device)
     torch.manual_seed(args.seed)
     result = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, config=config, stats=stats)
     if args.json != "-":
         for prompt, text in zip(args.prompt, result.texts, strict=True):
             print(f"{prompt}{text}\n")
     data = {"texts": result.texts, "steps": result.steps, "tokens_per_step": result.tokens_per_step,
-            "seconds": result.seconds, "level_counts": result.level_counts}
+            "seconds": result.seconds, "level_counts": result.level_counts, "acceptance": result.acceptance,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     emit(args, data, ("tokens_per_step", "seconds"))
     return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 HEADS_FILE, STATS_FILE, META_FILE = "dynamo_heads.safetensors", "cooccurrence.safetensors", "dynamo.json"
 INITS = ("copy", "random")
 _CACHE_KWARGS = ("cache", "layer_past", "past_key_values")
+_FEW_ROWS = 32  # up to this many rows the float32 LM head runs as W x^T (see DynamoModel.lm_head)
 
 
 # ---------------------------------------------------------------- model
@@ -94,6 +96,24 @@ class DynamoModel(nn.Module):
         """The base model's config."""
         return self.base.config
 
+    def lm_head(self, rows: torch.Tensor) -> torch.Tensor:
+        """The shared LM head on ``rows`` (``[..., d]`` -> ``[..., V]``), computed the fast way for a few rows.
+
+        Why not ``F.linear``: in float32 a handful of rows takes PyTorch's slow path for ``x W^T`` (a review
+        measured 54-97 ms for 3 rows of SmolLM2's ``[49152, 576]`` head vs 10-16 ms for ``W x^T``); bfloat16
+        is fast either way. Numerically the same product.
+        """
+        head = self.base.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        flat = rows.reshape(-1, rows.shape[-1])  # [R, d]
+        if weight.dtype == torch.float32 and 1 < flat.shape[0] <= _FEW_ROWS:
+            out = (weight @ flat.T).T  # [R, V]
+        else:
+            out = nn.functional.linear(flat, weight)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*rows.shape[:-1], out.shape[-1])
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + the shared LM head: an extra head's hidden states -> logits."""
         norm = self.adapter.final_norm(self.base)
@@ -102,22 +122,22 @@ class DynamoModel(nn.Module):
     def logits(self, final: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
         """Logits of every head, ``[..., n, V]``, from the base's final (normed) hidden states and the heads'.
 
-        One LM-head matmul for all heads: at batch 1 decoding is memory-bound and the LM head is a fifth of
+        One LM-head product for all heads: at batch 1 decoding is memory-bound and the LM head is a fifth of
         SmolLM2's weights, so reading it once per step instead of n times is most of what the heads cost.
         """
         norm = self.adapter.final_norm(self.base)
         rows = [final] + [norm(s) if norm is not None else s for s in states]
-        return self.base.get_output_embeddings()(torch.stack(rows, dim=-2))
+        return self.lm_head(torch.stack(rows, dim=-2))
 
     def forward_heads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: Any = None, head_cache: Any = None,
-                      base_grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      base_grad: bool = False, heads: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base's final hidden states (after its final norm) and the extra heads' (before it), ``[B, T, d]``.
 
         The base decoder stack runs once (without its LM head — :meth:`logits` applies it to the positions
         that are needed); a pre-hook on its last block captures the penultimate hidden state and the exact
         keyword arguments (mask, rotary embeddings, positions, cache) the block received, which the extra
-        layers reuse with their own cache.
+        layers reuse with their own cache. ``heads`` runs only the first few extra layers (0: none).
         """
         captured: dict[str, Any] = {}
 
@@ -140,7 +160,7 @@ class DynamoModel(nn.Module):
         if not base_grad:
             hidden = hidden.detach()
         states = []
-        for layer in self.heads:
+        for layer in list(self.heads)[: len(self.heads) if heads is None else heads]:
             result = layer(hidden, **kwargs)
             states.append(result[0] if isinstance(result, tuple) else result)
         return out.last_hidden_state, states
@@ -188,12 +208,16 @@ class DecodeConfig(MethodConfig):
     threshold: float = option(0.5, "ε_b in [0, 1]: accept a multi-token candidate above it; 1 = the base model's "
                               "decoding")
     temperature: float = option(0.7, "sampling temperature; 0 = greedy")
-    repetition_penalty: float = option(1.1, "transformers' repetition penalty on head 1")
-    top_k: int = option(50, "top-k filtering of head 1")
-    alpha: float = option(1.0, "exponent of the co-occurrence weighting")
-    mask: bool = option(True, "co-occurrence weighted masking of the joint")
+    repetition_penalty: float = option(1.1, "transformers' repetition penalty, on every head")
+    top_k: int = option(50, "candidates per head in the joint")
+    alpha: float = option(1.0, "exponent of the co-occurrence weight")
+    mask: bool = option(True, "co-occurrence mask: down-weight combinations the n-gram counts make improbable")
+    smoothing: float = option(1.0, "add-λ smoothing of the n-gram counts in the co-occurrence weight (> 0)")
+    min_count: int = option(2, "n-grams seen fewer times than this count as unseen")
     adaptive: bool = option(True, "Otsu threshold on the weighted joint")
     blur: bool = option(True, "3-tap Gaussian blur before Otsu")
+    verify: bool = option(False, "lossless verify mode (ours, beyond the paper): the heads draft, the next forward "
+                          "keeps what the base model agrees with; the output is the base model's")
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +226,9 @@ class DecodeConfig(MethodConfig):
         if self.temperature < 0 or self.repetition_penalty <= 0 or self.top_k < 1:
             raise LeanfmError(f"temperature {self.temperature}, repetition penalty {self.repetition_penalty}, top-k "
                               f"{self.top_k}: accepted temperature >= 0, penalty > 0, top-k >= 1")
+        if self.smoothing <= 0 or self.min_count < 1:
+            raise LeanfmError(f"smoothing {self.smoothing}, min count {self.min_count}: accepted smoothing > 0, "
+                              "min count >= 1")
 
 
 def blur3(joint: torch.Tensor) -> torch.Tensor:
@@ -232,38 +259,97 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     return low + (int(between.argmax()) + 1) * width
 
 
-def weighted_joint(probs: list[torch.Tensor], stats: NgramCounts | None, config: DecodeConfig
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The top-k joint of ``len(probs)`` heads with co-occurrence weighting; returns (J, top-k token ids)."""
-    m = len(probs)
+def _along(values: torch.Tensor, axis: int, dims: int) -> torch.Tensor:
+    """A vector ``[k]`` viewed along ``axis`` of a ``dims``-dimensional grid (``[1, .., k, .., 1]``)."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def cooccurrence_weight(ids: list[torch.Tensor], stats: NgramCounts, config: DecodeConfig) -> torch.Tensor:
+    """``w(x_1..x_m) = min(1, (c + λ) / (E + λ))^α`` on the grid of candidate ids ``ids[j]`` (``[k_j]``).
+
+    ``c`` is the n-gram's count (0 below ``min_count``), ``E = N_m Π p̂(x_i)`` the count independence predicts
+    over the corpus's ``N_m`` m-gram positions, λ the smoothing. A combination the corpus has seen at least as
+    often as chance keeps its joint (w = 1); one seen far less often than its parts predict is filtered out;
+    one too rare to judge (E << λ) is left alone. Our reading of the paper's intent ("filter out improbable
+    combinations"): the weight never exceeds 1, so — unlike the raw ratio, which let n-grams seen once absorb
+    the mass — it can only remove probability, never raise a joint above the heads' own product.
+    """
+    dims = len(ids)
+    grid = torch.stack(torch.meshgrid(*ids, indexing="ij"), dim=-1)  # [k_1, .., k_m, m]
+    counts = stats.count(grid).float()
+    counts = torch.where(counts >= config.min_count, counts, torch.zeros_like(counts))
+    expected = torch.full((), float(max(1, stats.total - dims + 1)))
+    for axis, token_ids in enumerate(ids):
+        expected = expected * _along(stats.probability(token_ids[:, None]).float(), axis, dims)
+    ratio = (counts + config.smoothing) / (expected + config.smoothing)
+    return ratio.clamp(max=1.0) ** config.alpha
+
+
+def repeat_penalty_grid(ids: list[torch.Tensor], factors: list[torch.Tensor]) -> torch.Tensor:
+    """``ρ(x_1..x_m) = Π_{j>=2} f_j(x_j)`` over the heads j whose token repeats an earlier one of the candidate.
+
+    ``factors[j]`` (``[V]``) is what the repetition penalty would multiply head j's probability of a token by
+    if that token were already in the text (:func:`repeat_factors`). Without this, head 3 would happily
+    propose the token head 2 proposes in the same step. Not renormalised (our choice): the factor only
+    removes mass, so the joint stays below the heads' product, which the exact early exit relies on.
+    """
+    dims = len(ids)
+    weight = torch.ones(())
+    for j in range(1, dims):
+        repeats = torch.zeros((), dtype=torch.bool)
+        for i in range(j):
+            repeats = repeats | (_along(ids[j], j, dims) == _along(ids[i], i, dims))
+        weight = weight * torch.where(repeats, _along(factors[j][ids[j]].float(), j, dims), torch.ones(()))
+    return weight
+
+
+def candidate_joint(probs: list[torch.Tensor], stats: NgramCounts | None, config: DecodeConfig, floor: float,
+                    factors: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The weighted joint ``J`` of the heads' top-k candidates that can reach ``floor``; returns (J, ids).
+
+    Only a corner of the ``k^m`` grid can: a candidate of head i with ``p_i(x) Π_{j≠i} max p_j < floor`` is below
+    the floor in every cell (weights and penalties are <= 1). The corner keeps one more candidate per axis,
+    whose cells are all below the floor, so the blur sees the zeros it would see on the full grid: the
+    selection is the full grid's, at a fraction of the cost (float32; ``floor = 0`` keeps the full grid).
+    """
+    dims = len(probs)
     top = [p.topk(min(config.top_k, p.numel())) for p in probs]
-    joint = torch.ones((), dtype=torch.float64)
-    for values in (t.values.double() for t in top):
-        joint = joint.unsqueeze(-1) * values
-    ids = [t.indices for t in top]
-    if config.mask and config.alpha > 0 and stats is not None and m <= stats.max_order:
-        grid = torch.stack(torch.meshgrid(*ids, indexing="ij"), dim=-1)  # [k]*m x m
-        together = stats.probability(grid)  # p̂(x_1..x_m), one lookup per cell
-        apart = torch.ones((), dtype=torch.float64)  # Π p̂(x_i) as an outer product of k-vectors
-        for token_ids in ids:
-            apart = apart.unsqueeze(-1) * stats.probability(token_ids[:, None])
-        ratio = torch.where(apart > 0, together / apart.clamp_min(1e-300), torch.zeros_like(together))
-        mass = joint.sum()
-        joint = joint * ratio**config.alpha
-        total = joint.sum()
-        joint = joint * (mass / total) if total > 0 else joint
+    peaks = [float(t.values[0]) for t in top]
+    bound = math.prod(peaks)
+    values, ids = [], []
+    for axis, t in enumerate(top):
+        others = bound / peaks[axis] if peaks[axis] > 0 else 0.0
+        reach = int((t.values.float() * others >= floor).sum())
+        size = min(reach + 1, t.values.numel())
+        values.append(t.values[:size].float())
+        ids.append(t.indices[:size])
+    joint = torch.ones(())
+    for axis, v in enumerate(values):
+        joint = joint * _along(v, axis, dims)
+    if factors is not None:
+        joint = joint * repeat_penalty_grid(ids, factors)
+    if config.mask and config.alpha > 0 and stats is not None and dims <= stats.max_order:
+        joint = joint * cooccurrence_weight(ids, stats, config)
     return joint, ids
 
 
 def select_tokens(probs: list[torch.Tensor], stats: NgramCounts | None, config: DecodeConfig,
-                  generator: torch.Generator | None = None) -> list[int] | None:
+                  generator: torch.Generator | None = None, factors: list[torch.Tensor] | None = None
+                  ) -> list[int] | None:
     """Tokens for one sequence's step from the heads' distributions ``probs[j]`` (``[V]``, after penalty and
     temperature); None means "one token from head 1" (sampled by the caller, batched, like ``generate``)."""
+    if config.threshold >= 1:
+        return None
+    peaks = [float(p.max()) for p in probs]
     for m in range(len(probs), 1, -1):
-        joint, ids = weighted_joint(probs[:m], stats, config)
         floor = config.threshold ** (m - 1)
-        peak = float(joint.max())
-        if peak <= 0 or peak < floor:
+        bound = math.prod(peaks[:m])
+        if bound <= 0 or bound < floor:
+            continue  # exact early exit: no cell can reach the floor
+        joint, ids = candidate_joint(probs[:m], stats, config, floor, factors)
+        if float(joint.max()) <= 0 or float(joint.max()) < floor:
             continue
         joint = torch.where(joint >= floor, joint, torch.zeros_like(joint))
         if config.adaptive:
@@ -275,7 +361,7 @@ def select_tokens(probs: list[torch.Tensor], stats: NgramCounts | None, config: 
         if config.temperature == 0:
             flat = int(joint.flatten().argmax())
         else:
-            flat = int(torch.multinomial((joint / joint.sum()).flatten().float(), 1, generator=generator))
+            flat = int(torch.multinomial((joint / joint.sum()).flatten(), 1, generator=generator))
         index = []
         for size in reversed(joint.shape):
             index.append(flat % size)
@@ -297,6 +383,7 @@ class DynamoOutput:
     tokens_per_step: float  # mean over active (row, step) pairs
     seconds: float
     level_counts: dict[int, int] = field(default_factory=dict)
+    acceptance: list[float] = field(default_factory=list)  # verify mode: share of drafts j = 2..n the base accepted
 
 
 def _processors(config: DecodeConfig) -> LogitsProcessorList:
@@ -308,14 +395,203 @@ def _processors(config: DecodeConfig) -> LogitsProcessorList:
     return processors
 
 
+def _scores(processors: LogitsProcessorList, context: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """One row's processed scores (``[V]``) after the text ``context`` (``[L]``)."""
+    return processors(cast(torch.LongTensor, context[None]), logits[None].clone())[0] if len(processors) else logits
+
+
+def repeat_factors(logits: torch.Tensor, sequences: torch.Tensor, config: DecodeConfig) -> torch.Tensor | None:
+    """Per token, the factor the repetition penalty puts on its probability once it is in the text.
+
+    ``exp((pen(l) - l) / T)`` with ``pen(l) = l / θ`` for ``l > 0`` and ``l θ`` otherwise (transformers' rule), and
+    1 for tokens already in ``sequences`` (their probabilities are penalised already). ``logits`` ``[B, V]``.
+    """
+    if config.repetition_penalty == 1.0:
+        return None
+    theta = config.repetition_penalty
+    penalised = torch.where(logits > 0, logits / theta, logits * theta)
+    scale = config.temperature if config.temperature not in (0.0, 1.0) else 1.0
+    return torch.exp((penalised - logits) / scale).scatter(-1, sequences, 1.0)
+
+
+@dataclass
+class _Batch:
+    """Decoding state. Every column the KV caches hold is a column of ``sequences``/``attention``; columns
+    that no longer count (left padding, empty slots of shorter rows, rejected drafts) are masked, and hold
+    the pad token or a token the row already has, so the repetition penalty sees exactly the row's text."""
+
+    sequences: torch.Tensor  # [B, L]
+    attention: torch.Tensor  # [B, L]
+    emitted: list[list[int]]
+    done: list[bool]
+    max_new_tokens: int
+    eos: int | None
+    level_counts: dict[int, int] = field(default_factory=dict)
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def emit(self, b: int, tokens: list[int]) -> list[int]:
+        """Append ``tokens`` to row ``b`` (cut at the length limit and after EOS); returns what was kept."""
+        tokens = tokens[: self.max_new_tokens - len(self.emitted[b])]
+        if self.eos is not None and self.eos in tokens:
+            tokens = tokens[: tokens.index(self.eos) + 1]
+        self.level_counts[len(tokens)] = self.level_counts.get(len(tokens), 0) + 1
+        self.emitted[b].extend(tokens)
+        self.done[b] = len(self.emitted[b]) >= self.max_new_tokens or (self.eos is not None and tokens[-1] == self.eos)
+        return tokens
+
+    def remaining(self, b: int) -> int:
+        return 0 if self.done[b] else self.max_new_tokens - len(self.emitted[b])
+
+
+def _lossy_step(model: DynamoModel, final: torch.Tensor, states: list[torch.Tensor], batch: _Batch,
+                slots: list[int], config: DecodeConfig, stats: NgramCounts | None, n: int,
+                generator: torch.Generator | None) -> list[list[int]]:
+    """DynaMo's step: each row's 1..n tokens from the heads' distributions at its last fed slot (all kept)."""
+    rows = len(slots)
+    pick, slot = torch.arange(rows), torch.tensor(slots)
+    logits = model.logits(final[pick, slot], [s[pick, slot] for s in states[: n - 1]]).float()  # [B, n, V]
+    processors = _processors(config)
+    head_logits = list(logits.unbind(1))
+    text = cast(torch.LongTensor, batch.sequences)
+    scores = [processors(text, h.clone()) if len(processors) else h for h in head_logits]
+    probs = [torch.softmax(s, dim=-1) for s in scores]
+    factors = [repeat_factors(h, batch.sequences, config) for h in head_logits] if n > 1 else []
+    choices: list[list[int] | None] = [None] * rows
+    for b in range(rows):
+        if not batch.done[b] and n > 1:
+            row_factors = [f[b] for f in factors if f is not None] or None
+            choices[b] = select_tokens([p[b] for p in probs], stats, config, generator, row_factors)
+    single = [b for b in range(rows) if choices[b] is None and not batch.done[b]]
+    if single:
+        if config.temperature == 0:
+            drawn = scores[0][single].argmax(-1)
+        else:
+            drawn = torch.multinomial(probs[0][single], 1, generator=generator).squeeze(1)
+        for b, token in zip(single, drawn.tolist(), strict=True):
+            choices[b] = [token]
+    return [batch.emit(b, row) if row is not None and not batch.done[b] else [] for b, row in enumerate(choices)]
+
+
+def _verify_row(scores_at: Any, drafts: list[int], draft_probs: list[torch.Tensor | None], greedy: bool,
+                generator: torch.Generator | None) -> tuple[int, int]:
+    """(drafts accepted, the base model's token after them); ``scores_at(i)``: the base's scores at slot i.
+
+    Greedy: accept while the draft is the base's argmax. Sampling: speculative acceptance (accept draft d
+    drawn from q with probability min(1, p(d)/q(d)), else draw from norm(max(0, p - q))), which leaves every
+    emitted token distributed exactly as the base model's sampling; q is the draft head's own distribution.
+    """
+    for accepted in range(len(drafts) + 1):
+        scores = scores_at(accepted)
+        if greedy:
+            token = int(scores.argmax())
+            if accepted < len(drafts) and token == drafts[accepted]:
+                continue
+            return accepted, token
+        p = torch.softmax(scores, dim=-1)
+        if accepted == len(drafts):
+            return accepted, int(torch.multinomial(p, 1, generator=generator))
+        draft, q = drafts[accepted], draft_probs[accepted]
+        assert q is not None  # sampling drafts keep their distribution
+        if float(torch.rand((), generator=generator)) * float(q[draft]) < float(p[draft]):
+            continue
+        residual = (p - q).clamp_min(0)
+        return accepted, int(torch.multinomial(residual if float(residual.sum()) > 0 else p, 1, generator=generator))
+    raise AssertionError("unreachable: the last slot always returns")
+
+
+def _draft_row(head_logits: torch.Tensor, context: torch.Tensor, count: int, processors: LogitsProcessorList,
+               greedy: bool, generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+    """Drafts for the next ``count`` tokens from heads 2.. (``head_logits`` ``[n-1, V]``), each head penalised
+    for the text so far *and* the drafts before it; sampling keeps each draft's distribution for acceptance."""
+    drafts: list[int] = []
+    probs: list[torch.Tensor | None] = []
+    for j in range(count):
+        scores = _scores(processors, context, head_logits[j])
+        if greedy:
+            token, q = int(scores.argmax()), None
+        else:
+            q = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(q, 1, generator=generator))
+        drafts.append(token)
+        probs.append(q)
+        context = torch.cat([context, context.new_tensor([token])])
+    return drafts, probs
+
+
+def _verify_step(model: DynamoModel, final: torch.Tensor, states: list[torch.Tensor], batch: _Batch,
+                 starts: list[int], drafts: list[list[int]], draft_probs: list[list[torch.Tensor | None]],
+                 config: DecodeConfig, n: int, generator: torch.Generator | None) -> list[list[int]]:
+    """Verify mode's step: accept each row's longest agreed prefix of drafts, emit it and the base's next token,
+    mask the rejected drafts' columns, and draft again from the heads at the last accepted slot."""
+    rows, width = final.shape[0], final.shape[1]
+    before = batch.sequences.shape[1] - width  # columns held before this step's inputs
+    low = min(starts)  # the prompt step verifies nothing: only its last slot is needed
+    base = model.lm_head(final[:, low:]).float()  # [B, W - low, V]: the base's next-token logits from slot `low` on
+    processors, greedy = _processors(config), config.temperature == 0
+    slots: list[int] = []
+    feeds: list[list[int]] = []
+    for b in range(rows):
+        if batch.done[b]:
+            slots.append(starts[b])
+            feeds.append([])
+            continue
+        row = batch.sequences[b]
+
+        def scores_at(i: int, b: int = b, row: torch.Tensor = row) -> torch.Tensor:
+            return _scores(processors, row[: before + starts[b] + i + 1], base[b, starts[b] + i - low])
+
+        accepted, token = _verify_row(scores_at, drafts[b], draft_probs[b], greedy, generator)
+        for j in range(len(drafts[b])):
+            batch.drafted[j] += 1
+            batch.accepted[j] += int(j < accepted)
+        last = before + starts[b] + accepted  # column of the last accepted token
+        rejected = slice(last + 1, before + starts[b] + len(drafts[b]) + 1)
+        batch.attention[b, rejected] = 0
+        batch.sequences[b, rejected] = batch.sequences[b, last]
+        slots.append(starts[b] + accepted)
+        feeds.append(batch.emit(b, [*drafts[b][:accepted], token]))
+    pick, slot = torch.arange(rows), torch.tensor(slots)
+    norm = model.adapter.final_norm(model.base)
+    head_logits = model.lm_head(torch.stack([norm(s[pick, slot]) if norm is not None else s[pick, slot]
+                                             for s in states[: n - 1]], dim=1)).float()  # [B, n-1, V]
+    for b in range(rows):
+        drafts[b], draft_probs[b] = [], []
+        if not batch.done[b]:
+            context = torch.cat([batch.sequences[b, : before + slots[b] + 1], torch.tensor(feeds[b][-1:])])
+            count = min(n - 1, batch.remaining(b) - 1)
+            drafts[b], draft_probs[b] = _draft_row(head_logits[b], context, count, processors, greedy, generator)
+    return feeds
+
+
+def _left_padded(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return dict(tokenizer(prompts, return_tensors="pt", padding=True))
+    finally:
+        tokenizer.padding_side = side
+
+
+def _crop_masked_tail(batch: _Batch, caches: tuple[Any, ...]) -> None:
+    """Drop trailing columns no row attends to (rejected drafts) from the caches and the state."""
+    alive = batch.attention.any(0).nonzero()
+    tail = batch.attention.shape[1] - (int(alive[-1]) + 1 if alive.numel() else 0)
+    if tail > 0:
+        for cache in caches:
+            cache.crop(-tail)
+        batch.sequences, batch.attention = batch.sequences[:, :-tail], batch.attention[:, :-tail]
+
+
 @torch.no_grad()
 def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_new_tokens: int = 64,
              config: DecodeConfig | None = None, stats: NgramCounts | None = None, heads: int | None = None,
              generator: torch.Generator | None = None) -> DynamoOutput:
     """Generate for a batch of prompts with 1..n tokens per step (left padding, one KV cache per batch).
 
-    ``heads`` limits the heads used (1 = plain autoregressive decoding through the same loop). Sampling draws
-    from ``generator`` (the global RNG when None, as ``transformers.generate`` does).
+    ``heads`` limits the heads used (1 = plain autoregressive decoding through the same loop; ``threshold = 1``
+    in the lossy mode means the same, so the heads are not run). Sampling draws from ``generator`` (the global
+    RNG when None, as ``transformers.generate`` does). ``config.verify`` selects the lossless verify mode.
     """
     config = config or DecodeConfig()
     if max_new_tokens < 1:
@@ -326,80 +602,50 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
     n = model.num_heads if heads is None else heads
     if not 1 <= n <= model.num_heads:
         raise LeanfmError(f"heads {n} is out of range; accepted: 1..{model.num_heads}")
+    if not config.verify and config.threshold >= 1:
+        n = 1
     start = time.perf_counter()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    encoded = _left_padded(tokenizer, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    sequences, attention = batch["input_ids"], batch["attention_mask"]
-    rows = sequences.shape[0]
-    cache, head_cache = DynamicCache(), DynamicCache()
-    new_ids = sequences
-    slot = torch.full((rows,), sequences.shape[1] - 1)  # each row's last valid slot among the new inputs
-    emitted: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
-    processors = _processors(config)
-    steps, active_steps, active_tokens = 0, 0, 0
-    level_counts: dict[int, int] = {}
+    batch = _Batch(encoded["input_ids"], encoded["attention_mask"], [[] for _ in prompts], [False] * len(prompts),
+                   max_new_tokens, tokenizer.eos_token_id, drafted=[0] * (n - 1), accepted=[0] * (n - 1))
+    rows = len(prompts)
+    caches = (DynamicCache(), DynamicCache())
+    new_ids = batch.sequences
+    slots = [new_ids.shape[1] - 1] * rows  # each row's last certain token among the new inputs
+    drafts: list[list[int]] = [[] for _ in range(rows)]
+    draft_probs: list[list[torch.Tensor | None]] = [[] for _ in range(rows)]
+    steps = 0
     while True:
-        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)[:, -new_ids.shape[1]:]
-        final, states = model.forward_heads(new_ids, attention, positions, cache, head_cache)
-        pick = torch.arange(rows)
-        logits = model.logits(final[pick, slot], [s[pick, slot] for s in states[: n - 1]]).float()  # [B, n, V]
-        head_logits = list(logits.unbind(1))
-        scores = [processors(sequences, h.clone()) if len(processors) else h for h in head_logits]
-        probs = [torch.softmax(s, dim=-1) for s in scores]
-        choices: list[list[int] | None] = [None] * rows
-        for b in range(rows):
-            if not done[b] and n > 1:
-                choices[b] = select_tokens([p[b] for p in probs], stats, config, generator)
-        single = [b for b in range(rows) if choices[b] is None]
-        if single:
-            if config.temperature == 0:
-                drawn = scores[0][single].argmax(-1)
-            else:
-                drawn = torch.multinomial(probs[0][single], 1, generator=generator).squeeze(1)
-            for b, token in zip(single, drawn.tolist(), strict=True):
-                choices[b] = [token]
-        width = 1
-        for b in range(rows):
-            if done[b]:
-                continue
-            row = choices[b]
-            assert row is not None  # every row chose above: by select_tokens or a single draw
-            chosen = row[: max_new_tokens - len(emitted[b])]
-            if eos is not None and eos in chosen:
-                chosen = chosen[: chosen.index(eos) + 1]
-            choices[b] = chosen
-            level_counts[len(chosen)] = level_counts.get(len(chosen), 0) + 1
-            active_steps, active_tokens = active_steps + 1, active_tokens + len(chosen)
-            emitted[b].extend(chosen)
-            if len(emitted[b]) >= max_new_tokens or (eos is not None and chosen[-1] == eos):
-                done[b] = True
-            width = max(width, len(chosen))
+        positions = (batch.attention.cumsum(-1) - 1).masked_fill(batch.attention == 0, 1)[:, -new_ids.shape[1]:]
+        final, states = model.forward_heads(new_ids, batch.attention, positions, *caches, heads=n - 1)
         steps += 1
-        if bool(done.all()):
+        feeds: list[list[int]]
+        if config.verify:
+            feeds = _verify_step(model, final, states, batch, slots, drafts, draft_probs, config, n, generator)
+            feeds = [f[-1:] + d for f, d in zip(feeds, drafts, strict=True)]  # next: the base's token, then drafts
+            _crop_masked_tail(batch, caches)
+        else:
+            feeds = _lossy_step(model, final, states, batch, slots, config, stats, n, generator)
+        if all(batch.done):
             break
+        width = max(len(f) for f in feeds)
         new_ids = torch.full((rows, width), pad, dtype=torch.long)
-        new_mask = torch.zeros((rows, width), dtype=attention.dtype)
-        for b in range(rows):
-            row = choices[b]
-            assert row is not None  # as above: every row chose
-            count = 0 if done[b] else len(row)
-            if count:
-                new_ids[b, :count] = torch.tensor(row)
-                new_mask[b, :count] = 1
-            slot[b] = max(count, 1) - 1
-        sequences = torch.cat([sequences, new_ids], dim=1)
-        attention = torch.cat([attention, new_mask], dim=1)
-    texts = tokenizer.batch_decode(emitted, skip_special_tokens=True)
-    return DynamoOutput(tokens=emitted, texts=texts, steps=steps,
-                        tokens_per_step=active_tokens / max(1, active_steps), seconds=time.perf_counter() - start,
-                        level_counts=level_counts)
+        new_mask = torch.zeros((rows, width), dtype=batch.attention.dtype)
+        for b, feed in enumerate(feeds):
+            if feed and not batch.done[b]:
+                new_ids[b] = feed[0]  # empty slots hold a token the row already has (see _Batch)
+                new_ids[b, : len(feed)] = torch.tensor(feed)
+                new_mask[b, : len(feed)] = 1
+            slots[b] = 0 if config.verify else max(len(feed), 1) - 1
+        batch.sequences = torch.cat([batch.sequences, new_ids], dim=1)
+        batch.attention = torch.cat([batch.attention, new_mask], dim=1)
+    texts = tokenizer.batch_decode(batch.emitted, skip_special_tokens=True)
+    counts = batch.level_counts
+    return DynamoOutput(tokens=batch.emitted, texts=texts, steps=steps,
+                        tokens_per_step=sum(k * v for k, v in counts.items()) / max(1, sum(counts.values())),
+                        seconds=time.perf_counter() - start, level_counts=counts,
+                        acceptance=[a / d if d else 0.0 for a, d in zip(batch.accepted, batch.drafted, strict=True)])
 
 
 register_method("dynamo", "decode", DecodeConfig, load,
