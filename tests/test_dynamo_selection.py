@@ -1,0 +1,197 @@
+"""DynaMo's selection and verification maths on hand-made distributions (no model): fast, exact, mutation-tested."""
+
+import math
+
+import pytest
+import torch
+
+from leanfm.decode import selection
+from leanfm.decode.ngrams import NgramCounts
+from leanfm.decode.selection import DecodeConfig, blur3, otsu_threshold, select_tokens
+
+
+def _emitted_law(p_first, p_second, q, trials, accept_all=False, seed=0):
+    """Monte Carlo of one verify step with two drafts: counts of the first emitted token, and of the second
+    given the first was an accepted draft."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.zeros(len(p_first))
+    second = torch.zeros(len(p_first), len(p_first))
+    for _ in range(trials):
+        d1 = int(torch.multinomial(q, 1, generator=g))
+        d2 = int(torch.multinomial(q, 1, generator=g))
+
+        def scores_at(i, d1=d1):
+            return (p_first if i == 0 else p_second[d1]).log()
+
+        if accept_all:
+            accepted, token = 2, 0
+        else:
+            accepted, token = selection.verify_drafts(scores_at, [d1, d2], [q, q], False, g)
+        emitted = [*[d1, d2][:accepted], token]
+        first[emitted[0]] += 1
+        if accepted >= 1:
+            second[emitted[0], emitted[1]] += 1
+    return first / trials, second / second.sum(1, keepdim=True).clamp_min(1)
+
+
+def test_speculative_acceptance_keeps_the_base_distribution():
+    """Sampled verify mode: the first emitted token follows the base's p exactly, and the token after an
+    accepted draft follows p(. | that draft), although drafts come from a different q (Monte Carlo, 4 sigma);
+    accepting every draft (the bug this guards against) gives q instead."""
+    p_first = torch.tensor([0.6, 0.3, 0.1])
+    p_second = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4]])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    trials = 6000
+    first, second = _emitted_law(p_first, p_second, q, trials)
+    sigma = (0.25 / trials) ** 0.5
+    assert torch.allclose(first, p_first, atol=4 * sigma)
+    assert torch.allclose(second[0], p_second[0], atol=0.05) and torch.allclose(second[1], p_second[1], atol=0.05)
+    wrong, _ = _emitted_law(p_first, p_second, q, trials, accept_all=True)
+    assert not torch.allclose(wrong, p_first, atol=4 * sigma)
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    scores = [torch.tensor([0.0, 3.0, 1.0]), torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 5.0])]
+    assert selection.verify_drafts(lambda i: scores[i], [1, 0], [None, None], True, None) == (2, 2)
+    assert selection.verify_drafts(lambda i: scores[i], [1, 2], [None, None], True, None) == (1, 0)
+    assert selection.verify_drafts(lambda i: scores[i], [2, 0], [None, None], True, None) == (0, 1)
+    assert selection.verify_drafts(lambda i: scores[i], [], [], True, None) == (0, 1)
+
+
+def test_cooccurrence_weight_formula_on_hand_counts():
+    """w = min(1, (c + λ) / (E + λ))^α with E = N_m p̂(a) p̂(b) and counts below min_count treated as unseen."""
+    stream = torch.tensor([1, 2, 1, 2, 1, 3, 2, 2, 1, 2])
+    stats = NgramCounts.build(stream, vocab=5, max_order=2)
+    config = DecodeConfig(alpha=2.0, smoothing=0.5, min_count=2)
+    ids = [torch.tensor([1, 2]), torch.tensor([2, 3])]
+    weight = selection.cooccurrence_weight(ids, stats, config)
+    unigram = {1: 4 / 10, 2: 5 / 10, 3: 1 / 10}
+    pairs = {(1, 2): 3, (1, 3): 1, (2, 2): 1, (2, 3): 0}  # (1, 3) and (2, 2) seen once: below min_count
+    expected = torch.tensor([[min(1.0, ((pairs[(a, c)] if pairs[(a, c)] >= 2 else 0) + 0.5)
+                                  / (9 * unigram[a] * unigram[c] + 0.5)) ** 2 for c in (2, 3)] for a in (1, 2)])
+    torch.testing.assert_close(weight, expected)
+    assert weight[0, 0] == 1.0 and weight[1, 0] < 0.3  # seen more than chance: kept; (2, 2) expected 2.25x: cut
+
+
+def test_cooccurrence_mask_only_removes_mass():
+    """The issue's toy: an n-gram seen once between rare tokens used to rise from 0.04% to 44% of the joint and a
+    common pair from 0.25 to 0.56 (passing ε_b = 0.5). The weight never raises a cell above the heads' product."""
+    g = torch.Generator().manual_seed(0)
+    stream = torch.cat([torch.tensor([7, 8]), torch.randint(20, 40, (4000,), generator=g),
+                        torch.tensor([11, 12] * 300 + [13, 14] * 300)])
+    stats = NgramCounts.build(stream, vocab=50, max_order=2)
+    p1, p2 = torch.zeros(50), torch.zeros(50)
+    p1[[11, 7, 13]] = torch.tensor([0.5, 0.02, 0.48])
+    p2[[12, 8, 14]] = torch.tensor([0.5, 0.02, 0.48])
+    config = DecodeConfig(threshold=0.0, top_k=3)
+    joint, ids = selection.candidate_joint([p1, p2], stats, config, floor=0.0)
+    raw = p1[ids[0]][:, None] * p2[ids[1]][None, :]
+    assert bool((joint <= raw + 1e-7).all())
+    assert float(joint[0, 0]) == pytest.approx(0.25) and float(joint[2, 2]) == pytest.approx(0.0004, rel=1e-3)
+    assert select_tokens([p1, p2], stats, DecodeConfig(threshold=0.5, temperature=0.0)) is None
+    never = joint[ids[0] == 13][:, ids[1] == 12]  # 13 then 12: both common, never adjacent: filtered
+    assert float(never) < 0.1 * 0.48 * 0.5
+
+
+def _full_grid_select(probs, stats, config):
+    """Reference: the selection on the whole top-k grid (no sub-cube, no early exit), greedy."""
+    for m in range(len(probs), 1, -1):
+        floor = config.threshold ** (m - 1)
+        joint, ids = selection.candidate_joint(probs[:m], stats, config, floor=0.0)
+        if float(joint.max()) < floor or float(joint.max()) <= 0:
+            continue
+        joint = torch.where(joint >= floor, joint, torch.zeros_like(joint))
+        if config.adaptive:
+            smooth = blur3(joint) if config.blur else joint
+            cut = otsu_threshold(smooth[joint > 0])
+            kept = torch.where((joint > 0) & (smooth >= cut), joint, torch.zeros_like(joint))
+            joint = kept if kept.sum() > 0 else joint
+        index = torch.unravel_index(joint.flatten().argmax(), joint.shape)
+        return [int(ids[j][int(i)]) for j, i in enumerate(index)]
+    return None
+
+
+@pytest.mark.parametrize("threshold", [0.02, 0.1, 0.3, 0.6])
+def test_subcube_selection_equals_the_full_grid(threshold):
+    """Selection on the corner of candidates that can reach the floor (plus one layer) is the full grid's."""
+    g = torch.Generator().manual_seed(int(threshold * 100))
+    stream = torch.randint(0, 60, (3000,), generator=g)
+    stats = NgramCounts.build(stream, vocab=60, max_order=3)
+    hits = 0
+    for trial in range(40):
+        probs = [torch.softmax(torch.randn(60, generator=g) * (2 + trial % 5), -1) for _ in range(3)]
+        for adaptive in (True, False):
+            config = DecodeConfig(threshold=threshold, temperature=0.0, top_k=20, adaptive=adaptive, min_count=1)
+            fast = select_tokens(probs, stats, config)
+            assert fast == _full_grid_select(probs, stats, config)
+            hits += fast is not None and len(fast) > 1
+    assert hits > 10  # the comparison covered multi-token picks
+
+
+def test_otsu_is_applied_when_sampling():
+    """With the adaptive threshold, samples come only from the cells above Otsu's cut of the blurred joint."""
+    g = torch.Generator().manual_seed(3)
+    probs = [torch.softmax(torch.randn(40, generator=g) * 2, -1) for _ in range(2)]
+    config = DecodeConfig(threshold=0.0, temperature=1.0, top_k=40, mask=False)
+    joint, ids = selection.candidate_joint(probs, None, config, floor=0.0)
+    smooth = blur3(joint)
+    kept = {(int(ids[0][a]), int(ids[1][b])) for a, b in (smooth >= otsu_threshold(smooth)).nonzero().tolist()}
+    assert 0 < len(kept) < 0.5 * joint.numel()
+    adaptive = {tuple(select_tokens(probs, None, config, g)) for _ in range(300)}
+    plain = {tuple(select_tokens(probs, None, DecodeConfig(threshold=0.0, temperature=1.0, top_k=40, mask=False,
+                                                            adaptive=False), g)) for _ in range(300)}
+    assert adaptive <= kept and not plain <= kept
+
+
+def test_the_floor_for_m_tokens_is_threshold_to_the_m_minus_1():
+    """m = 3 needs a joint >= ε^2 (not ε), m = 2 needs >= ε (not ε^2)."""
+    def peaked(top):
+        p = torch.full((50,), (1 - top) / 49)
+        p[5] = top
+        return p
+
+    config = DecodeConfig(threshold=0.5, temperature=0.0, mask=False, adaptive=False)
+    assert select_tokens([peaked(1.0), peaked(0.6), peaked(0.5)], None, config) == [5, 5, 5]  # 0.3 >= 0.25
+    assert select_tokens([peaked(1.0), peaked(0.45), peaked(0.02)], None, config) is None  # 0.45 < 0.5
+    assert select_tokens([peaked(1.0), peaked(0.55), peaked(0.02)], None, config) == [5, 5]
+
+
+def test_in_step_repetition_penalty_lowers_repeated_candidates():
+    """Head 2 proposing head 1's token of the same candidate gets the penalty it would get in the text."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    config = DecodeConfig(repetition_penalty=2.0, temperature=0.5)
+    factors = selection.repeat_factors(logits, torch.tensor([[3]]), config)[0]
+    torch.testing.assert_close(factors, torch.tensor([math.exp((1 - 2) / 0.5), math.exp((0.5 - 1) / 0.5),
+                                                      math.exp((-2 + 1) / 0.5), 1.0]))
+    ids = [torch.tensor([0, 1]), torch.tensor([0, 1])]
+    grid = selection.repeat_penalty_grid(ids, [factors, factors])
+    torch.testing.assert_close(grid, torch.tensor([[factors[0], 1.0], [1.0, factors[1]]]))
+
+
+def test_otsu_threshold_splits_a_bimodal_array():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([0.1 + 0.02 * torch.randn(500, generator=g), 0.8 + 0.02 * torch.randn(200, generator=g)])
+    cut = otsu_threshold(values)
+    assert values[:500].max() < cut <= values[500:].min()  # any cut in the gap is optimal; it must be in it
+    assert otsu_threshold(torch.full((10,), 0.3)) == pytest.approx(0.3)
+
+
+def test_blur3_is_a_normalised_three_tap_kernel():
+    delta = torch.zeros(5, 5, dtype=torch.float64)
+    delta[2, 2] = 1
+    out = blur3(delta)
+    torch.testing.assert_close(out[1:4, 2], torch.tensor([0.125, 0.25, 0.125], dtype=torch.float64))
+    assert out.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(blur3(torch.full((4, 4, 4), 2.0)), torch.full((4, 4, 4), 2.0))
+
+
+def test_select_tokens_falls_back_to_fewer_tokens():
+    sharp = torch.zeros(50)
+    sharp[7] = 1.0
+    flat = torch.full((50,), 1 / 50)
+    config = DecodeConfig(threshold=0.5, temperature=0.0, mask=False)
+    assert select_tokens([sharp, sharp, sharp], None, config) == [7, 7, 7]
+    assert select_tokens([sharp, sharp, flat], None, config) == [7, 7]  # third head too unsure: drop to 2
+    assert select_tokens([sharp, flat, flat], None, config) is None  # one token from head 1
+    assert select_tokens([sharp, sharp, sharp], None, DecodeConfig(threshold=1.0, mask=False)) is None  # ε_b = 1: base
+    assert select_tokens([sharp * 0.99 + 0.0002, sharp, sharp], None, DecodeConfig(threshold=1.0)) is None
