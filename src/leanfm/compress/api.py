@@ -16,7 +16,9 @@ from transformers import PreTrainedModel
 
 from leanfm.compress.base import CompressionReport, check_architecture
 from leanfm.config import get_method
-from leanfm.paths import atomic_directory, check_output_dir
+from leanfm.errors import LeanfmError
+from leanfm.models.compressed import auto_map, standalone_file
+from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json, check_output_dir
 
 
 def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **settings: Any) -> CompressionReport:
@@ -34,12 +36,95 @@ def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: CompressionReport,
                     overwrite: bool = False) -> Path:
-    """Write model, tokenizer and ``compression.json`` to ``out`` atomically (all or nothing; a crash leaves a
-    previous ``out`` intact)."""
+    """Write model, tokenizer, ``compression.json`` and a README to ``out`` atomically (all or nothing; a crash
+    leaves a previous ``out`` intact). ``config.json`` always carries ``auto_map``, so the folder loads without
+    leanfm once ``leanfm export OUT --standalone`` has copied the modeling file in."""
     check_output_dir(out, overwrite)
     with atomic_directory(out) as tmp:  # replaces an existing ``out`` only once the new one is complete
         cast(PreTrainedModel, model).save_pretrained(tmp, safe_serialization=True)  # a compressed transformers model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        config = _with_auto_map(tmp, required=False)
+        (tmp / "README.md").write_text(readme_text(config, report.to_dict()), encoding="utf-8")
     return out
+
+
+def _with_auto_map(folder: Path, required: bool = True) -> dict[str, Any]:
+    """Add ``auto_map`` to ``folder/config.json`` (a leanfm model type) and return the config as a dict; another
+    model type is a one-line error when ``required``, left as it is otherwise."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise LeanfmError(f"'{folder}' is not a compressed model folder (config.json: {err})") from None
+    mapping = auto_map(str(config.get("model_type")))
+    if mapping is None and not required:
+        return cast(dict[str, Any], config)
+    if mapping is None:
+        raise LeanfmError(f"'{folder}' is not a compressed model folder: model_type '{config.get('model_type')}' is "
+                          "not a leanfm compressed type (leanfm_llama, leanfm_opt, leanfm_phi, leanfm_gpt_neox, "
+                          "leanfm_sliced_llama)")
+    if config.get("auto_map") != mapping:
+        config["auto_map"] = mapping
+        atomic_write_json(path, config)
+    return cast(dict[str, Any], config)
+
+
+def export_standalone(folder: Path) -> Path:
+    """Make the compressed ``folder`` loadable without leanfm: ``auto_map`` in ``config.json`` and the modeling file
+    (torch and transformers only) beside it; load with ``from_pretrained(folder, trust_remote_code=True)``.
+
+    Both files are written atomically; a folder that is not a leanfm compressed model is a one-line error.
+    """
+    if not (folder / "config.json").is_file():
+        raise LeanfmError(f"'{folder}' is not a compressed model folder (no config.json)")
+    _with_auto_map(folder)
+    source = standalone_file()
+    atomic_write_bytes(folder / source.name, source.read_bytes())
+    return folder / source.name
+
+
+def readme_text(config: dict[str, Any], report: dict[str, Any]) -> str:
+    """A short README for a compressed folder: what it is, how to load it with and without leanfm, its widths."""
+    method, ratio = report.get("method", "?"), report.get("achieved_ratio", report.get("ratio", "?"))
+    lines = [
+        f"# A {config.get('base_model_type') or 'llama'} model compressed with leanfm ({method})",
+        "",
+        f"Structured compression by leanfm `{method}` (achieved ratio {ratio} of the transformer-block parameters, "
+        f"{report.get('params_before', '?')} -> {report.get('params_after', '?')} parameters). Every block keeps "
+        "its own widths, stored in `config.json` (`leanfm_layers`); the settings are in `compression.json`.",
+        "",
+        "## Loading",
+        "",
+        "With leanfm installed, `import leanfm` registers the classes (no remote code runs):",
+        "",
+        "```python",
+        "import leanfm",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
+        "```",
+        "",
+        "Without leanfm: run `leanfm export FOLDER --standalone` once (it copies `modeling_leanfm.py`, which needs "
+        "only torch and transformers, into the folder), then",
+        "`AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)`.",
+        "",
+        "## Widths",
+        "",
+        *_widths_summary(config),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _widths_summary(config: dict[str, Any]) -> list[str]:
+    """One line per block (MLP width, q/k and v head dims, heads; DISP channel counts; SVD ranks)."""
+    if "leanfm_original_hidden_size" in config:  # SliceGPT: one residual width for all blocks
+        return [f"Residual stream sliced from {config['leanfm_original_hidden_size']} to {config['hidden_size']} "
+                f"dims in all {config.get('num_hidden_layers')} blocks."]
+    rows = ["| block | MLP width | q/k head dim | v head dim | heads (kv) | other |", "|---|---|---|---|---|---|"]
+    for index, layer in enumerate(config.get("leanfm_layers") or []):
+        other = ", ".join(f"{name} {len(kept)}" for name, kept in (layer.get("channels") or {}).items())
+        other += ", ".join(f"{path} rank {rank}" for path, rank in (layer.get("low_rank") or {}).items())
+        rows.append(f"| {index} | {layer['intermediate']} | {layer['qk_dim']} | {layer['v_dim']} | "
+                    f"{layer['num_heads']} ({layer['num_kv_heads']}) | {other or '-'} |")
+    return rows
