@@ -195,3 +195,18 @@ def test_select_tokens_falls_back_to_fewer_tokens():
     assert select_tokens([sharp, flat, flat], None, config) is None  # one token from head 1
     assert select_tokens([sharp, sharp, sharp], None, DecodeConfig(threshold=1.0, mask=False)) is None  # ε_b = 1: base
     assert select_tokens([sharp * 0.99 + 0.0002, sharp, sharp], None, DecodeConfig(threshold=1.0)) is None
+
+
+def test_reachable_levels_are_the_exact_early_exit():
+    """Per row, the deepest level whose product of peaks reaches ε^(m-1): rows at 1 never build a joint."""
+    peaks = torch.tensor([[1.0, 0.6, 0.5], [1.0, 0.45, 0.9], [0.9, 0.9, 0.2], [0.3, 1.0, 1.0]])
+    assert selection.reachable_levels(peaks, 0.5).tolist() == [3, 3, 2, 3]  # m = 3 may pass where m = 2 fails
+    assert selection.reachable_levels(peaks, 0.7).tolist() == [1, 1, 2, 1]
+    assert selection.reachable_levels(peaks, 1.0).tolist() == [1, 1, 1, 1]
+    assert selection.reachable_levels(peaks, 0.0).tolist() == [3, 3, 3, 3]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        probs = [torch.softmax(torch.randn(30, generator=g) * 3, -1) for _ in range(3)]
+        level = int(selection.reachable_levels(torch.stack([p.max() for p in probs])[None], 0.4)[0])
+        picked = select_tokens(probs, None, DecodeConfig(threshold=0.4, temperature=0.0, mask=False))
+        assert (1 if picked is None else len(picked)) <= level

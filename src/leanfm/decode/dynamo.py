@@ -63,6 +63,7 @@ from leanfm.config import register_method
 from leanfm.decode.ngrams import NgramCounts
 from leanfm.decode.selection import (
     DecodeConfig,
+    reachable_levels,
     repeat_factors,
     select_tokens,
     verify_drafts,
@@ -289,8 +290,9 @@ def _lossy_step(model: DynamoModel, final: torch.Tensor, states: list[torch.Tens
     probs = [torch.softmax(s, dim=-1) for s in scores]
     factors = [repeat_factors(h, batch.sequences, config) for h in head_logits] if n > 1 else []
     choices: list[list[int] | None] = [None] * rows
+    levels = reachable_levels(torch.stack([p.max(-1).values for p in probs], dim=1), config.threshold)  # [B]
     for b in range(rows):
-        if not batch.done[b] and n > 1:
+        if not batch.done[b] and int(levels[b]) > 1:
             row_factors = [f[b] for f in factors if f is not None] or None
             choices[b] = select_tokens([p[b] for p in probs], stats, config, generator, row_factors)
     single = [b for b in range(rows) if choices[b] is None and not batch.done[b]]

@@ -154,6 +154,22 @@ def candidate_joint(probs: list[torch.Tensor], stats: NgramCounts | None, config
     return joint, ids
 
 
+def reachable_levels(peaks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """For a batch, the largest m whose product of peaks ``Π_{j<=m} max p_j`` reaches ``ε_b^(m-1)`` (1: none).
+
+    ``peaks`` ``[B, n]``. Rows at 1 skip the selection entirely (no cell of any level can pass its floor), so
+    the caller draws their single token batched, like ``generate()``.
+    """
+    levels = torch.ones(peaks.shape[0], dtype=torch.long)
+    if threshold >= 1:
+        return levels
+    products = peaks.double().cumprod(dim=1)  # [B, n]: Π_{j<=m} max p_j
+    for m in range(2, peaks.shape[1] + 1):
+        ok = (products[:, m - 1] > 0) & (products[:, m - 1] >= threshold ** (m - 1))
+        levels = torch.where(ok, torch.full_like(levels, m), levels)
+    return levels
+
+
 def select_tokens(probs: list[torch.Tensor], stats: NgramCounts | None, config: DecodeConfig,
                   generator: torch.Generator | None = None, factors: list[torch.Tensor] | None = None
                   ) -> list[int] | None:
