@@ -207,9 +207,9 @@ def profile(model: DynamoModel, tokenizer: Any, stats: NgramCounts | None, promp
         length = ids.shape[1]
         one = ids[:, -1:]
         base_cache = DynamicCache()
-        model.base(input_ids=ids, past_key_values=base_cache, use_cache=True, logits_to_keep=1)
+        model.base(input_ids=ids, cache=base_cache, use_cache=True, logits_to_keep=1)
         timed("base forward, 1 token (+LM head)", lambda bc=base_cache, o=one, n=length: model.base(
-            input_ids=o, past_key_values=bc, use_cache=True, logits_to_keep=1, position_ids=torch.tensor([[n]])))
+            input_ids=o, cache=bc, use_cache=True, logits_to_keep=1, position_ids=torch.tensor([[n]])))
         three = ids[:, -3:]
         pos3 = torch.arange(length, length + 3)[None]
         final, states = timed("forward with heads, 3 tokens", lambda c=cache, h=heads_cache, t=three, p=pos3: (

@@ -451,7 +451,8 @@ def generate(model: DynamoModel, tokenizer: Any, prompts: list[str] | str, max_n
     return DynamoOutput(tokens=batch.emitted, texts=texts, steps=steps,
                         tokens_per_step=sum(k * v for k, v in counts.items()) / max(1, sum(counts.values())),
                         seconds=time.perf_counter() - start, level_counts=counts,
-                        acceptance=[a / d if d else 0.0 for a, d in zip(batch.accepted, batch.drafted, strict=True)])
+                        acceptance=[a / d if d else 0.0 for a, d in zip(batch.accepted, batch.drafted, strict=True)]
+                        if config.verify else [])
 
 
 register_method("dynamo", "decode", DecodeConfig, load,
