@@ -311,3 +311,60 @@ def test_bad_vit_settings_are_one_line_errors(setting, message):
 
     with pytest.raises(LeanfmError, match=message):
         ViTTrainConfig(**setting)
+
+
+def test_matching_pairs_the_most_similar_tokens():
+    """A's tokens 1 and 2 have exact twins in B; token 3 is far from everything: the two twins are matched."""
+    a = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.2]])
+    b = torch.tensor([[0.1, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.05, 0.0], [0.3, -0.2, 0.9]])
+    tokens = torch.stack([a, b], dim=1).reshape(1, 8, 3)  # interleaved: A at even, B at odd positions
+    matching = bipartite_soft_matching(tokens, 2)
+    assert sorted(matching.src.flatten().tolist()) == [1, 2]
+    pairs = dict(zip(matching.src.flatten().tolist(), matching.dst.flatten().tolist(), strict=True))
+    assert pairs == {1: 2, 2: 0}
+    assert matching.unmatched.flatten().tolist() == [0, 3]  # the class token stays first
+
+
+def test_merge_is_size_weighted():
+    """Merging a token of size 3 into one of size 1 gives (3 a + b) / 4 and size 4; MLERP rescales that mean."""
+    x = torch.tensor([[[9.0, 9.0], [0.0, 4.0], [4.0, 0.0], [1.0, 1.0]]])  # A = {0, 2}, B = {1, 3}
+    size = torch.tensor([[[1.0], [1.0], [3.0], [1.0]]])
+    matching = bipartite_soft_matching(x, 1)  # A token 2 -> B token 0 (position 1) or 1 (position 3)
+    out, new_size = reduce_tokens(x, size, matching, "average")
+    dst = int(matching.dst.flatten()[0])
+    partner = x[0, 1::2][dst]
+    torch.testing.assert_close(out[0, 1 + dst], (3 * x[0, 2] + partner) / 4)
+    assert new_size[0, 1 + dst, 0] == 4 and new_size.sum() == 6
+    mlerp, _ = reduce_tokens(x, size, matching, "mlerp")
+    mean = (3 * x[0, 2] + partner) / 4
+    torch.testing.assert_close(mlerp[0, 1 + dst], mean / mean.norm() * max(x[0, 2].norm(), partner.norm()))
+
+
+def test_prune_with_size_transfer_keeps_the_mass():
+    x = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(2))
+    matching = bipartite_soft_matching(x, 3)
+    out, size = reduce_tokens(x, torch.ones(1, 9, 1), matching, "prune-transfer")
+    plain, plain_size = reduce_tokens(x, torch.ones(1, 9, 1), matching, "prune")
+    assert torch.equal(out, plain) and size.sum() == 9 and plain_size.sum() == 6
+    expected = torch.ones(4)
+    expected.index_add_(0, matching.dst.flatten(), torch.ones(3))
+    assert torch.equal(size[0, -4:, 0], expected)
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_proportional_attention_makes_merging_twins_exact(proportional):
+    """Tokens come in identical pairs (no position embeddings, each patch repeated to its right): merging twins
+    with proportional attention (log size added to the logits) leaves the logits unchanged; without it, not."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()
+        patches = torch.rand(2, 14, 7, 1, 2, 2, generator=torch.Generator().manual_seed(4))  # [B, row, pair, j, i, k]
+        x = patches.expand(-1, -1, -1, 2, -1, -1).permute(0, 1, 4, 2, 3, 5).reshape(2, 1, 28, 28)  # twins side by side
+        reference = model(pixel_values=x).logits
+        tome.apply_patch(model, r=[40, 0, 0, 0], proportional_attention=proportional)
+        patched = model(pixel_values=x).logits
+    assert model._leanfm_reduction.state.tokens == [197, 157, 157, 157]
+    if proportional:
+        torch.testing.assert_close(patched, reference, atol=1e-5, rtol=1e-4)
+    else:
+        assert (patched - reference).abs().max() > 1e-3

@@ -9,6 +9,8 @@ Modes of :func:`reduce_tokens`:
 - ``"mlerp"`` — ToFu: the size-weighted mean ``m`` rescaled to the largest norm in the group,
   ``m / ||m|| * max_i ||x_i||``, which keeps the norm distribution the next layers expect.
 - ``"prune"`` — ToFu's early layers: matched tokens of set A are dropped, their partners are unchanged.
+- ``"prune-transfer"`` — ours, an ablation: as ``prune``, but each dropped token's size is added to the partner
+  it matched (its nearest kept token), so proportional attention keeps the mass plain pruning loses.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("average", "mlerp", "prune")
+MODES = ("average", "mlerp", "prune", "prune-transfer")
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,10 @@ def reduce_tokens(
     keep_s = a_s.gather(1, matching.unmatched)
     if mode == "prune":
         return torch.cat([keep_x, b_x], dim=1), torch.cat([keep_s, b_s], dim=1)
-    src_x = a_x.gather(1, matching.src.expand(-1, -1, channels))  # [B, r, C]
     src_s = a_s.gather(1, matching.src)  # [B, r, 1]
+    if mode == "prune-transfer":
+        return torch.cat([keep_x, b_x], dim=1), torch.cat([keep_s, b_s.scatter_add(1, matching.dst, src_s)], dim=1)
+    src_x = a_x.gather(1, matching.src.expand(-1, -1, channels))  # [B, r, C]
     dst_index = matching.dst.expand(-1, -1, channels)
     weighted = (b_x * b_s).scatter_add(1, dst_index, src_x * src_s)  # size-weighted sums per B token
     merged_s = b_s.scatter_add(1, matching.dst, src_s)

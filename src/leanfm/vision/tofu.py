@@ -40,6 +40,8 @@ class TofuConfig(TomeConfig):
 
     prune_layers: int | str = option("half", "leading layers that prune: 'half' or N (the rest merge)")
     merge: str = option("mlerp", "merge in the later layers", choices=MERGES)
+    size_transfer: bool = option(False, "pruning adds each dropped token's size to its matched partner (ours, an "
+                                 "ablation: proportional attention then keeps the dropped mass)")
 
     def validate(self) -> None:
         super().validate()
@@ -55,6 +57,7 @@ def apply_patch(
     prune_layers: int | str | list[bool] = "half",
     merge: str = "mlerp",
     proportional_attention: bool = True,
+    size_transfer: bool = False,
 ) -> nn.Module:
     """Patch ``model`` in place: ``r`` tokens per layer, pruned in the early layers and merged later."""
     if merge not in MERGES:
@@ -71,13 +74,15 @@ def apply_patch(
         prune = [bool(p) for p in prune_layers]
     else:
         raise LeanfmError(f"prune_layers {prune_layers!r} invalid; accepted: 'half', an int, or {layers} booleans")
-    modes = ["prune" if p else merge for p in prune]
+    pruning = "prune-transfer" if size_transfer else "prune"
+    modes = [pruning if p else merge for p in prune]
     return apply_token_reduction(model, schedule, modes, proportional_attention)
 
 
 def apply_config(model: nn.Module, config: TofuConfig) -> nn.Module:
     """The registry's entry point: :func:`apply_patch` with ``config``'s settings."""
-    return apply_patch(model, config.schedule(), config.prune_layers, config.merge, config.proportional_attention)
+    return apply_patch(model, config.schedule(), config.prune_layers, config.merge, config.proportional_attention,
+                       config.size_transfer)
 
 
 @torch.no_grad()
