@@ -5,6 +5,7 @@ test_zero_shot); the align trainer's exact resume and resume errors are checked 
 """
 
 import json
+import math
 import os
 import tempfile
 
@@ -163,3 +164,29 @@ def test_bad_align_inputs_give_one_line_errors(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cwcl_equals_a_hand_computation_with_uneven_weights():
+    """Explicit loops over the paper's formula, on embeddings with negative cosines (so w = cos/2 + 1/2 differs
+    from relu(cos)) and uneven row sums of w (so each row must be normalised by its own Σ_j w_ij)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.nn.functional.normalize(torch.randn(5, 3, generator=g), dim=-1)
+    q[1] = -q[0]  # cosine -1: w = 0
+    p = torch.nn.functional.normalize(torch.randn(5, 3, generator=g), dim=-1)
+    tau = 0.3
+    w = [[float(q[i] @ q[j]) / 2 + 0.5 for j in range(5)] for i in range(5)]
+    sums = [sum(row) for row in w]
+    assert max(sums) - min(sums) > 0.5 and min(min(row) for row in w) < 0.05
+
+    def direction(a, b):
+        total = 0.0
+        for i in range(5):
+            logits = [float(a[i] @ b[j]) / tau for j in range(5)]
+            norm = math.log(sum(math.exp(v) for v in logits))
+            total += sum(w[i][j] * (logits[j] - norm) for j in range(5)) / sums[i]
+        return -total / 5
+
+    expected = (direction(p, q) + direction(q, p)) / 2
+    assert cwcl_loss(p, q, tau).item() == pytest.approx(expected, rel=1e-5)
+    clip_other = (direction(p, q) + float(torch.nn.functional.cross_entropy(q @ p.T / tau, torch.arange(5)))) / 2
+    assert cwcl_loss(p, q, tau, other="clip").item() == pytest.approx(clip_other, rel=1e-5)
