@@ -214,6 +214,7 @@ def prepare_stem_cache(model: DynamoModel, tokenizer: Any, config: DynamoTrainCo
 def heads_task(model: DynamoModel, tokenizer: Any, config: DynamoTrainConfig, runtime: Runtime,
                cache: StemCache | None = None) -> Task:
     """The heads' part of the training loop: seeded windows (from ``cache`` when given), loss Σ_j loss_j."""
+    model.heads.requires_grad_(True)  # copies of a frozen base's block start frozen
     optimizer = torch.optim.AdamW(model.heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     streams, names = ([], []) if cache is not None else train_streams(tokenizer, config.train_corpus)
     kwargs = block_kwargs(model.base, config.seqlen) if cache is not None else {}
