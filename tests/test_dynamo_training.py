@@ -62,6 +62,21 @@ def test_cached_states_give_the_loss_of_forward_heads(name, tmp_path):
     assert ces == pytest.approx(auto, rel=1e-2)
 
 
+def test_distillation_target_is_the_base_at_t_plus_j_minus_1():
+    model, _ = _dynamo()
+    ids = spaced_windows(_stream(), 20, 3)
+    with torch.no_grad():
+        states, final, kwargs = stem_pass(model.base, ids)
+        _, ces, kls = cached_head_losses(model, states, ids, kwargs, final, distill=0.5)
+        logits = model.logits(*model.forward_heads(ids))  # [B, T, n, V]
+    for j in (2, 3):
+        log_p = logits[:, j - 1 : -1, 0].log_softmax(-1)  # the base's distribution of token t+j
+        log_q = logits[:, : -j, j - 1].log_softmax(-1)  # head j at t
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        ce = nn.functional.cross_entropy(logits[:, : -j, j - 1].flatten(0, 1), ids[:, j:].flatten())
+        assert kls[j - 2] == pytest.approx(float(kl), rel=1e-4) and ces[j - 2] == pytest.approx(float(ce), rel=1e-5)
+
+
 def test_cache_key_follows_base_sources_seqlen_and_windows():
     key = cache_key("smollm2-135m", ["austen:train", "pydocs:train"], 256, 1500)
     assert key == cache_key("smollm2-135m", ["austen:train", "pydocs:train"], 256, 1500)
@@ -219,6 +234,7 @@ def test_cached_training_resumes_exactly(tmp_path):
 def test_uncached_training_lowers_head_losses_and_keeps_the_base_frozen(tokenizer, tmp_path):
     config = _config(tmp_path, steps=6, seqlen=32, checkpoint_every=3, autocast=False, cache_states=False)
     model, _ = _dynamo(init="random")
+    model.requires_grad_(False)  # heads copied from an already frozen base (a second run on a shared base)
     reference = {k: v.clone() for k, v in model.base.state_dict().items()}
     summary = train_heads(model, tokenizer, config, checkpoint=tmp_path / "a")
     first, last = summary["history"][0]["losses"], summary["history"][-1]["losses"]
