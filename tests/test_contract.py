@@ -33,13 +33,14 @@ import leanfm.adapt.mmpt as mmpt
 import leanfm.adapt.slu as slu
 import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
-import leanfm.decode.dynamo as dynamo
+import leanfm.decode.training as dynamo
 import leanfm.vision.train as vit
 from czsl_fixtures import make_base, make_czsl
 from fewshot_data import make_fewshot
 from leanfm import load_model
 from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig
 from leanfm.config import MethodConfig
+from leanfm.decode.dynamo import HEADS_FILE
 from leanfm.errors import LeanfmError
 from leanfm.training import TrainingInterrupted, load_checkpoint
 from test_slu_data import make_dataset
@@ -67,7 +68,7 @@ def _vit_run(config, folder, resume):
 
 def _dynamo_run(config, folder, resume):
     summary = dynamo.train_and_save(config, folder / "out", resume=resume)
-    return summary["history"], load_file(str(folder / "out" / dynamo.HEADS_FILE))
+    return summary["history"], load_file(str(folder / "out" / HEADS_FILE))
 
 
 def _disp_run(config, folder, resume):

@@ -18,7 +18,7 @@ from leanfm.decode.dynamo import (
     save_dynamo,
 )
 from leanfm.decode.ngrams import NgramCounts
-from leanfm.decode.training import DynamoTrainConfig, head_perplexities, train_heads
+from leanfm.decode.training import head_perplexities
 from leanfm.errors import LeanfmError
 from leanfm.eval.perplexity import perplexity
 
@@ -188,21 +188,6 @@ def test_head_one_perplexity_is_the_base_models():
     assert ppl[0] == perplexity(model.base, windows).perplexity  # the same NLL kernel: equal, not close
 
 
-@pytest.mark.training
-def test_training_lowers_head_losses_and_keeps_the_base_frozen(tokenizer, tmp_path):
-    """Exact resume and its errors are checked for every trainer in test_contract.py."""
-    config = DynamoTrainConfig(steps=6, batch_size=2, seqlen=32, checkpoint_every=3, autocast=False, lr=5e-3,
-                               device="cpu")
-    model, _ = _dynamo()
-    reference = {k: v.clone() for k, v in model.base.state_dict().items()}
-    summary = train_heads(model, tokenizer, config, checkpoint=tmp_path / "a")
-    first, last = summary["history"][0]["losses"], summary["history"][-1]["losses"]
-    assert sum(last) < sum(first)
-    assert all(not p.requires_grad for p in model.base.parameters())
-    assert all(torch.equal(v, reference[k]) for k, v in model.base.state_dict().items())
-    assert not model.heads.training  # handed back in eval mode
-
-
 def test_saved_folder_loads_as_base_plus_heads(tmp_path):
     import leanfm  # noqa: F401
 
@@ -223,7 +208,7 @@ def test_saved_folder_loads_as_base_plus_heads(tmp_path):
 def test_cli_train_and_generate(tmp_path, capsys):
     out = tmp_path / "heads"
     assert main(["--quiet", "dynamo", "train", "tiny-llama", "--heads", "2", "--out", str(out), "--steps", "2",
-                 "--seqlen", "16", "--batch-size", "1"]) == 0
+                 "--seqlen", "16", "--batch-size", "1", "--train-corpus", "austen:calib", "--no-cache-states"]) == 0
     assert (out / "dynamo_heads.safetensors").is_file() and (out / "cooccurrence.safetensors").is_file()
     capsys.readouterr()
     assert main(["--quiet", "dynamo", "generate", str(out), "--prompt", "Emma", "--prompt", "It was",
