@@ -190,3 +190,22 @@ def test_cwcl_equals_a_hand_computation_with_uneven_weights():
     assert cwcl_loss(p, q, tau).item() == pytest.approx(expected, rel=1e-5)
     clip_other = (direction(p, q) + float(torch.nn.functional.cross_entropy(q @ p.T / tau, torch.arange(5)))) / 2
     assert cwcl_loss(p, q, tau, other="clip").item() == pytest.approx(clip_other, rel=1e-5)
+
+
+def test_temperature_is_fixed_or_learned_without_weight_decay():
+    """--no-learn-tau keeps τ; a learned τ sits in its own group without weight decay, at --tau-lr's rate."""
+    from leanfm.align.trainer import AlignConfig, train_aligned
+
+    targets = _unit(32, 8, seed=1)
+    inputs = _unit(32, 8, seed=2)
+    moved = {}
+    for learn, tau_lr in ((False, 0.0), (True, 0.0), (True, 0.05)):
+        encoder = nn.Linear(8, 8)
+        config = AlignConfig(steps=6, batch_size=16, lr=1e-3, warmup=1, tau=0.5, learn_tau=learn, tau_lr=tau_lr,
+                             weight_decay=0.5, checkpoint_every=10, device="cpu")
+        taus = [row["tau"] for row in train_aligned(encoder, lambda rows: inputs[rows], targets, config)["history"]]
+        moved[(learn, tau_lr)] = abs(taus[-1] - 0.5)
+    assert moved[(False, 0.0)] < 1e-6
+    assert moved[(True, 0.05)] > 5 * moved[(True, 0.0)] > 0  # 50x the rate moves τ much further
+    with pytest.raises(LeanfmError, match="tau lr -1"):
+        AlignConfig(tau_lr=-1)

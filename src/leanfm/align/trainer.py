@@ -39,7 +39,10 @@ class AlignConfig(MethodConfig):
     lr: float = option(1e-3, "peak learning rate (warm-up, then cosine)")
     weight_decay: float = option(0.05, "AdamW weight decay")
     warmup: int = option(100, "warm-up steps")
-    tau: float = option(0.07, "initial temperature of the contrastive loss (learned)")
+    tau: float = option(0.07, "temperature of the contrastive loss (its initial value when learned)")
+    learn_tau: bool = option(True, "learn the temperature (CLIP's logit scale); off: fixed at --tau")
+    tau_lr: float = option(0.0, "learning rate of the temperature's log-scale, in its own group without weight "
+                                "decay; 0 = the encoder's rate")
     seed: int = option(0, "seed of the batches (and of the data the pipelines build)")
     checkpoint_every: int = option(250, "steps between training checkpoints")
     device: str = option("auto", DEVICE_HELP)
@@ -50,6 +53,8 @@ class AlignConfig(MethodConfig):
         if not self.weight_power > 0:
             raise LeanfmError(f"weight power {self.weight_power} is invalid; accepted: a number > 0")
         check_at_least(self, 1, "steps", "batch_size", "checkpoint_every")
+        if not self.tau > 0 or self.tau_lr < 0:
+            raise LeanfmError(f"tau {self.tau}, tau lr {self.tau_lr}: accepted tau > 0 and tau lr >= 0")
         check_device_name(self.device)
         super().validate()
 
@@ -70,9 +75,13 @@ def train_aligned(encoder: nn.Module, inputs: Inputs, targets: torch.Tensor, con
     world = runtime.context.world_size
     if config.batch_size % world:
         raise LeanfmError(f"batch size {config.batch_size} must be divisible by the {world} processes")
-    loss_fn = ContrastiveLoss(config.loss, config.tau, config.other, power=config.weight_power)
-    params = list(encoder.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = ContrastiveLoss(config.loss, config.tau, config.other, learn_tau=config.learn_tau,
+                              power=config.weight_power)
+    # The log-scale is a temperature, not a weight: no decay pulling it towards τ = 1, and its own rate if asked.
+    groups: list[dict[str, Any]] = [{"params": list(encoder.parameters())},
+              {"params": list(loss_fn.parameters()), "weight_decay": 0.0,
+               "lr_scale": config.tau_lr / config.lr if config.tau_lr else 1.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     count = targets.shape[0]
 
     def batch(step: int) -> tuple[Any, torch.Tensor]:
