@@ -118,14 +118,14 @@ def test_subcube_selection_equals_the_full_grid(threshold):
     stream = torch.randint(0, 60, (3000,), generator=g)
     stats = NgramCounts.build(stream, vocab=60, max_order=3)
     hits = 0
-    for trial in range(40):
+    for trial in range(20):
         probs = [torch.softmax(torch.randn(60, generator=g) * (2 + trial % 5), -1) for _ in range(3)]
         for adaptive in (True, False):
             config = DecodeConfig(threshold=threshold, temperature=0.0, top_k=20, adaptive=adaptive, min_count=1)
             fast = select_tokens(probs, stats, config)
             assert fast == _full_grid_select(probs, stats, config)
             hits += fast is not None and len(fast) > 1
-    assert hits > 10  # the comparison covered multi-token picks
+    assert hits > 5  # the comparison covered multi-token picks
 
 
 def test_otsu_is_applied_when_sampling():
@@ -210,3 +210,66 @@ def test_reachable_levels_are_the_exact_early_exit():
         level = int(selection.reachable_levels(torch.stack([p.max() for p in probs])[None], 0.4)[0])
         picked = select_tokens(probs, None, DecodeConfig(threshold=0.4, temperature=0.0, mask=False))
         assert (1 if picked is None else len(picked)) <= level
+
+
+def test_otsu_matches_a_brute_force_between_class_variance():
+    """The cut maximises w0 w1 (mu0 - mu1)^2 over the histogram's bin edges (computed here by brute force)."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(5):
+        values = torch.cat([torch.rand(300, generator=g) * 0.5, 0.3 + torch.rand(100 + 50 * trial, generator=g)])
+        bins = 64
+        low, high = float(values.min()), float(values.max())
+        width = (high - low) / bins
+        hist = torch.histc(values.double(), bins=bins, min=low, max=high)
+        centers = low + (torch.arange(bins, dtype=torch.double) + 0.5) * width
+        best, best_cut = -1.0, None
+        for k in range(1, bins):
+            w0, w1 = hist[:k].sum(), hist[k:].sum()
+            if w0 == 0 or w1 == 0:
+                continue
+            mu0, mu1 = (hist[:k] * centers[:k]).sum() / w0, (hist[k:] * centers[k:]).sum() / w1
+            score = float(w0 * w1 * (mu0 - mu1) ** 2)
+            if score > best:
+                best, best_cut = score, low + k * width
+        assert otsu_threshold(values, bins=bins) == pytest.approx(best_cut)
+
+
+def test_the_corner_holds_only_candidates_that_can_reach_the_floor():
+    """Sizes: every candidate with p_i x (product of the other peaks) >= floor, plus one below it."""
+    p1 = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+    p2 = torch.tensor([0.8, 0.1, 0.05, 0.03, 0.02])
+    config = DecodeConfig(top_k=5, mask=False)
+    joint, ids = selection.candidate_joint([p1, p2], None, config, floor=0.2)
+    assert joint.shape == (3, 2)  # p1 x 0.8 >= 0.2: 0.5, 0.3 (+1); p2 x 0.5 >= 0.2: 0.8 (+1)
+    assert ids[0].tolist() == [0, 1, 2] and ids[1].tolist() == [0, 1]
+    full, _ = selection.candidate_joint([p1, p2], None, config, floor=0.0)
+    assert full.shape == (5, 5)
+
+
+def test_levels_that_cannot_reach_their_floor_build_no_joint(monkeypatch):
+    calls = []
+    real = selection.candidate_joint
+
+    def counting(probs, *args, **kwargs):
+        calls.append(len(probs))
+        return real(probs, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "candidate_joint", counting)
+    sharp, flat = torch.zeros(50), torch.full((50,), 1 / 50)
+    sharp[3] = 1.0
+    config = DecodeConfig(threshold=0.5, temperature=0.0, mask=False)
+    assert select_tokens([sharp, flat, flat], None, config) is None
+    assert calls == []  # neither m = 3 nor m = 2 can pass: no grid is built
+    assert select_tokens([sharp, sharp, flat], None, config) == [3, 3]
+    assert calls == [2]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 2.0])
+def test_repeat_factors_at_greedy_unit_and_other_temperatures(temperature):
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    factors = selection.repeat_factors(logits, torch.tensor([[2]]), DecodeConfig(repetition_penalty=1.5,
+                                                                                 temperature=temperature))
+    scale = temperature if temperature not in (0.0, 1.0) else 1.0
+    expected = torch.tensor([math.exp((2 / 1.5 - 2) / scale), math.exp((-1.5 + 1) / scale), 1.0])
+    torch.testing.assert_close(factors[0], expected)
+    assert selection.repeat_factors(logits, torch.tensor([[2]]), DecodeConfig(repetition_penalty=1.0)) is None
