@@ -14,9 +14,10 @@ layer importance ``s_i = 1 - cos(in, out)``, capped at ``max_sparsity`` with the
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,15 +33,20 @@ from leanfm.compress.engine import (
 )
 from leanfm.config import MethodConfig, check_at_least, option
 from leanfm.data.calibration import DEFAULT_CALIBRATION, mixed_calibration_windows, parse_calibration
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import get_adapter
 from leanfm.models.compressed import COMPRESSED_CLASSES, LayerSpec, finalize
 from leanfm.progress import progress
+from leanfm.training.options import DEVICE_HELP, check_device_name
 
 ALLOCATIONS = ("global", "uniform")
 RATIO_HELP = "fraction of block parameters to remove, 0 < R < 1"
+# MLP widths and ranks are multiples of this by default (see the module docstring and BENCHMARKS.md)
+WIDTH_MULTIPLE = 32
+HEAD_MULTIPLE = 8  # q/k/v head dims: a multiple of min(HEAD_MULTIPLE, width_multiple)
 # block_fn(model, index, stats, keep) rewrites block ``index`` in place to keep fraction ``keep``; returns its spec
 BlockFn = Callable[[nn.Module, int, BlockStats, float], LayerSpec]
 
@@ -62,7 +68,11 @@ def check_architecture(model: nn.Module) -> None:
 
 @dataclass
 class CompressionReport:
-    """What ``leanfm compress`` reports (``--json``)."""
+    """What ``leanfm compress`` reports (``--json``).
+
+    ``achieved_ratio`` is the fraction of *block* parameters removed (what ``ratio`` asks for);
+    ``whole_model_ratio`` the fraction of *all* parameters (embedding and head included) — the one a user sees.
+    """
 
     method: str
     ratio: float
@@ -76,6 +86,10 @@ class CompressionReport:
     peak_rss_mb: float
     calibration: dict[str, Any]
     training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
+    whole_model_ratio: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.whole_model_ratio = 1 - self.params_after / self.params_before if self.params_before else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -98,14 +112,18 @@ class LayerwiseConfig(MethodConfig):
     calib_seqlen: int = option(512, "tokens per window")
     batch_size: int = option(4, "calibration windows per forward pass", cli=False)
     seed: int = option(0, "seed of the calibration windows", cli=False)
+    width_multiple: int = option(WIDTH_MULTIPLE, "chosen widths are multiples of this (1: unrounded); head dims of "
+                                 f"min({HEAD_MULTIPLE}, this)")
+    device: str = option("auto", DEVICE_HELP.replace("train", "compute statistics and rebuild blocks"))
 
     def validate(self) -> None:
         super().validate()
         check_ratio(self.ratio)
+        check_device_name(self.device)
         if not 0 < self.max_sparsity <= 1 or self.epsilon <= 0:
             raise LeanfmError(f"max_sparsity {self.max_sparsity}, epsilon {self.epsilon}: "
                               "accepted 0 < max_sparsity <= 1, epsilon > 0")
-        check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size")
+        check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size", "width_multiple")
         parse_calibration(self.calib_corpus)
 
 
@@ -132,23 +150,61 @@ def layer_sparsity(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfi
     return torch.full((len(get_adapter(model).blocks(model)),), config.ratio)
 
 
+def round_to_multiple(value: float, multiple: int, high: int) -> int:
+    """``value`` rounded to the nearest multiple of ``multiple``, within ``[multiple, high]``.
+
+    ``high`` (the dense width) is returned as is when rounding up would pass it, so a layer that keeps
+    everything stays dense even when its width is no multiple.
+    """
+    if multiple <= 1:
+        return int(min(high, max(1, round(value))))
+    return int(min(high, max(multiple, multiple * round(value / multiple))))
+
+
+def carried_keep(target: float, carry: float, size: int) -> float:
+    """Keep fraction of a block of ``size`` parameters asked to keep ``target`` plus the ``carry`` its
+    predecessors' rounding left over (clipped to ``(0, 1]``)."""
+    return float(min(1.0, max(1e-6, (target + carry) / size)))
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Modules built inside are created on ``device`` (``torch.device`` as a context), so a rebuilt block's new
+    Linears land where the weights they replace live, without a CPU copy first."""
+    with device:
+        yield
+
+
 @torch.no_grad()
 def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, method: str,
              block_fn: BlockFn) -> CompressionReport:
-    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``."""
+    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``.
+
+    Runs on ``config.device`` and returns the model to the device it came from. Block ``i`` is asked for its
+    share ``(1 - φ_i) P_i`` plus the carried rounding error of the blocks before it (module docstring).
+    """
     start = time.perf_counter()
+    origin = next(model.parameters()).device
+    device = resolve_device(config.device)
+    model.to(device)
+    calib = calib.to(device)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     params_before, block_before = count_parameters(model), block_parameter_count(model)
     sparsity = layer_sparsity(model, calib, config)
     inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
-    specs = []
+    specs, carry = [], 0.0
     for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
+        size = sum(p.numel() for p in blocks[index].parameters())
+        target = (1.0 - float(sparsity[index])) * size
         stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
-        specs.append(block_fn(model, index, stats, 1.0 - float(sparsity[index])))
+        with on_device(device):
+            specs.append(block_fn(model, index, stats, carried_keep(target, carry, size)))
+        carry += target - sum(p.numel() for p in adapter.blocks(model)[index].parameters())
         inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
         del stats
     finalize(model, specs, {"method": method, **config.to_dict()})
+    model.to(origin)
     block_after = block_parameter_count(model)
     return CompressionReport(
         method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),

@@ -118,7 +118,7 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
     """Per-block importance s_i = mean over tokens of 1 - cos(block input, block output) (MoDeGPT sec. 3.4)."""
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    sums = torch.zeros(len(blocks), dtype=torch.float64, device=calib.device)  # summed where the blocks run
     handles = []
     for i, block in enumerate(blocks):
         def hook(_m: nn.Module, args: tuple, kw: dict, out: Any, i: int = i) -> None:
@@ -135,7 +135,7 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
     finally:
         for handle in handles:
             handle.remove()
-    return (sums / calib.numel()).float()
+    return (sums / calib.numel()).float().cpu()
 
 
 def block_parameter_count(model: nn.Module) -> int:

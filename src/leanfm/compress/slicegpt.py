@@ -74,11 +74,10 @@ class SliceGptConfig(LayerwiseConfig):
 
 @dataclass
 class SliceGptReport(CompressionReport):
-    """The common report plus the sliced width and the whole-model ratio (embedding and untied head included)."""
+    """The common report plus the sliced width (the common ``whole_model_ratio`` counts the untied head)."""
 
     width: int = 0
     hidden_size: int = 0
-    whole_model_ratio: float = 0.0
 
 
 def check_llama(model: nn.Module) -> None:
@@ -266,7 +265,7 @@ def compress_slicegpt(model: nn.Module, tokenizer: Any, config: SliceGptConfig) 
         layer_sparsity=[round(achieved, 4)] * len(layers), seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         calibration=calibration_record(config, calib),
-        width=width, hidden_size=int(dense_config.hidden_size), whole_model_ratio=1 - params_after / params_before,
+        width=width, hidden_size=int(dense_config.hidden_size),
     )
 
 
