@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -47,8 +47,19 @@ RATIO_HELP = "fraction of block parameters to remove, 0 < R < 1"
 # MLP widths and ranks are multiples of this by default (see the module docstring and BENCHMARKS.md)
 WIDTH_MULTIPLE = 32
 HEAD_MULTIPLE = 8  # q/k/v head dims: a multiple of min(HEAD_MULTIPLE, width_multiple)
+ReportT = TypeVar("ReportT", bound="CompressionReport")
 # block_fn(model, index, stats, keep) rewrites block ``index`` in place to keep fraction ``keep``; returns its spec
 BlockFn = Callable[[nn.Module, int, BlockStats, float], LayerSpec]
+
+
+def record_ratios(model: nn.Module, report: ReportT) -> ReportT:
+    """Write the achieved block and whole-model ratios into the checkpoint's ``leanfm_compression`` settings, so
+    ``leanfm eval`` of the saved folder reports both without the dense model; returns ``report``."""
+    settings = getattr(getattr(model, "config", None), "leanfm_compression", None)
+    if isinstance(settings, dict):
+        settings.update(achieved_ratio=report.achieved_ratio, whole_model_ratio=report.whole_model_ratio,
+                        params_before=report.params_before)
+    return report
 
 
 def check_ratio(ratio: float) -> None:
@@ -206,13 +217,13 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
     finalize(model, specs, {"method": method, **config.to_dict()})
     model.to(origin)
     block_after = block_parameter_count(model)
-    return CompressionReport(
+    return record_ratios(model, CompressionReport(
         method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
         block_params_before=block_before, block_params_after=block_after,
         achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
         calibration=calibration_record(config, calib),
-    )
+    ))
 
 
 def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig, method: str,

@@ -59,6 +59,7 @@ from leanfm.compress.base import (
     calibration_record,
     check_architecture,
     on_device,
+    record_ratios,
     round_to_multiple,
 )
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs, collect_stats
@@ -319,7 +320,7 @@ def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> Compressi
     with on_device(device):
         report = _flap(model.to(device), calib.to(device), config)
     model.to(origin)
-    return report
+    return record_ratios(model, report)
 
 
 def _flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> CompressionReport:

@@ -44,7 +44,13 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, calibration_for, calibration_record
+from leanfm.compress.base import (
+    CompressionReport,
+    LayerwiseConfig,
+    calibration_for,
+    calibration_record,
+    record_ratios,
+)
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs
 from leanfm.config import option, register_method
 from leanfm.errors import LeanfmError
@@ -259,14 +265,14 @@ def compress_slicegpt(model: nn.Module, tokenizer: Any, config: SliceGptConfig) 
     block_after = sum(p.numel() for p in layers.parameters())
     params_after = count_parameters(model)
     achieved = 1 - block_after / block_before
-    return SliceGptReport(
+    return record_ratios(model, SliceGptReport(
         method="slicegpt", ratio=config.ratio, params_before=params_before, params_after=params_after,
         block_params_before=block_before, block_params_after=block_after, achieved_ratio=achieved,
         layer_sparsity=[round(achieved, 4)] * len(layers), seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         calibration=calibration_record(config, calib),
         width=width, hidden_size=int(dense_config.hidden_size),
-    )
+    ))
 
 
 register_method("slicegpt", "compress", SliceGptConfig, compress_slicegpt,
