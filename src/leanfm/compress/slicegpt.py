@@ -49,10 +49,12 @@ from leanfm.compress.base import (
     LayerwiseConfig,
     calibration_for,
     calibration_record,
+    on_device,
     record_ratios,
 )
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs
 from leanfm.config import option, register_method
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
@@ -258,9 +260,12 @@ def compress_slicegpt(model: nn.Module, tokenizer: Any, config: SliceGptConfig) 
     width, planned = width_for_ratio(dense_config, config.ratio, block_before)
     log.info("slicegpt: residual width %d of %d (block ratio %.4f)", width, dense_config.hidden_size, planned)
     calib = calibration_for(tokenizer, config)
-    sliced = slice_model(model, calib, width, config.batch_size, config.signal,
-                         compression={"method": "slicegpt", "width": width, **config.to_dict()})
+    origin, device = next(model.parameters()).device, resolve_device(config.device)
+    with on_device(device):  # the sliced model is built, and its bases computed, on the run's device
+        sliced = slice_model(model.to(device), calib.to(device), width, config.batch_size, config.signal,
+                             compression={"method": "slicegpt", "width": width, **config.to_dict()})
     adopt(model, sliced)
+    model.to(origin)
     layers = cast(Any, model).model.layers
     block_after = sum(p.numel() for p in layers.parameters())
     params_after = count_parameters(model)
