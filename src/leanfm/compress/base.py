@@ -28,6 +28,7 @@ from leanfm.compress.engine import (
     block_parameter_count,
     capture_block_inputs,
     collect_stats,
+    copy_out_of_mapping,
     layer_importance,
     run_block,
 )
@@ -197,6 +198,8 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
     start = time.perf_counter()
     origin = next(model.parameters()).device
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        copy_out_of_mapping(model)  # else the dense blocks stay resident beside the compressed ones
     model.to(device)
     calib = calib.to(device)
     adapter = get_adapter(model)

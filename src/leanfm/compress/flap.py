@@ -62,7 +62,12 @@ from leanfm.compress.base import (
     record_ratios,
     round_to_multiple,
 )
-from leanfm.compress.engine import block_parameter_count, capture_block_inputs, collect_stats
+from leanfm.compress.engine import (
+    block_parameter_count,
+    capture_block_inputs,
+    collect_stats,
+    copy_out_of_mapping,
+)
 from leanfm.compress.surgery import load_block_weights, qkv_params
 from leanfm.config import option, register_method
 from leanfm.device import resolve_device
@@ -317,6 +322,8 @@ def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> Compressi
     (every tensor made on the way is made there) and returning the model to the device it came from."""
     origin = next(model.parameters()).device
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        copy_out_of_mapping(model)  # see there: the dense blocks would stay resident
     with on_device(device):
         report = _flap(model.to(device), calib.to(device), config)
     model.to(origin)

@@ -1,5 +1,6 @@
-"""Honest speed and size metrics (issue 14): prefill computes the last position's logits only, as a server does,
-and reports carry both the block and the whole-model ratio, also through a saved checkpoint and ``evaluate``."""
+"""Compression that runs well (issue 14): prefill computes the last position's logits only, as a server does;
+reports carry both the block and the whole-model ratio, also through a saved checkpoint and ``evaluate``; weights
+leave the safetensors mapping so replaced blocks are freed."""
 
 import pytest
 import torch
@@ -47,3 +48,26 @@ def test_both_ratios_reach_the_report_the_checkpoint_and_eval(tmp_path):
     assert result["ratio"] == 0.3
     assert result["achieved_ratio"] == pytest.approx(report.achieved_ratio)
     assert result["whole_model_ratio"] == pytest.approx(report.whole_model_ratio)
+
+
+def test_weights_leave_the_file_mapping_and_the_checkpoint_is_unchanged(tmp_path):
+    """A model loaded from safetensors (views of the file's memory map) is copied out before compression — every
+    tensor gets its own memory, tied weights stay tied — and compresses to exactly what the in-memory copy gives."""
+    from transformers import AutoModelForCausalLM
+
+    from leanfm.compress.engine import copy_out_of_mapping
+
+    model, tokenizer = load_model("tiny-llama")
+    model.save_pretrained(tmp_path / "dense")
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    pointers = {name: p.data_ptr() for name, p in mapped.named_parameters()}
+    before = {name: p.clone() for name, p in mapped.state_dict().items()}
+    copy_out_of_mapping(mapped)
+    assert all(p.data_ptr() != pointers[name] for name, p in mapped.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in mapped.state_dict().items())
+    assert mapped.lm_head.weight is mapped.model.embed_tokens.weight
+    settings = {"ratio": 0.3, "calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
+    compress_model(mapped, tokenizer, **settings)
+    compress_model(model, tokenizer, **settings)
+    ours, theirs = mapped.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
