@@ -10,6 +10,20 @@ The driver: calibration activations enter block 0; for each block in turn its st
 block's outputs feed the next block. ``φ_i`` is the per-layer sparsity: ``φ`` everywhere
 (``allocation="uniform"``) or MoDeGPT's global rule (section 3.4), ``φ_i = L φ softmax(-s/ε)_i`` from the
 layer importance ``s_i = 1 - cos(in, out)``, capped at ``max_sparsity`` with the excess redistributed.
+
+Hardware-aligned widths (issue 14): every width a method chooses is a multiple of ``width_multiple`` (MLP
+channels; q/k/v head dims and low-rank ranks of ``min(8, width_multiple)``). Rounding one block moves its
+parameter count by up to half a step, so the driver *carries* the error: block ``i`` is asked to keep its own
+share ``t_i = (1 - φ_i) P_i`` plus what the blocks before it kept too little (``keep_i = (t_i + carry) / P_i``),
+and the whole model misses the budget by at most half a step of the last block. ``width_multiple=1`` is the
+unrounded behaviour. The default, 32 (:data:`WIDTH_MULTIPLE`), was measured here with ``benchmarks/gemm_widths.py``
+(SmolLM2's 576-wide GEMMs, W = 1024..1100 and 1392..1440): in float32 any multiple of 8 removes the slow widths
+(worst width 1.6-1.8x the best per column at 2 threads unaligned, <= 1.08x at multiples of 8); in bfloat16 only 32
+and 64 do (multiples of 8 and 16 still had widths 1.3-3x slower); 32 costs half the rounding of 64.
+
+``device``: the calibration statistics and the rebuilt blocks live there (``auto``: CUDA when available); the
+model comes back on the device it came from. On the CPU the weights are first copied out of the safetensors
+mapping (:func:`leanfm.compress.engine.copy_out_of_mapping`) so that replaced blocks are freed.
 """
 
 from __future__ import annotations
@@ -182,7 +196,11 @@ def carried_keep(target: float, carry: float, size: int) -> float:
 @contextlib.contextmanager
 def on_device(device: torch.device) -> Iterator[None]:
     """Modules built inside are created on ``device`` (``torch.device`` as a context), so a rebuilt block's new
-    Linears land where the weights they replace live, without a CPU copy first."""
+    Linears land where the weights they replace live, without a CPU copy first. A no-op for the CPU (already the
+    default): the context intercepts every torch call, which would slow a forward pass run inside it."""
+    if device.type == "cpu":
+        yield
+        return
     with device:
         yield
 

@@ -23,7 +23,9 @@ shrunk inside so that its output on calibration data is reconstructed as well as
 Global sparsity allocation: ``φ_i = L φ softmax(-s/ε)_i`` from the layer importance ``s_i = 1 - cos(in, out)``,
 capped at ``max_sparsity`` with the excess redistributed; ``allocation="uniform"`` gives every layer ``φ``. The
 allocation and the layer-by-layer driver are shared with the baselines (:mod:`leanfm.compress.base`).
-Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ.
+Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ —
+up to the alignment of widths (``width_multiple``: MLP widths of 32, head dims of 8), whose rounding the driver
+carries from block to block so that the whole model still removes φ.
 """
 
 from __future__ import annotations
