@@ -44,6 +44,7 @@ from leanfm.compress.engine import (
     collect_stats,
     copy_out_of_mapping,
     layer_importance,
+    return_freed_memory,
     run_block,
 )
 from leanfm.config import MethodConfig, check_at_least, option
@@ -235,6 +236,7 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
         carry += target - sum(p.numel() for p in adapter.blocks(model)[index].parameters())
         inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
         del stats
+        return_freed_memory()  # the replaced dense block's weights
     finalize(model, specs, {"method": method, **config.to_dict()})
     model.to(origin)
     block_after = block_parameter_count(model)

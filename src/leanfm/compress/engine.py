@@ -7,6 +7,9 @@ accumulated (Gram matrices in float64, one block at a time), the method rewrites
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -152,6 +155,27 @@ def copy_out_of_mapping(model: nn.Module) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:  # parameters() yields a tied weight once
         if tensor.device.type == "cpu":
             tensor.data = tensor.data.clone()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL("libc.so.6").malloc_trim)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by replaced blocks back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so later weight-sized allocations come from the heap and
+    their memory, once freed, stays in the process (RSS) unless trimmed.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def block_parameter_count(model: nn.Module) -> int:
