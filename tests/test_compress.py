@@ -54,8 +54,10 @@ ALLOCATIONS = [("modegpt", "global"), ("modegpt", "uniform"), ("wanda-sp", "unif
 @pytest.mark.parametrize(("method", "allocation"), ALLOCATIONS)
 def test_achieved_ratio_matches_request(name, method, allocation):
     model, tokenizer = load_model(name)
-    report = compress_model(model, tokenizer, method=method, ratio=0.3, allocation=allocation, **SMALL)
-    assert report.achieved_ratio == pytest.approx(0.3, abs=0.02)
+    # unaligned widths (tiny blocks: one 32-channel step is 8% of a block); aligned ones: tests/test_widths.py
+    report = compress_model(model, tokenizer, method=method, ratio=0.3, allocation=allocation, width_multiple=1,
+                            **SMALL)
+    assert report.achieved_ratio == pytest.approx(0.3, abs=0.01)
     assert report.params_after < report.params_before
     with torch.no_grad():
         assert torch.isfinite(model(_ids()).logits).all()
@@ -177,11 +179,11 @@ def test_compress_refuses_non_empty_out(capsys, tmp_path):
 def test_compress_cli_end_to_end(capsys, tmp_path):
     out = tmp_path / "tiny-mg"
     code = main(["--quiet", "compress", "tiny-llama", "--ratio", "0.3", "--out", str(out), "--calib-samples", "4",
-                 "--calib-seqlen", "32", "--json", str(tmp_path / "c.json")])
+                 "--calib-seqlen", "32", "--width-multiple", "1", "--json", str(tmp_path / "c.json")])
     assert code == 0
     report = json.loads((tmp_path / "c.json").read_text())
-    assert report["method"] == "modegpt" and abs(report["achieved_ratio"] - 0.3) < 0.02
-    for key in ("params_before", "params_after", "seconds", "peak_rss_mb", "calibration"):
+    assert report["method"] == "modegpt" and abs(report["achieved_ratio"] - 0.3) < 0.01
+    for key in ("params_before", "params_after", "seconds", "peak_rss_mb", "calibration", "whole_model_ratio"):
         assert key in report
     capsys.readouterr()
     assert main(["--quiet", "eval", str(out), "--seqlen", "32", "--windows", "2", "--cloze", "0", "--no-speed",

@@ -32,7 +32,7 @@ from leanfm.compress.engine import block_parameter_count
 from leanfm.models import get_adapter
 from leanfm.training import load_checkpoint
 
-TRAIN = {"steps": 4, "batch_size": 2, "seqlen": 32, "checkpoint_every": 2, "autocast": False,
+TRAIN = {"steps": 4, "batch_size": 2, "seqlen": 32, "checkpoint_every": 2, "autocast": False, "width_multiple": 1,
          "train_corpus": "austen:calib"}  # a small split: tokenizing the default mix (~3M tokens) takes ~1 min
 
 

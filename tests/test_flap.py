@@ -16,6 +16,7 @@ from leanfm.compress import compress_model, save_compressed
 from leanfm.compress.flap import (
     FlapConfig,
     LayerScores,
+    align_mlp,
     channel_moments,
     flap,
     fluctuation,
@@ -30,7 +31,8 @@ from leanfm.errors import LeanfmError
 from leanfm.models import get_adapter
 from leanfm.models.adapters import AttentionLayout
 
-SMALL = {"calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
+# unaligned widths on the tiny models (a 32-channel step is a quarter of their MLP); aligned: test_widths.py
+SMALL = {"calib_samples": 4, "calib_seqlen": 32, "batch_size": 2, "width_multiple": 1}
 
 
 def _ids(n=4, t=32, seed=3):
@@ -258,3 +260,15 @@ def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(LeanfmError, match=message) as err:
         FlapConfig(**settings)
     assert "\n" not in str(err.value)
+
+
+def test_align_mlp_rounds_with_a_carry_and_keeps_the_best_channels():
+    scores = torch.arange(40, dtype=torch.float64)  # channel j scores j: the best are the last
+    layers = [_layer([0.0, 1.0], scores.tolist()), _layer([0.0, 1.0], scores.flip(0).tolist())]
+    removed = torch.zeros(40, dtype=torch.bool)
+    removed[:13] = True  # 27 kept -> 24 (multiple of 8), carrying 3 channels
+    plan = align_mlp(layers, [(1, removed), (0, removed.clone())], 8)
+    assert [int((~r).sum()) for _, r in plan] == [24, 32]  # 27 + 3 = 30 -> 32
+    assert (~plan[0][1]).nonzero().flatten().tolist() == list(range(16, 40))  # layer 0's best 24
+    assert (~plan[1][1]).nonzero().flatten().tolist() == list(range(32))  # layer 1 scores the other way round
+    assert plan[0][0] == 1 and align_mlp(layers, [(1, removed)] * 2, 1)[0][1] is removed

@@ -27,7 +27,8 @@ from leanfm.models import load_model, resolve_dtype
 from leanfm.paths import check_output_dir
 from leanfm.training import init_distributed, prepare_run
 
-REPORT_KEYS = ("method", "ratio", "achieved_ratio", "params_before", "params_after", "seconds", "peak_rss_mb", "out")
+REPORT_KEYS = ("method", "ratio", "achieved_ratio", "whole_model_ratio", "params_before", "params_after", "seconds",
+               "peak_rss_mb", "out")
 
 
 def trains(spec: MethodSpec) -> bool:

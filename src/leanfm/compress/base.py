@@ -10,14 +10,29 @@ The driver: calibration activations enter block 0; for each block in turn its st
 block's outputs feed the next block. ``φ_i`` is the per-layer sparsity: ``φ`` everywhere
 (``allocation="uniform"``) or MoDeGPT's global rule (section 3.4), ``φ_i = L φ softmax(-s/ε)_i`` from the
 layer importance ``s_i = 1 - cos(in, out)``, capped at ``max_sparsity`` with the excess redistributed.
+
+Hardware-aligned widths (issue 14): every width a method chooses is a multiple of ``width_multiple`` (MLP
+channels; q/k/v head dims and low-rank ranks of ``min(8, width_multiple)``). Rounding one block moves its
+parameter count by up to half a step, so the driver *carries* the error: block ``i`` is asked to keep its own
+share ``t_i = (1 - φ_i) P_i`` plus what the blocks before it kept too little (``keep_i = (t_i + carry) / P_i``),
+and the whole model misses the budget by at most half a step of the last block. ``width_multiple=1`` is the
+unrounded behaviour. The default, 32 (:data:`WIDTH_MULTIPLE`), was measured here with ``benchmarks/gemm_widths.py``
+(SmolLM2's 576-wide GEMMs, W = 1024..1100 and 1392..1440): in float32 any multiple of 8 removes the slow widths
+(worst width 1.6-1.8x the best per column at 2 threads unaligned, <= 1.08x at multiples of 8); in bfloat16 only 32
+and 64 do (multiples of 8 and 16 still had widths 1.3-3x slower); 32 costs half the rounding of 64.
+
+``device``: the calibration statistics and the rebuilt blocks live there (``auto``: CUDA when available); the
+model comes back on the device it came from. On the CPU the weights are first copied out of the safetensors
+mapping (:func:`leanfm.compress.engine.copy_out_of_mapping`) so that replaced blocks are freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,22 +42,40 @@ from leanfm.compress.engine import (
     block_parameter_count,
     capture_block_inputs,
     collect_stats,
+    copy_out_of_mapping,
     layer_importance,
+    return_freed_memory,
     run_block,
 )
 from leanfm.config import MethodConfig, check_at_least, option
 from leanfm.data.calibration import DEFAULT_CALIBRATION, mixed_calibration_windows, parse_calibration
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import get_adapter
 from leanfm.models.compressed import COMPRESSED_CLASSES, LayerSpec, finalize
 from leanfm.progress import progress
+from leanfm.training.options import DEVICE_HELP, check_device_name
 
 ALLOCATIONS = ("global", "uniform")
 RATIO_HELP = "fraction of block parameters to remove, 0 < R < 1"
+# MLP widths and ranks are multiples of this by default (see the module docstring and BENCHMARKS.md)
+WIDTH_MULTIPLE = 32
+HEAD_MULTIPLE = 8  # q/k/v head dims: a multiple of min(HEAD_MULTIPLE, width_multiple)
+ReportT = TypeVar("ReportT", bound="CompressionReport")
 # block_fn(model, index, stats, keep) rewrites block ``index`` in place to keep fraction ``keep``; returns its spec
 BlockFn = Callable[[nn.Module, int, BlockStats, float], LayerSpec]
+
+
+def record_ratios(model: nn.Module, report: ReportT) -> ReportT:
+    """Write the achieved block and whole-model ratios into the checkpoint's ``leanfm_compression`` settings, so
+    ``leanfm eval`` of the saved folder reports both without the dense model; returns ``report``."""
+    settings = getattr(getattr(model, "config", None), "leanfm_compression", None)
+    if isinstance(settings, dict):
+        settings.update(achieved_ratio=report.achieved_ratio, whole_model_ratio=report.whole_model_ratio,
+                        params_before=report.params_before)
+    return report
 
 
 def check_ratio(ratio: float) -> None:
@@ -62,7 +95,11 @@ def check_architecture(model: nn.Module) -> None:
 
 @dataclass
 class CompressionReport:
-    """What ``leanfm compress`` reports (``--json``)."""
+    """What ``leanfm compress`` reports (``--json``).
+
+    ``achieved_ratio`` is the fraction of *block* parameters removed (what ``ratio`` asks for);
+    ``whole_model_ratio`` the fraction of *all* parameters (embedding and head included) — the one a user sees.
+    """
 
     method: str
     ratio: float
@@ -76,6 +113,10 @@ class CompressionReport:
     peak_rss_mb: float
     calibration: dict[str, Any]
     training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
+    whole_model_ratio: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.whole_model_ratio = 1 - self.params_after / self.params_before if self.params_before else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -98,14 +139,18 @@ class LayerwiseConfig(MethodConfig):
     calib_seqlen: int = option(512, "tokens per window")
     batch_size: int = option(4, "calibration windows per forward pass", cli=False)
     seed: int = option(0, "seed of the calibration windows", cli=False)
+    width_multiple: int = option(WIDTH_MULTIPLE, "chosen widths are multiples of this (1: unrounded); head dims of "
+                                 f"min({HEAD_MULTIPLE}, this)")
+    device: str = option("auto", DEVICE_HELP.replace("train", "compute statistics and rebuild blocks"))
 
     def validate(self) -> None:
         super().validate()
         check_ratio(self.ratio)
+        check_device_name(self.device)
         if not 0 < self.max_sparsity <= 1 or self.epsilon <= 0:
             raise LeanfmError(f"max_sparsity {self.max_sparsity}, epsilon {self.epsilon}: "
                               "accepted 0 < max_sparsity <= 1, epsilon > 0")
-        check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size")
+        check_at_least(self, 1, "calib_samples", "calib_seqlen", "batch_size", "width_multiple")
         parse_calibration(self.calib_corpus)
 
 
@@ -132,31 +177,76 @@ def layer_sparsity(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfi
     return torch.full((len(get_adapter(model).blocks(model)),), config.ratio)
 
 
+def round_to_multiple(value: float, multiple: int, high: int) -> int:
+    """``value`` rounded to the nearest multiple of ``multiple``, within ``[multiple, high]``.
+
+    ``high`` (the dense width) is returned as is when rounding up would pass it, so a layer that keeps
+    everything stays dense even when its width is no multiple.
+    """
+    if multiple <= 1:
+        return int(min(high, max(1, round(value))))
+    return int(min(high, max(multiple, multiple * round(value / multiple))))
+
+
+def carried_keep(target: float, carry: float, size: int) -> float:
+    """Keep fraction of a block of ``size`` parameters asked to keep ``target`` plus the ``carry`` its
+    predecessors' rounding left over (clipped to ``(0, 1]``)."""
+    return float(min(1.0, max(1e-6, (target + carry) / size)))
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Modules built inside are created on ``device`` (``torch.device`` as a context), so a rebuilt block's new
+    Linears land where the weights they replace live, without a CPU copy first. A no-op for the CPU (already the
+    default): the context intercepts every torch call, which would slow a forward pass run inside it."""
+    if device.type == "cpu":
+        yield
+        return
+    with device:
+        yield
+
+
 @torch.no_grad()
 def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, method: str,
              block_fn: BlockFn) -> CompressionReport:
-    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``."""
+    """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``.
+
+    Runs on ``config.device`` and returns the model to the device it came from. Block ``i`` is asked for its
+    share ``(1 - φ_i) P_i`` plus the carried rounding error of the blocks before it (module docstring).
+    """
     start = time.perf_counter()
+    origin = next(model.parameters()).device
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        copy_out_of_mapping(model)  # else the dense blocks stay resident beside the compressed ones
+    model.to(device)
+    calib = calib.to(device)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     params_before, block_before = count_parameters(model), block_parameter_count(model)
     sparsity = layer_sparsity(model, calib, config)
     inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
-    specs = []
+    specs, carry = [], 0.0
     for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
+        size = sum(p.numel() for p in blocks[index].parameters())
+        target = (1.0 - float(sparsity[index])) * size
         stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
-        specs.append(block_fn(model, index, stats, 1.0 - float(sparsity[index])))
+        with on_device(device):
+            specs.append(block_fn(model, index, stats, carried_keep(target, carry, size)))
+        carry += target - sum(p.numel() for p in adapter.blocks(model)[index].parameters())
         inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
         del stats
+        return_freed_memory()  # the replaced dense block's weights
     finalize(model, specs, {"method": method, **config.to_dict()})
+    model.to(origin)
     block_after = block_parameter_count(model)
-    return CompressionReport(
+    return record_ratios(model, CompressionReport(
         method=method, ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
         block_params_before=block_before, block_params_after=block_after,
         achieved_ratio=1 - block_after / block_before, layer_sparsity=[round(float(s), 4) for s in sparsity],
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
         calibration=calibration_record(config, calib),
-    )
+    ))
 
 
 def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig, method: str,

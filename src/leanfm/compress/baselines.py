@@ -15,13 +15,20 @@ parameter-update step. SliceGPT itself is :mod:`leanfm.compress.slicegpt`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, compress_layerwise
+from leanfm.compress.base import (
+    HEAD_MULTIPLE,
+    CompressionReport,
+    LayerwiseConfig,
+    compress_layerwise,
+    round_to_multiple,
+)
 from leanfm.compress.engine import BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
@@ -51,8 +58,9 @@ def _wanda_rows(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     return (weight.abs().double() * input_norm[None]).sum(-1)
 
 
-def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> LayerSpec:
-    """Prune block ``index`` in place to keep fraction ``keep`` of each inner width; returns its spec."""
+def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, width_multiple: int = 1) -> LayerSpec:
+    """Prune block ``index`` in place to keep fraction ``keep`` of each inner width; returns its spec (MLP width a
+    multiple of ``width_multiple``, head width of ``min(8, width_multiple)``)."""
     adapter = get_adapter(model)
     layout = adapter.layout(model)
     block = adapter.blocks(model)[index]
@@ -62,11 +70,11 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float) ->
     p = qkv_params(adapter, block, layout)
     q_score = _wanda_rows(p["wq"], x_norm).view(layout.num_kv_heads, group, hd).sum(1)
     k_score = _wanda_rows(p["wk"], x_norm).view(layout.num_kv_heads, hd)
-    dims, rope_index = select_head_dims(q_score + k_score, layout, keep)
+    dims, rope_index = select_head_dims(q_score + k_score, layout, keep, min(HEAD_MULTIPLE, width_multiple))
     q = gather_heads(p["wq"], p["bq"], dims, hd, layout.num_heads)
     k = gather_heads(p["wk"], p["bk"], dims, hd, layout.num_kv_heads)
 
-    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple)
     mid_norm = stats.mlp_mid.diagonal().clamp_min(0).sqrt()
     mlp_score = mid_norm * parts.mlp_out.weight.abs().double().sum(0)
     kept = mlp_score.topk(width).indices.sort().values
@@ -87,21 +95,34 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float) ->
     return spec
 
 
+def _whitening_factor(gram: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``C + r I`` with the smallest ridge ``r`` (1e-6 of the mean diagonal, growing by 100x)
+    that makes it positive definite: fewer calibration tokens than channels leave ``C`` singular."""
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    for ridge in (1e-6, 1e-4, 1e-2):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * scale * eye)
+        if int(info) == 0:
+            return factor
+    raise FloatingPointError("Gram matrix is not positive definite even with ridge 1e-2")
+
+
 def whitened_low_rank(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware truncated SVD (SVD-LLM's truncation-aware whitening).
 
     With ``C = X^T X = S S^T`` (Cholesky), the rank-``r`` ``W'`` minimising ``||X (W - W')^T||_F`` is
     ``U_r Σ_r V_r^T S^-1`` for ``W S = U Σ V^T``. Returns ``(down [r, in], up [out, r])``.
     """
-    c = gram + 1e-6 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
-    s = torch.linalg.cholesky(c)  # lower triangular
+    s = _whitening_factor(gram)  # lower triangular
     u, sigma, vt = torch.linalg.svd(weight.double() @ s, full_matrices=False)
     down = torch.linalg.solve_triangular(s, sigma[:rank, None] * vt[:rank], upper=False, left=False)  # Σ V^T S^-1
     return down.to(weight.dtype), u[:, :rank].to(weight.dtype)
 
 
-def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> LayerSpec:
-    """Factorise every Linear of block ``index`` to keep fraction ``keep`` of its parameters (uniform)."""
+def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float, width_multiple: int = 1) -> LayerSpec:
+    """Factorise every Linear of block ``index`` to keep fraction ``keep`` of its parameters (uniform); ranks are
+    multiples of ``min(8, width_multiple)`` (a rank is a GEMM width: 8 removes the slow shapes, and a
+    32-multiple rank on SmolLM2's 192-row k/v would move a block's count by 10%)."""
     adapter = get_adapter(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
@@ -120,7 +141,8 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> L
     factors = {}
     for path, (linear, gram) in linears.items():
         size_in, size_out = linear.in_features, linear.out_features
-        rank = max(1, round(keep * size_in * size_out / (size_in + size_out)))
+        rank = round_to_multiple(keep * size_in * size_out / (size_in + size_out), min(HEAD_MULTIPLE, width_multiple),
+                                 min(size_in, size_out))
         factors[path] = (rank, *whitened_low_rank(linear.weight.data, gram, rank), linear.bias)
     spec.low_rank = {path: f[0] for path, f in factors.items()}
     restructure_block(model, index, spec)
@@ -136,12 +158,14 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float) -> L
 
 def compress_wanda_sp(model: nn.Module, tokenizer: Any, config: WandaSpConfig) -> CompressionReport:
     """Prune ``model`` in place with wanda-sp (the ``compress`` family's entry point)."""
-    return compress_layerwise(model, tokenizer, config, "wanda-sp", wanda_block)
+    block_fn = functools.partial(wanda_block, width_multiple=config.width_multiple)
+    return compress_layerwise(model, tokenizer, config, "wanda-sp", block_fn)
 
 
 def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig) -> CompressionReport:
     """Factorise ``model`` in place with svd-llm (the ``compress`` family's entry point)."""
-    return compress_layerwise(model, tokenizer, config, "svd-llm", svd_block)
+    block_fn = functools.partial(svd_block, width_multiple=config.width_multiple)
+    return compress_layerwise(model, tokenizer, config, "svd-llm", block_fn)
 
 
 register_method("wanda-sp", "compress", WandaSpConfig, compress_wanda_sp,

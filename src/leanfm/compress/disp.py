@@ -9,7 +9,7 @@ subsets: attention reads ``S_attn_in`` and writes ``S_attn_out``, the MLP reads 
     x <- x + index_add(S_mlp_out, W_d[S_mlp_out, S_mid] act(W_u[S_mid, S_mlp_in] norm(x)[S_mlp_in]))
 
 The subsets are learned on the frozen model: a hypernetwork (bidirectional GRU over fixed random inputs, one
-step per block, then one linear head per mask kind) produces mask logits; masks are sampled with a
+step per block, then one linear readout per block and mask kind) produces mask logits; masks are sampled with a
 straight-through Gumbel-sigmoid (hard 0/1 forward, sigmoid gradient backward) and applied by multiplying the
 Linears' inputs/outputs, and the loss is
 
@@ -37,7 +37,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from leanfm.compress.base import RATIO_HELP, CompressionReport, check_architecture, check_ratio
+from leanfm.compress.base import (
+    RATIO_HELP,
+    WIDTH_MULTIPLE,
+    CompressionReport,
+    check_architecture,
+    check_ratio,
+    record_ratios,
+    round_to_multiple,
+)
 from leanfm.compress.engine import block_parameter_count
 from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.calibration import mixed_windows, parse_calibration, source_token_ids
@@ -67,7 +75,8 @@ class DispConfig(MethodConfig):
     """
 
     # a resumed run may train longer, checkpoint at another interval, or change device/autocast (speed only)
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "device", "autocast")
+    # (and export at another width multiple: training does not depend on it)
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "device", "autocast", "width_multiple")
 
     ratio: float = option(help=RATIO_HELP)
     steps: int = option(200, "training steps")
@@ -84,6 +93,7 @@ class DispConfig(MethodConfig):
                                "and/or text files or folders; every batch shares its windows out evenly")
     seed: int = option(0, "seed of the hypernetwork, the mask noise and the batches", cli=False)
     checkpoint_every: int = option(25, "steps between checkpoints")
+    width_multiple: int = option(WIDTH_MULTIPLE, "exported channel counts are multiples of this (1: unrounded)")
     # bfloat16 autocast for the frozen model's forward/backward (~2.7x faster on CPU)
     autocast: bool = option(True, "bfloat16 autocast for the frozen model (off: train in float32)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -95,7 +105,7 @@ class DispConfig(MethodConfig):
 
     def validate(self) -> None:
         check_ratio(self.ratio)
-        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every")
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "width_multiple")
         if self.seqlen < 2:
             raise LeanfmError(f"seqlen {self.seqlen} is too small; accepted: an integer >= 2")
         super().validate()  # choices: the sampler
@@ -162,10 +172,13 @@ def masks_count(shapes: list[BlockShape], masks: dict[str, torch.Tensor]) -> tor
 
 
 class DispHypernetwork(nn.Module):
-    """Mask logits for every block: ``z ~ N(0,1) [L, 32] (fixed) -> BiGRU(64) -> LayerNorm -> GELU -> heads``.
+    """Mask logits for every block: ``z ~ N(0,1) [L, 32] (fixed) -> BiGRU(64) -> LayerNorm -> GELU -> readouts``.
 
-    One bias-free linear head per mask kind, shared across blocks (so the size does not grow with depth); the
-    GRU lets neighbouring blocks coordinate their choices (DISP-LLM section 3.2, official code's layout).
+    The trunk (GRU, norm) is shared, so neighbouring blocks coordinate their choices (DISP-LLM section 3.2); the
+    readout is one bias-free linear map per *block and mask kind* (``readouts[name][l]`` ``[width, 2 hidden]``), as
+    in the official code's per-layer heads. A readout shared across blocks (issue 14's finding) coupled every
+    block's ranking of channels to every other block's: a gradient that re-ranked block 0's channels moved block
+    1's too. Readouts start like ``nn.Linear`` (uniform in ``±1/sqrt(2 hidden)``).
     """
 
     z: torch.Tensor  # the fixed noise input, a registered buffer
@@ -178,12 +191,16 @@ class DispHypernetwork(nn.Module):
             self.register_buffer("z", torch.randn(num_blocks, z_dim))
             self.gru = nn.GRU(z_dim, hidden, batch_first=True, bidirectional=True)
             self.norm = nn.LayerNorm(2 * hidden)
-            self.heads = nn.ModuleDict({n: nn.Linear(2 * hidden, widths[n], bias=False) for n in MASK_NAMES})
+            bound = (2 * hidden) ** -0.5
+            self.readouts = nn.ParameterDict({
+                n: nn.Parameter(torch.empty(num_blocks, widths[n], 2 * hidden).uniform_(-bound, bound))
+                for n in MASK_NAMES})
 
     def forward(self) -> dict[str, torch.Tensor]:
         states, _ = self.gru(self.z[None])
-        states = nn.functional.gelu(self.norm(states[0]))
-        return {name: self.heads[name](states) for name in MASK_NAMES}  # [L, width] each
+        states = nn.functional.gelu(self.norm(states[0]))  # [L, 2 hidden]
+        # block l's logits read block l's state through block l's own readout: [L, width] each
+        return {name: torch.einsum("lwh,lh->lw", self.readouts[name], states) for name in MASK_NAMES}
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
@@ -263,16 +280,18 @@ class ChannelMasks:
 
 
 @torch.no_grad()
-def export_masks(logits: dict[str, torch.Tensor], shapes: list[BlockShape], target: float) -> dict[str, torch.Tensor]:
+def export_masks(logits: dict[str, torch.Tensor], shapes: list[BlockShape], target: float,
+                 multiple: int = 1) -> dict[str, torch.Tensor]:
     """Boolean masks ``logit > c`` with the global offset ``c`` that keeps the most parameters ``<= target``.
 
-    Every mask keeps at least its highest-logit channel, so no block loses a whole path.
+    Every mask keeps at least its highest-logit channel, so no block loses a whole path. With ``multiple > 1``
+    the channel counts are then aligned (:func:`align_masks`).
     """
     def masks_at(offset: float) -> dict[str, torch.Tensor]:
         out = {}
         for name in MASK_NAMES:
             keep = logits[name] > offset
-            keep[torch.arange(keep.shape[0]), logits[name].argmax(-1)] = True
+            keep[torch.arange(keep.shape[0], device=keep.device), logits[name].argmax(-1)] = True
             out[name] = keep
         return out
 
@@ -283,7 +302,40 @@ def export_masks(logits: dict[str, torch.Tensor], shapes: list[BlockShape], targ
             low = mid
         else:
             high = mid
-    return masks_at(high)
+    masks = masks_at(high)
+    return align_masks(logits, masks, shapes, multiple) if multiple > 1 else masks
+
+
+def _top(logits: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[logits.topk(count).indices] = True
+    return keep
+
+
+@torch.no_grad()
+def align_masks(logits: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], shapes: list[BlockShape],
+                multiple: int) -> dict[str, torch.Tensor]:
+    """Masks whose channel counts — the in/out widths of every exported Linear — are multiples of ``multiple``.
+
+    Block by block: the four residual-side counts are rounded to the nearest multiple, and the intermediate
+    count (the only one the parameter count is linear in once the others are fixed) absorbs the difference
+    between the block's unaligned count plus the error carried from the blocks before it and its aligned count;
+    its own rounding error is carried on. Each mask keeps its highest-logit channels (what ``logit > c`` kept,
+    give or take the boundary). The total lands within half an intermediate step of the unaligned one.
+    """
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in MASK_NAMES}
+    carry = 0.0
+    for index, shape in enumerate(shapes):
+        counts = {name: int(masks[name][index].sum()) for name in MASK_NAMES}
+        wanted = float(block_count(shape, counts)) + carry
+        aligned = {name: round_to_multiple(counts[name], multiple, shape.widths[name]) for name in MASK_NAMES}
+        rest = float(block_count(shape, {**aligned, "mlp_mid": 0}))
+        per_mid = float(block_count(shape, {**aligned, "mlp_mid": 1})) - rest
+        aligned["mlp_mid"] = round_to_multiple((wanted - rest) / per_mid, multiple, shape.widths["mlp_mid"])
+        carry = wanted - float(block_count(shape, aligned))
+        for name in MASK_NAMES:
+            out[name].append(_top(logits[name][index], aligned[name]))
+    return {name: torch.stack(rows) for name, rows in out.items()}
 
 
 @torch.no_grad()
@@ -344,7 +396,7 @@ class DispTrainer:
         self.target = (1 - self.config.ratio) * self.block_params
         self.hypernetwork = DispHypernetwork(len(self.blocks), self.shapes[0].widths, self.config.seed)
         if any(s.widths != self.shapes[0].widths for s in self.shapes):
-            raise LeanfmError("DISP-LLM needs blocks of equal widths (a shared hypernetwork head per mask kind)")
+            raise LeanfmError("DISP-LLM needs blocks of equal widths (the masks of all blocks are stacked)")
         self.optimizer = torch.optim.AdamW(self.hypernetwork.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         self.step, self.train_seconds = 0, 0.0
@@ -405,7 +457,8 @@ class DispTrainer:
     def final_masks(self) -> dict[str, torch.Tensor]:
         """The deterministic masks to export, at exactly the requested ratio."""
         logits = self.hypernetwork()
-        return export_masks({n: logits[n] + self.config.offset for n in MASK_NAMES}, self.shapes, self.target)
+        return export_masks({n: logits[n] + self.config.offset for n in MASK_NAMES}, self.shapes, self.target,
+                            self.config.width_multiple)
 
 
 def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoint: Path | None = None,
@@ -428,7 +481,7 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
     finalize(model, specs, {"method": "disp", **config.to_dict()})
     per_block_after = [sum(p.numel() for p in b.parameters()) for b in get_adapter(model).blocks(model)]
     block_after = block_parameter_count(model)
-    return CompressionReport(
+    return record_ratios(model, CompressionReport(
         method="disp", ratio=config.ratio, params_before=params_before, params_after=count_parameters(model),
         block_params_before=block_before, block_params_after=block_after,
         achieved_ratio=1 - block_after / block_before,
@@ -440,7 +493,7 @@ def compress_disp(model: nn.Module, tokenizer: Any, config: DispConfig, checkpoi
         training={"steps": trainer.step, "world_size": trainer.runtime.context.world_size,
                   "device": str(trainer.runtime.device), "train_seconds": trainer.train_seconds,
                   "tokens_seen": trainer.step * config.batch_size * config.seqlen, "history": history},
-    )
+    ))
 
 
 register_method("disp", "compress", DispConfig, compress_disp,

@@ -7,6 +7,9 @@ accumulated (Gram matrices in float64, one block at a time), the method rewrites
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -118,7 +121,7 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
     """Per-block importance s_i = mean over tokens of 1 - cos(block input, block output) (MoDeGPT sec. 3.4)."""
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    sums = torch.zeros(len(blocks), dtype=torch.float64, device=calib.device)  # summed where the blocks run
     handles = []
     for i, block in enumerate(blocks):
         def hook(_m: nn.Module, args: tuple, kw: dict, out: Any, i: int = i) -> None:
@@ -135,7 +138,44 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
     finally:
         for handle in handles:
             handle.remove()
-    return (sums / calib.numel()).float()
+    return (sums / calib.numel()).float().cpu()
+
+
+@torch.no_grad()
+def copy_out_of_mapping(model: nn.Module) -> None:
+    """Give every parameter and buffer of a CPU ``model`` its own memory, so replaced blocks can be freed.
+
+    Why: transformers 5 loads safetensors weights as views of the file's memory map; every page a forward pass
+    touches stays resident (``RssFile``) for as long as *any* view of the file lives — the embedding outlives
+    every block — so the dense blocks stayed resident beside their compressed replacements (issue 14: RSS 512 MB
+    after load, 1043 after the importance pass, 1191 after 3 blocks). Once copied, the mapping is unmapped and a
+    replaced block's memory goes back to the system. Tied weights stay tied (one Parameter, copied once); values
+    are copied exactly, so the compressed checkpoint is bit-identical.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:  # parameters() yields a tied weight once
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL("libc.so.6").malloc_trim)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by replaced blocks back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so later weight-sized allocations come from the heap and
+    their memory, once freed, stays in the process (RSS) unless trimmed.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def block_parameter_count(model: nn.Module) -> int:

@@ -58,10 +58,19 @@ from leanfm.compress.base import (
     calibration_for,
     calibration_record,
     check_architecture,
+    on_device,
+    record_ratios,
+    round_to_multiple,
 )
-from leanfm.compress.engine import block_parameter_count, capture_block_inputs, collect_stats
+from leanfm.compress.engine import (
+    block_parameter_count,
+    capture_block_inputs,
+    collect_stats,
+    copy_out_of_mapping,
+)
 from leanfm.compress.surgery import load_block_weights, qkv_params
 from leanfm.config import option, register_method
+from leanfm.device import resolve_device
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
 from leanfm.models.adapters import AttentionLayout, BlockParts, get_adapter
@@ -220,6 +229,29 @@ def plan_removal(layers: list[LayerScores], budgets: list[float], per_layer: boo
     return plan
 
 
+def align_mlp(layers: list[LayerScores], plan: list[tuple[int, torch.Tensor]],
+              multiple: int) -> list[tuple[int, torch.Tensor]]:
+    """The plan with every layer's kept MLP width a multiple of ``multiple`` (heads are whole already).
+
+    Layer by layer, the kept count plus the channels carried from earlier layers' rounding is rounded to the
+    multiple and the layer keeps its best-scoring channels (the search removed lowest scores first, so the
+    kept set only changes at its boundary). A layer left dense stays dense.
+    """
+    if multiple <= 1:
+        return plan
+    aligned, carry = [], 0.0
+    for layer, (units, removed) in zip(layers, plan, strict=True):
+        width = removed.numel()
+        wanted = width - int(removed.sum()) + carry
+        kept = round_to_multiple(wanted, multiple, width)
+        carry = wanted - kept
+        order = torch.sort(layer.mlp_scores, descending=True, stable=True).indices
+        now_removed = torch.ones(width, dtype=torch.bool)
+        now_removed[order[:kept]] = False
+        aligned.append((units, now_removed))
+    return aligned
+
+
 def _compensated(linear: nn.Linear, removed: torch.Tensor, mean: torch.Tensor, on: bool) -> torch.Tensor | None:
     """``b + W[:, removed] @ mean[removed]`` (FLAP's bias compensation), or the old bias when off."""
     if not on:
@@ -286,7 +318,19 @@ def _block_sizes(model: nn.Module) -> list[int]:
 
 @torch.no_grad()
 def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> CompressionReport:
-    """Prune ``model`` in place with FLAP on calibration ids ``calib`` ``[N, T]``."""
+    """Prune ``model`` in place with FLAP on calibration ids ``calib`` ``[N, T]``, computing on ``config.device``
+    (every tensor made on the way is made there) and returning the model to the device it came from."""
+    origin = next(model.parameters()).device
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        copy_out_of_mapping(model)  # see there: the dense blocks would stay resident
+    with on_device(device):
+        report = _flap(model.to(device), calib.to(device), config)
+    model.to(origin)
+    return record_ratios(model, report)
+
+
+def _flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> CompressionReport:
     start = time.perf_counter()
     adapter = get_adapter(model)
     layout = adapter.layout(model)
@@ -294,6 +338,7 @@ def flap(model: nn.Module, calib: torch.Tensor, config: FlapConfig) -> Compressi
     moments = fluctuation_pass(model, calib, config.batch_size)
     scores = score_layers(model, moments, config.standardize)
     plan = plan_removal(scores, [config.ratio * s for s in sizes], per_layer=config.allocation == "uniform")
+    plan = align_mlp(scores, plan, config.width_multiple)
     specs = []
     for index, (layer, (units, mlp_removed)) in enumerate(zip(scores, plan, strict=True)):
         gone = {h for unit in layer.unit_heads[:units] for h in unit}

@@ -23,7 +23,9 @@ shrunk inside so that its output on calibration data is reconstructed as well as
 Global sparsity allocation: ``φ_i = L φ softmax(-s/ε)_i`` from the layer importance ``s_i = 1 - cos(in, out)``,
 capped at ``max_sparsity`` with the excess redistributed; ``allocation="uniform"`` gives every layer ``φ``. The
 allocation and the layer-by-layer driver are shared with the baselines (:mod:`leanfm.compress.base`).
-Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ.
+Every module of a layer keeps the same fraction ``1 - φ_i`` of its inner width, so block parameters shrink by φ —
+up to the alignment of widths (``width_multiple``: MLP widths of 32, head dims of 8), whose rounding the driver
+carries from block to block so that the whole model still removes φ.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, compress_layerwise
+from leanfm.compress.base import HEAD_MULTIPLE, CompressionReport, LayerwiseConfig, compress_layerwise
 from leanfm.compress.engine import BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
@@ -109,7 +111,8 @@ def _row_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((w @ gram) * w).sum(-1).clamp_min(0)
 
 
-def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
+def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, keep: float,
+              multiple: int = 1) -> tuple:
     """Type II. Scores ``sqrt(E_q E_k)`` summed over each KV group's query heads, then selection.
 
     Non-rotary dims score per dim; a rotary pair ``(j, j')`` scores with its pair energies
@@ -124,7 +127,7 @@ def qk_select(wq: torch.Tensor, wk: torch.Tensor, gram: torch.Tensor, layout: At
         pair_k = ek[..., :half] + ek[..., half : 2 * half]  # [KV, 1, R/2]
         pair = (pair_q * pair_k).sqrt() / 2
         score[..., :half], score[..., half : 2 * half] = pair, pair
-    return select_head_dims(score.sum(1), layout, keep)
+    return select_head_dims(score.sum(1), layout, keep, multiple)
 
 
 def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: torch.Tensor,
@@ -157,15 +160,19 @@ def vo_svd(wv: torch.Tensor, bv: torch.Tensor | None, wo: torch.Tensor, gram: to
 
 
 def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float, ridge: float,
-                   solve_ridge: float = 0.0, reconstruct: bool = True) -> LayerSpec:
-    """Rewrite block ``index`` in place with MoDeGPT at keep fraction ``keep``; returns its spec."""
+                   solve_ridge: float = 0.0, reconstruct: bool = True, width_multiple: int = 1) -> LayerSpec:
+    """Rewrite block ``index`` in place with MoDeGPT at keep fraction ``keep``; returns its spec.
+
+    The MLP width is a multiple of ``width_multiple`` and the head width of ``min(8, width_multiple)``.
+    """
     adapter = get_adapter(model)
     layout = adapter.layout(model)
     block = adapter.blocks(model)[index]
     parts = adapter.parts(block)
     p = qkv_params(adapter, block, layout)
-    dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep)
-    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep)
+    head_multiple = min(HEAD_MULTIPLE, width_multiple)
+    dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep, head_multiple)
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple)
     kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, width, ridge, solve_ridge, reconstruct)
     mlp_in = gather_rows(parts.mlp_in, kept)
     q = gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
@@ -183,7 +190,7 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
 def compress_modegpt(model: nn.Module, tokenizer: Any, config: ModegptConfig) -> CompressionReport:
     """Compress ``model`` in place with MoDeGPT (the ``compress`` family's entry point)."""
     block_fn = functools.partial(compress_block, ridge=config.ridge, solve_ridge=config.solve_ridge,
-                                 reconstruct=config.reconstruct)
+                                 reconstruct=config.reconstruct, width_multiple=config.width_multiple)
     return compress_layerwise(model, tokenizer, config, "modegpt", block_fn)
 
 

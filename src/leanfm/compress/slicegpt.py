@@ -44,9 +44,17 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from leanfm.compress.base import CompressionReport, LayerwiseConfig, calibration_for, calibration_record
+from leanfm.compress.base import (
+    CompressionReport,
+    LayerwiseConfig,
+    calibration_for,
+    calibration_record,
+    on_device,
+    record_ratios,
+)
 from leanfm.compress.engine import block_parameter_count, capture_block_inputs
 from leanfm.config import option, register_method
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters
 from leanfm.eval.speed import peak_rss_mb
@@ -74,11 +82,10 @@ class SliceGptConfig(LayerwiseConfig):
 
 @dataclass
 class SliceGptReport(CompressionReport):
-    """The common report plus the sliced width and the whole-model ratio (embedding and untied head included)."""
+    """The common report plus the sliced width (the common ``whole_model_ratio`` counts the untied head)."""
 
     width: int = 0
     hidden_size: int = 0
-    whole_model_ratio: float = 0.0
 
 
 def check_llama(model: nn.Module) -> None:
@@ -253,21 +260,24 @@ def compress_slicegpt(model: nn.Module, tokenizer: Any, config: SliceGptConfig) 
     width, planned = width_for_ratio(dense_config, config.ratio, block_before)
     log.info("slicegpt: residual width %d of %d (block ratio %.4f)", width, dense_config.hidden_size, planned)
     calib = calibration_for(tokenizer, config)
-    sliced = slice_model(model, calib, width, config.batch_size, config.signal,
-                         compression={"method": "slicegpt", "width": width, **config.to_dict()})
+    origin, device = next(model.parameters()).device, resolve_device(config.device)
+    with on_device(device):  # the sliced model is built, and its bases computed, on the run's device
+        sliced = slice_model(model.to(device), calib.to(device), width, config.batch_size, config.signal,
+                             compression={"method": "slicegpt", "width": width, **config.to_dict()})
     adopt(model, sliced)
+    model.to(origin)
     layers = cast(Any, model).model.layers
     block_after = sum(p.numel() for p in layers.parameters())
     params_after = count_parameters(model)
     achieved = 1 - block_after / block_before
-    return SliceGptReport(
+    return record_ratios(model, SliceGptReport(
         method="slicegpt", ratio=config.ratio, params_before=params_before, params_after=params_after,
         block_params_before=block_before, block_params_after=block_after, achieved_ratio=achieved,
         layer_sparsity=[round(achieved, 4)] * len(layers), seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         calibration=calibration_record(config, calib),
-        width=width, hidden_size=int(dense_config.hidden_size), whole_model_ratio=1 - params_after / params_before,
-    )
+        width=width, hidden_size=int(dense_config.hidden_size),
+    ))
 
 
 register_method("slicegpt", "compress", SliceGptConfig, compress_slicegpt,

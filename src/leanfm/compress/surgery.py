@@ -16,17 +16,31 @@ from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
 from leanfm.models.compressed import CompressedAttention
 
 
-def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) -> tuple:
+def head_width(keep: float, head_dim: int, multiple: int = 1) -> int:
+    """Kept q/k (and v) dims per head: ``keep * head_dim`` rounded to a multiple of ``multiple`` (even, so rotary
+    pairs stay whole), at least one step and at most ``head_dim``."""
+    step = max(1, multiple)
+    return int(min(head_dim, max(step, step * round(keep * head_dim / step))))
+
+
+def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float, multiple: int = 1) -> tuple:
     """Kept q/k dims per KV group from per-dim scores ``[KV, hd]``, rotary partners kept together.
 
-    Returns ``(dims [KV, qk_dim], rope_index [KV][pairs])`` with dims ordered
+    The width is :func:`head_width` (``multiple=1``: ``round(keep * hd)``, the unaligned rule). Returns
+    ``(dims [KV, qk_dim], rope_index [KV][pairs])`` with dims ordered
     ``[kept pair firsts | their partners | kept non-rotary dims]`` (the :class:`CompressedAttention` layout).
     """
     hd, rot = layout.head_dim, layout.rotary_dim
     half = rot // 2
-    width = max(2 if half else 1, round(keep * hd))
-    n_pairs = min(half, max(1 if half else 0, round(keep * half)))
-    n_pass = min(hd - rot, max(0, width - 2 * n_pairs))
+    if multiple > 1:
+        width = head_width(keep, hd, multiple if multiple % 2 == 0 else 2 * multiple)
+        n_pairs = min(half, round(keep * half))
+        n_pass = max(0, min(hd - rot, width - 2 * n_pairs))
+        n_pairs = (width - n_pass) // 2  # the non-rotary dims ran out: pairs fill the rest (hd - rot is even)
+    else:
+        width = max(2 if half else 1, round(keep * hd))
+        n_pairs = min(half, max(1 if half else 0, round(keep * half)))
+        n_pass = min(hd - rot, max(0, width - 2 * n_pairs))
     dims, rope_index = [], []
     for g in range(layout.num_kv_heads):
         pairs = (score[g, :half] + score[g, half:rot]).topk(n_pairs).indices.sort().values
@@ -36,17 +50,22 @@ def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float) 
     return torch.stack(dims), (rope_index if half else [])
 
 
-def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, keep: float) -> int:
+def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, keep: float,
+                         multiple: int = 1) -> int:
     """MLP width that makes the block keep fraction ``keep`` of its weights, given the chosen head width.
 
-    Head widths move in steps of whole dims (pairs with RoPE), so the MLP absorbs the rounding and the
-    achieved ratio matches the request.
+    Head widths move in steps of whole dims (pairs with RoPE), so the MLP absorbs the rounding; the width is a
+    multiple of ``multiple`` (the remaining error is carried to the next block by
+    :func:`leanfm.compress.base.compress`).
     """
     hidden, mid = parts.o.out_features, parts.mlp_out.in_features
     per_head_dim = (2 * layout.num_heads + 2 * layout.num_kv_heads) * hidden  # q, o and k, v weights
     mlp_per_channel = (len(parts.mlp_in) + 1) * hidden
     budget = keep * (per_head_dim * layout.head_dim + mlp_per_channel * mid)
-    return int(min(mid, max(1, round((budget - per_head_dim * head_width) / mlp_per_channel))))
+    width = (budget - per_head_dim * head_width) / mlp_per_channel
+    if multiple <= 1:
+        return int(min(mid, max(1, round(width))))
+    return int(min(mid, max(multiple, multiple * round(width / multiple))))
 
 
 class QKVParams(TypedDict):

@@ -58,7 +58,9 @@ class EvalResult:
     peak_rss_mb: float
     seconds: float
     method: str | None = None  # compression method recorded in a leanfm checkpoint's config
-    ratio: float | None = None
+    ratio: float | None = None  # the requested fraction of block parameters
+    achieved_ratio: float | None = None  # block parameters removed, as achieved (recorded at compression)
+    whole_model_ratio: float | None = None  # all parameters removed, embedding and head included
     threads: int = field(default_factory=torch.get_num_threads)
     versions: dict[str, str] = field(default_factory=versions)
 
@@ -96,7 +98,9 @@ def evaluate(model: nn.Module, tokenizer: Any, config: EvalConfig | None = None,
     """Score ``model`` on ``windows`` non-overlapping ``seqlen``-token windows of a corpus split.
 
     Also measures last-word cloze accuracy on ``cloze`` items of the same split (0 disables it) and, with
-    ``speed``, prefill tokens/s (one ``batch_size x seqlen`` batch) and greedy decode tokens/s at batch 1.
+    ``speed``, prefill tokens/s (one ``batch_size x seqlen`` batch, last-position logits as a server computes
+    them) and greedy decode tokens/s at batch 1. A leanfm checkpoint also reports its requested ratio and the
+    achieved block and whole-model ratios recorded when it was compressed.
     Settings come as an :class:`EvalConfig` or as its fields (``seqlen=256, windows=4``).
     """
     if corpus_name is not None:
@@ -120,6 +124,7 @@ def evaluate(model: nn.Module, tokenizer: Any, config: EvalConfig | None = None,
     compression = getattr(model.config, "leanfm_compression", None) or {}
     return EvalResult(
         method=compression.get("method"), ratio=compression.get("ratio"),
+        achieved_ratio=compression.get("achieved_ratio"), whole_model_ratio=compression.get("whole_model_ratio"),
         model=name, params=count_parameters(model), perplexity=ppl.perplexity, seqlen=config.seqlen,
         windows=ppl.windows, tokens=ppl.tokens, corpus=config.corpus, split=config.split,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),

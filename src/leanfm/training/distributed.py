@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from leanfm.device import distributed_backend, resolve_device
+from leanfm.errors import LeanfmError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,14 @@ class DistributedContext:
         return self.world_size > 1
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch (row ``i`` goes to rank ``i % world_size``)."""
+        """This rank's rows of a global batch (row ``i`` goes to rank ``i % world_size``).
+
+        A batch with fewer rows than ranks is a one-line error: a rank with an empty shard would average a NaN
+        loss into everyone's gradients (or hang waiting in a collective the others never reach).
+        """
+        if batch.shape[0] < self.world_size:
+            raise LeanfmError(f"batch of {batch.shape[0]} rows cannot be shared by {self.world_size} processes; "
+                              f"accepted: a batch size >= the number of processes ({self.world_size})")
         return batch[self.rank :: self.world_size]
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
