@@ -356,6 +356,21 @@ def markdown(result: dict, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
+def heads_note(meta: dict) -> str:
+    """What the heads are: init, training text and tokens, held-out PPL_j and agreement with the base."""
+    if "note" in meta:
+        return str(meta["note"])
+    train = meta.get("train", {})
+    parts = [f"{meta.get('init')} init"]
+    if train:
+        tokens = int(train.get("steps", 0)) * int(train.get("batch_size", 0)) * int(train.get("seqlen", 0))
+        parts.append(f"trained on {train.get('train_corpus')} ({tokens:,} tokens)")
+    for name, values in (meta.get("metrics") or {}).items():
+        parts.append(f"{name}: PPL_1..n " + " / ".join(f"{v:.1f}" for v in values["ppl"]) + ", top-1 agreement "
+                     "with the base " + " / ".join(f"{v:.2f}" for v in values["agreement"]))
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=Path, default=None, help="a DynaMo folder (default: the committed artifact)")
@@ -379,7 +394,7 @@ def main() -> None:
     summary = quality(runs, texts)
     batch = {dtype: run["batch"] for dtype, run in runs.items()}
     result = {"model": MODEL, "heads": str(args.heads or "artifacts/dynamo-heads-smollm2"),
-              "heads_note": meta.get("note", f"init {meta.get('init')}"), "summary": summary, "batch": batch,
+              "heads_note": heads_note(meta), "summary": summary, "batch": batch,
               "profile": {dtype: run["profile"] for dtype, run in runs.items()}, "prompts": texts,
               "threads": args.threads, "load": [load_before, os.getloadavg()[0]],
               "settings": {k: str(v) for k, v in vars(args).items()}}
