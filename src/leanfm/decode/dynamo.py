@@ -339,7 +339,10 @@ def _verify_step(model: DynamoModel, final: torch.Tensor, states: list[torch.Ten
     rows, width = final.shape[0], final.shape[1]
     before = batch.sequences.shape[1] - width  # columns held before this step's inputs
     low = min(starts)  # the prompt step verifies nothing: only its last slot is needed
-    base = model.lm_head(final[:, low:]).float()  # [B, W - low, V]: the base's next-token logits from slot `low` on
+    # One LM-head product for the base's rows at every slot and the heads' rows too (drafts are read at the
+    # accepted slot, known only after verification): the head's weights are read once per step, not twice.
+    every = model.logits(final[:, low:], [s[:, low:] for s in states[: n - 1]]).float()  # [B, W - low, n, V]
+    base = every[:, :, 0]  # [B, W - low, V]: the base's next-token logits from slot `low` on
     processors, greedy = _processors(config), config.temperature == 0
     slots: list[int] = []
     feeds: list[list[int]] = []
@@ -363,10 +366,7 @@ def _verify_step(model: DynamoModel, final: torch.Tensor, states: list[torch.Ten
         batch.sequences[b, rejected] = batch.sequences[b, last]
         slots.append(starts[b] + accepted)
         feeds.append(batch.emit(b, [*drafts[b][:accepted], token]))
-    pick, slot = torch.arange(rows), torch.tensor(slots)
-    norm = model.adapter.final_norm(model.base)
-    head_logits = model.lm_head(torch.stack([norm(s[pick, slot]) if norm is not None else s[pick, slot]
-                                             for s in states[: n - 1]], dim=1)).float()  # [B, n-1, V]
+    head_logits = every[torch.arange(rows), torch.tensor(slots) - low, 1:]  # [B, n-1, V] at each accepted slot
     for b in range(rows):
         drafts[b], draft_probs[b] = [], []
         if not batch.done[b]:
