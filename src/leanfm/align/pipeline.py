@@ -6,15 +6,27 @@ layers; this module only puts them together: build the data, train with CWCL or 
 
 An aligned encoder is saved as a folder: ``encoder.safetensors`` (weights), ``align.json`` (what it is, how it
 was trained, the frozen model and the zero-shot metrics). :func:`load_encoder` rebuilds it.
+
+The speech tower is ``scratch`` (:class:`SpeechEncoder` on 64-band log-mels) or ``whisper``
+(:class:`WhisperTower`, Whisper tiny.en frozen but for its top layer). For ``whisper`` every utterance is
+re-synthesised with the voice, speed and pitch the scratch set drew for it (:func:`rendition_jobs`, the same
+seeded draws, so both towers see the same utterances), and the frozen body runs once per clip:
+:func:`whisper_speech_set` keeps its outputs (real positions only, float16) in memory and on disk under
+``$LEANFM_HOME/cache/whisper-features``, so a training step runs the top layer alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from leanfm.align.cwcl import LOSSES
@@ -23,22 +35,27 @@ from leanfm.config import check_at_least, option, register_method
 from leanfm.data import shapes, speech
 from leanfm.errors import LeanfmError
 from leanfm.eval.zero_shot import zero_shot_accuracy
+from leanfm.models import whisper
 from leanfm.models.encoders import (
     TOWER_KINDS,
     ImageEncoder,
     SpeechEncoder,
     TextEncoder,
+    WhisperTower,
     check_text_encoder,
     embed_texts,
     load_tower,
     save_tower,
     text_encoder,
 )
+from leanfm.paths import atomic_directory, atomic_write_bytes, leanfm_home
+from leanfm.progress import progress
 from leanfm.training import DistributedContext, init_distributed, prepare_run
 
-__all__ = ["KINDS", "ImageAlignConfig", "PoolAlignConfig", "SpeechAlignConfig", "align_image", "align_pool",
-           "align_speech", "check_text_encoder", "embed_texts", "evaluate_folder", "evaluate_image",
-           "evaluate_speech", "load_encoder", "save_encoder", "text_encoder"]
+__all__ = ["KINDS", "SPEECH_TOWERS", "ImageAlignConfig", "PoolAlignConfig", "SpeechAlignConfig", "WhisperFeatures",
+           "align_image", "align_pool", "align_speech", "check_text_encoder", "embed_texts", "evaluate_folder",
+           "evaluate_image", "evaluate_speech", "load_encoder", "rendition_jobs", "save_encoder", "text_encoder",
+           "whisper_speech_set"]
 
 KINDS = TOWER_KINDS
 # An aligned encoder's folder format lives with the towers (models layer) so other methods can read it too.
@@ -46,18 +63,113 @@ save_encoder = save_tower
 load_encoder = load_tower
 
 
+SPEECH_TOWERS = ("scratch", "whisper")
+WHISPER_CHUNK = 32  # clips synthesised and run through Whisper's frozen body at once
+
+
+def rendition_jobs(texts: list[str], voices: tuple[str, ...], seed: int,
+                   renditions: int = 1) -> list[tuple[str, str, int, int]]:
+    """(text, voice, speed, pitch) of every utterance, drawn exactly as :func:`leanfm.data.speech.build_speech_set`
+    draws them (same generator, same order), so a Whisper set re-synthesises the scratch set's utterances."""
+    generator = torch.Generator().manual_seed(seed)
+    jobs = []
+    for text in (t for t in texts for _ in range(renditions)):
+        voice = voices[int(torch.randint(len(voices), (1,), generator=generator))]
+        speed = int(torch.randint(130, 201, (1,), generator=generator))
+        pitch = int(torch.randint(25, 76, (1,), generator=generator))
+        jobs.append((text, voice, speed, pitch))
+    return jobs
+
+
+@dataclass
+class WhisperFeatures:
+    """A speech set as Whisper-body outputs: ``hidden`` ``[sum P, d]`` (each clip's real positions) + ``offsets``."""
+
+    hidden: torch.Tensor
+    offsets: torch.Tensor  # [N + 1]
+    texts: list[str]
+    labels: list[str]
+    seconds: float
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded float32 ``[B, T, d]`` body outputs and real positions ``[B]`` of clips ``index``."""
+        chunks = [self.hidden[self.offsets[i] : self.offsets[i + 1]].float() for i in index.tolist()]
+        return nn.utils.rnn.pad_sequence(chunks, batch_first=True), torch.tensor([c.shape[0] for c in chunks])
+
+
+def _whisper_wave(job: tuple[str, str, int, int]) -> np.ndarray:
+    """One utterance at Whisper's 16 kHz (espeak-ng speaks at 22.05 kHz)."""
+    return speech.resample(speech.synthesize(*job).numpy(), speech.SAMPLE_RATE, whisper.SAMPLE_RATE)
+
+
 @torch.no_grad()
-def _encode_speech(encoder: nn.Module, data: speech.SpeechSet, batch: int = 64) -> torch.Tensor:
+def _body_outputs(tower: WhisperTower, jobs: list[tuple[str, str, int, int]], dtype: torch.dtype,
+                  name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Synthesise ``jobs`` chunk by chunk and run the frozen body: (hidden, offsets, total samples)."""
+    frames, outs, counts, samples = int(tower.config["frames"]), [], [], 0
+    tower.eval()
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # espeak-ng runs in subprocesses
+        chunks = range(0, len(jobs), WHISPER_CHUNK)
+        for first in progress(chunks, desc=f"whisper {name}", total=len(chunks)):
+            waves = list(pool.map(_whisper_wave, jobs[first : first + WHISPER_CHUNK]))
+            lengths = whisper.real_positions([len(w) for w in waves], tower.positions)
+            hidden = tower.body(whisper.features(waves, frames, crop=True))  # [B, P, d]
+            outs += [h[:n].to(dtype) for h, n in zip(hidden, lengths.tolist(), strict=True)]
+            counts += lengths.tolist()
+            samples += sum(min(len(w), frames * whisper.HOP) for w in waves)
+    return torch.cat(outs), torch.tensor([0, *counts]).cumsum(0), samples
+
+
+def whisper_speech_set(tower: WhisperTower, texts: list[str], labels: list[str], voices: tuple[str, ...],
+                       seed: int = 0, renditions: int = 1, name: str = "set", dtype: torch.dtype = torch.float16,
+                       cache: bool = True) -> WhisperFeatures:
+    """The utterances ``build_speech_set(texts, labels, voices, seed, renditions)`` would synthesise, as Whisper's
+    frozen-body outputs (computed once; cached under ``$LEANFM_HOME/cache/whisper-features`` unless ``cache`` is
+    off). The key holds the tower's crop and Whisper's checkpoint name, so another crop is another cache."""
+    jobs = rendition_jobs(texts, voices, seed, renditions)
+    out_labels = [lab for lab in labels for _ in range(renditions)]
+    key = hashlib.sha256(json.dumps([jobs, out_labels, tower.config["frames"], "whisper-tiny-en",
+                                     str(dtype)]).encode()).hexdigest()[:16]
+    folder = leanfm_home() / "cache" / "whisper-features" / f"{name}-{key}"
+    if cache and (folder / "hidden.safetensors").is_file():
+        stored = load_file(str(folder / "hidden.safetensors"))
+        meta = json.loads((folder / "meta.json").read_text())
+        return WhisperFeatures(stored["hidden"], stored["offsets"], [j[0] for j in jobs], out_labels, meta["seconds"])
+    speech.espeak_binary()
+    hidden, offsets, samples = _body_outputs(tower, jobs, dtype, name)
+    result = WhisperFeatures(hidden, offsets, [j[0] for j in jobs], out_labels, samples / whisper.SAMPLE_RATE)
+    if cache:
+        with atomic_directory(folder) as tmp:
+            atomic_write_bytes(tmp / "hidden.safetensors", save({"hidden": hidden, "offsets": offsets}))
+            (tmp / "meta.json").write_text(json.dumps({"seconds": result.seconds, "frames": tower.config["frames"],
+                                                       "utterances": len(jobs)}) + "\n")
+    return result
+
+
+@torch.no_grad()
+def _encode_speech(encoder: nn.Module, data: speech.SpeechSet | WhisperFeatures, batch: int = 64) -> torch.Tensor:
     encoder.eval()
     out = [encoder(*data.batch(torch.arange(i, min(i + batch, len(data))))) for i in range(0, len(data), batch)]
     return torch.cat(out)
 
 
+def _speech_test_sets(encoder: nn.Module) -> list[speech.SpeechSet | WhisperFeatures]:
+    """Intents, keywords and smart-home intents (seeds 1, 2, 1); for a Whisper tower the same utterances re-read."""
+    sets = [speech.intent_set(seed=1), speech.keyword_set(seed=2),
+            speech.intent_set(seed=1, intents=speech.SMART_HOME_INTENTS)]
+    if not isinstance(encoder, WhisperTower):
+        return list(sets)
+    return [whisper_speech_set(encoder, data.texts, data.labels, speech.EVAL_VOICES, seed=seed, name=name)
+            for data, seed, name in zip(sets, (1, 2, 1), ("intents", "keywords", "smart-home"), strict=True)]
+
+
 @torch.no_grad()
 def evaluate_speech(encoder: nn.Module, text_model: TextEncoder) -> dict[str, float]:
-    """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts)."""
-    intents, keywords = speech.intent_set(), speech.keyword_set()
-    smart_home = speech.intent_set(intents=speech.SMART_HOME_INTENTS)
+    """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts), for either speech tower."""
+    intents, keywords, smart_home = _speech_test_sets(encoder)
     descriptions, smart_descriptions = list(speech.INTENTS), list(speech.SMART_HOME_INTENTS)
     words = list(speech.KEYWORDS)
     return {
@@ -95,6 +207,8 @@ class SpeechAlignConfig(AlignConfig):
     """``leanfm align speech``: the optimisation settings plus the frozen model and the speech to synthesise."""
 
     frozen: str = option("minilm-l6", "frozen text encoder (a registered sentence encoder)")
+    tower: str = option("scratch", "speech tower: scratch (trained from nothing) or whisper (Whisper tiny.en cropped "
+                                   "to 3 s, frozen but for its top layer)", choices=SPEECH_TOWERS)
     phrases: int = option(20000, "random 1-4 word Austen spans to synthesise")
     sentences: int = option(0, "whole Austen sentences to add")
     renditions: int = option(1, "voices/speeds/pitches per text")
@@ -134,21 +248,29 @@ def align_speech(config: SpeechAlignConfig, out: str | Path, *, resume: bool = F
     speech.espeak_binary()
     text_model = text_encoder(config.frozen)
     texts = speech.training_texts(config.phrases, config.sentences)
+    torch.manual_seed(config.seed)
+    encoder: SpeechEncoder | WhisperTower = (WhisperTower(out_dim=text_model.dim) if config.tower == "whisper"
+                                             else SpeechEncoder())
     if not context.is_main:
         context.barrier()  # rank 0 synthesises (and caches) first
-    data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=config.renditions,
-                                   name="austen")
+    data: speech.SpeechSet | WhisperFeatures
+    if isinstance(encoder, WhisperTower):
+        data = whisper_speech_set(encoder, texts, texts, speech.train_voices(), seed=0, renditions=config.renditions,
+                                  name="austen")
+        seconds = data.seconds
+    else:
+        data = speech.build_speech_set(texts, texts, speech.train_voices(), seed=0, renditions=config.renditions,
+                                       name="austen")
+        seconds = speech.seconds_of(data)
     if context.is_main:
         context.barrier()
     targets = embed_texts(text_model, data.labels)
-    torch.manual_seed(config.seed)
-    encoder = SpeechEncoder()
     summary = train_aligned(encoder, data.batch, targets, config, checkpoint, resume, context)
     metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
-    meta = {"kind": "speech", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
-            "metrics": metrics,
+    meta = {"kind": "whisper" if config.tower == "whisper" else "speech", "frozen": config.frozen,
+            "train": config.to_dict(), "training": summary, "metrics": metrics,
             "data": {"phrases": config.phrases, "sentences": config.sentences, "renditions": config.renditions,
-                     "utterances": len(data), "hours": round(speech.seconds_of(data) / 3600, 3),
+                     "utterances": len(data), "hours": round(seconds / 3600, 3),
                      "voices": list(speech.train_voices())}}
     if context.is_main:
         save_encoder(out, encoder, meta)
@@ -232,7 +354,7 @@ def evaluate_folder(folder: str | Path) -> dict[str, Any]:
     """Re-run the zero-shot evaluation of a saved encoder."""
     encoder, meta = load_encoder(folder)
     text_model = text_encoder(meta["frozen"])
-    if meta["kind"] == "speech":
+    if meta["kind"] in ("speech", "whisper"):
         return evaluate_speech(encoder, text_model)
     return evaluate_image(encoder, text_model, meta["train"]["seed"])
 

@@ -5,6 +5,8 @@
 * :class:`SpeechEncoder` (log-mel frames -> one vector) and :class:`ImageEncoder` (a transformers ``ViTModel``,
   so prompt tuning can insert prompts into its layers) are trained from scratch: CWCL aligns them to the
   frozen text space; compositional SLU and MMPT reuse them.
+* :class:`WhisperTower` is the pretrained alternative to :class:`SpeechEncoder` (CWCL's paper aligns pretrained
+  towers): Whisper tiny.en's encoder cropped to 3 s, frozen but for its top layer, plus a projection.
 
 Each trainable tower keeps its constructor arguments in ``.config`` so a saved one can be rebuilt.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save
@@ -24,6 +26,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTMod
 
 from leanfm.errors import LeanfmError
 from leanfm.models.registry import list_models, load_model, minilm_folder, model_spec
+from leanfm.models.whisper import crop_encoder, load_whisper
 from leanfm.paths import atomic_directory, atomic_write_bytes
 
 SENTENCE_ENCODER = "sentence-encoder"  # the ModelSpec.kind a frozen text encoder must have
@@ -179,14 +182,96 @@ class ImageEncoder(nn.Module):
         return self.proj(cls)
 
 
-TOWER_KINDS = ("speech", "image")
+class WhisperTower(nn.Module):
+    """Whisper tiny.en's encoder as a speech tower: log-mel ``[B, 80, frames]`` -> ``[B, out_dim]``.
+
+    Split in two so training runs one layer (the paper aligns pretrained towers; training a projection plus the
+    top layer is the issue's choice):
+
+    * :meth:`body` (frozen, no gradient): the encoder cropped to ``frames`` mel frames (``frames / 2`` positions,
+      :func:`leanfm.models.whisper.crop_encoder`) up to the *input* of its top layer, over the whole window
+      (silence included, as Whisper always runs). Its output depends only on the clip, so callers compute it once
+      per clip and cache it (``leanfm.align.pipeline``).
+    * :meth:`forward` (trained): the top layer, Whisper's final LayerNorm, a mean over the clip's real positions,
+      then ``proj``. Our reading: the top layer attends only to the real positions (keys of the padding are
+      masked), so a cache may keep the real positions alone and the output does not depend on how a batch is
+      padded.
+
+    ``state_dict`` holds only the trained parts (top layer, final norm, ``proj``); the frozen body is rebuilt from
+    the cached Whisper checkpoint (:func:`leanfm.models.whisper.load_whisper`), never copied into a tower folder.
+    """
+
+    def __init__(self, out_dim: int = 384, frames: int = 300) -> None:
+        super().__init__()
+        if frames < 2 or frames % 2 or frames > 3000:
+            raise LeanfmError(f"Whisper tower of {frames} mel frames; accepted: an even number from 2 to 3000")
+        self.config = {"out_dim": out_dim, "frames": frames}
+        model, _ = load_whisper()
+        self.whisper = crop_encoder(model.model.encoder, frames // 2)
+        self.whisper.requires_grad_(False)
+        self.whisper.layers[-1].requires_grad_(True)
+        self.whisper.layer_norm.requires_grad_(True)
+        self.proj = nn.Linear(self.whisper.config.d_model, out_dim)
+        self.frozen_keys = {k for k, v in self.named_parameters() if not v.requires_grad} | {
+            k for k, _ in self.named_buffers()}
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_frozen_not_missing)
+
+    @property
+    def top(self) -> nn.Module:
+        """Whisper's top encoder layer (trained)."""
+        return cast(nn.ModuleList, self.whisper.layers)[-1]
+
+    @property
+    def positions(self) -> int:
+        """Encoder positions of the cropped window (``frames / 2``)."""
+        return int(self.config["frames"]) // 2
+
+    @torch.no_grad()
+    def body(self, mel: torch.Tensor) -> torch.Tensor:
+        """``[B, 80, frames]`` log-mel -> ``[B, frames / 2, d]``, the input of the top layer (no gradient)."""
+        w = self.whisper
+        x = nn.functional.gelu(w.conv2(nn.functional.gelu(w.conv1(mel)))).transpose(1, 2)  # [B, P, d]
+        x = x + w.embed_positions.weight
+        for layer in list(cast(nn.ModuleList, w.layers))[:-1]:
+            x = layer(x, None)
+        return x
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[B, T, d]`` (body outputs, real positions first) and ``lengths`` ``[B]`` (real positions,
+        1..T) -> ``[B, out_dim]``; positions at or after ``lengths`` never change the output."""
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths.to(hidden.device)[:, None]
+        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None]  # [B, 1, 1, T] additive
+        x = self.whisper.layer_norm(self.top(hidden, mask)) * valid[..., None]
+        return self.proj(x.sum(1) / valid.sum(1, keepdim=True))
+
+    def embed(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The uncached path: :meth:`forward` of :meth:`body`, cut to the longest clip's real positions."""
+        return self(self.body(mel)[:, : int(lengths.max())], lengths)
+
+
+def _drop_frozen(module: WhisperTower, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """``state_dict`` hook: the frozen body is Whisper's checkpoint, not the tower's."""
+    for key in module.frozen_keys:
+        state.pop(prefix + key, None)
+
+
+def _frozen_not_missing(module: WhisperTower, incompatible: Any) -> None:
+    """``load_state_dict`` hook: a tower's weights never include the frozen body, so it is not missing."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not any(k == f or k.endswith("." + f) for f in module.frozen_keys)]
+
+
+TOWER_KINDS = ("speech", "image", "whisper")
 
 
 def build_tower(kind: str, config: dict[str, Any]) -> nn.Module:
-    """A fresh tower of ``kind`` from its saved constructor arguments."""
+    """A fresh tower of ``kind`` from its saved constructor arguments (``whisper`` loads the cached checkpoint)."""
     if kind not in TOWER_KINDS:
         raise LeanfmError(f"unknown aligned encoder kind '{kind}'; accepted: {', '.join(TOWER_KINDS)}")
-    return SpeechEncoder(**config) if kind == "speech" else ImageEncoder(**config)
+    towers: dict[str, type[nn.Module]] = {"speech": SpeechEncoder, "image": ImageEncoder, "whisper": WhisperTower}
+    return towers[kind](**config)
 
 
 def save_tower(out: Path, encoder: nn.Module, meta: dict[str, Any]) -> Path:

