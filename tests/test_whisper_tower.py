@@ -6,6 +6,7 @@ first frames (there, attention also sees 27 s of padding).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -18,7 +19,7 @@ from leanfm.cli import main
 from leanfm.data import speech
 from leanfm.errors import LeanfmError
 from leanfm.models import whisper
-from leanfm.models.encoders import WhisperTower, build_tower, load_tower, save_tower
+from leanfm.models.encoders import WhisperTower, load_tower, save_tower
 
 pytestmark = pytest.mark.slow  # loads the converted Whisper checkpoint
 
@@ -93,8 +94,7 @@ def test_only_the_top_layer_the_final_norm_and_the_projection_learn(tower):
 
 
 def test_save_and_load_round_trip_without_copying_the_frozen_body(tower, tmp_path):
-    torch.manual_seed(0)
-    trained = WhisperTower(frames=300).eval()
+    trained = copy.deepcopy(tower)
     _perturb(trained, seed=4)
     save_tower(tmp_path / "enc", trained, {"kind": "whisper", "frozen": "minilm-l6"})
     stored = load_file(str(tmp_path / "enc" / "encoder.safetensors"))
@@ -107,7 +107,6 @@ def test_save_and_load_round_trip_without_copying_the_frozen_body(tower, tmp_pat
     with torch.no_grad():
         assert torch.equal(loaded.embed(mel, lengths), trained.embed(mel, lengths))
         assert not torch.allclose(tower.embed(mel, lengths), trained.embed(mel, lengths))
-    assert isinstance(build_tower("whisper", {"out_dim": 16, "frames": 100}).proj, torch.nn.Linear)
 
 
 @pytest.mark.speech
