@@ -1,7 +1,6 @@
 """DynaMo: exactness at ε_b = 1, KV cache across multi-token steps, selection rules, n-grams, training, CLI."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -205,16 +204,23 @@ def test_saved_folder_loads_as_base_plus_heads(tmp_path):
     assert json.loads((tmp_path / "d" / "dynamo.json").read_text())["heads"] == 3
 
 
-def test_cli_train_and_generate(tmp_path, capsys):
-    out = tmp_path / "heads"
-    assert main(["--quiet", "dynamo", "train", "tiny-llama", "--heads", "2", "--out", str(out), "--steps", "2",
-                 "--seqlen", "16", "--batch-size", "1", "--train-corpus", "austen:calib", "--no-cache-states"]) == 0
-    assert (out / "dynamo_heads.safetensors").is_file() and (out / "cooccurrence.safetensors").is_file()
-    capsys.readouterr()
-    assert main(["--quiet", "dynamo", "generate", str(out), "--prompt", "Emma", "--prompt", "It was",
-                 "--max-new-tokens", "4", "--threshold", "0", "--json", "-"]) == 0
+def test_cli_generate_verify_and_dtype(tmp_path, capsys):
+    """`dynamo generate --verify` on a saved folder: the base's greedy tokens, acceptance reported, bf16 on request."""
+    model, tokenizer = _dynamo(heads=3)
+    save_dynamo(model, tokenizer, None, tmp_path / "d")
+    for dtype in ("float32", "bfloat16"):
+        capsys.readouterr()
+        assert main(["--quiet", "dynamo", "generate", str(tmp_path / "d"), "--prompt", "Emma", "--verify",
+                     "--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "5", "--dtype", dtype,
+                     "--json", "-"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["dtype"] == dtype and len(data["acceptance"]) == 2
+    reference = model.base.generate(**tokenizer(["Emma"], return_tensors="pt"), max_new_tokens=5, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+    assert main(["--quiet", "dynamo", "generate", str(tmp_path / "d"), "--prompt", "Emma", "--verify", "--temperature",
+                 "0", "--repetition-penalty", "1.0", "--max-new-tokens", "5", "--dtype", "float32", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["texts"]) == 2 and math.isfinite(data["tokens_per_step"])
+    assert data["texts"][0] == tokenizer.decode(reference[0, -5:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(
