@@ -8,6 +8,7 @@ import torch
 from leanfm.decode import selection
 from leanfm.decode.ngrams import NgramCounts
 from leanfm.decode.selection import DecodeConfig, blur3, otsu_threshold, select_tokens
+from leanfm.errors import LeanfmError
 
 
 def _emitted_law(p_first, p_second, q, trials, accept_all=False, seed=0):
@@ -273,3 +274,19 @@ def test_repeat_factors_at_greedy_unit_and_other_temperatures(temperature):
     expected = torch.tensor([math.exp((2 / 1.5 - 2) / scale), math.exp((-1.5 + 1) / scale), 1.0])
     torch.testing.assert_close(factors[0], expected)
     assert selection.repeat_factors(logits, torch.tensor([[2]]), DecodeConfig(repetition_penalty=1.0)) is None
+
+
+def test_mask_applies_below_the_counted_order_and_settings_are_checked():
+    """Trigram counts also weigh pairs (m = 2 <= max order 3); top-k 0 and non-positive smoothing are refused."""
+    stream = torch.tensor([1, 2] * 200 + [3, 4] * 200)
+    stats = NgramCounts.build(stream, vocab=6, max_order=3)
+    p = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.5])
+    q = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.5])
+    joint, ids = selection.candidate_joint([p, q], stats, DecodeConfig(top_k=2), floor=0.0)
+    raw = p[ids[0]][:, None] * q[ids[1]][None, :]
+    cut = (ids[0] == 3)[:, None] & (ids[1] == 2)[None, :]  # "3 2": both common, never adjacent
+    assert float(joint[cut]) < 0.1 * float(raw[cut])
+    for bad in ({"top_k": 0}, {"smoothing": 0.0}, {"min_count": 0}):
+        with pytest.raises(LeanfmError):
+            DecodeConfig(**bad)
+    DecodeConfig(top_k=1, min_count=1)
