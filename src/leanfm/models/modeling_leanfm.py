@@ -439,9 +439,12 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
         linear = linears[name] or linears["qkv"]
         assert linear is not None  # a block has q, k and v or the fused qkv
         has_bias[name] = linear.bias is not None
+    attention: CompressedAttention
     if base_type(model) == "gemma3_text":
-        attention = CompressedGemmaAttention(spec, hidden, has_bias, index, model.config)
-        attention.q_norm, attention.k_norm = old_attention.q_norm, old_attention.k_norm  # trained, full width
+        gemma = CompressedGemmaAttention(spec, hidden, has_bias, index, model.config)
+        gemma.q_norm = cast(Gemma3RMSNorm, old_attention.q_norm)  # the trained norms (full width, all heads)
+        gemma.k_norm = cast(Gemma3RMSNorm, old_attention.k_norm)
+        attention = gemma
     else:
         attention = CompressedAttention(spec, hidden, has_bias, index, model.config)
     _set_module(block, paths.attn, attention.to(o.weight.dtype))
