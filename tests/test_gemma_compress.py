@@ -75,7 +75,7 @@ def test_blocks_replay_with_their_own_mask_and_rotary():
     for index, block in enumerate(blocks[:2]):
         states = run_block(block, states, kwargs)
         torch.testing.assert_close(torch.cat(states), reference[index + 1], atol=1e-5, rtol=1e-5)
-    naive = {k: v for k, v in block_kwargs(blocks[0], kwargs).items()}  # block 0's kwargs for the global layer
+    naive = block_kwargs(blocks[0], kwargs)  # block 0's kwargs (sliding mask, base-1e4 rotary) for the global layer
     wrong = blocks[1](run_block(blocks[0], inputs, kwargs)[0], **naive)
     assert not torch.allclose(wrong, reference[2][:2], atol=1e-3)
 
