@@ -286,7 +286,7 @@ def test_every_entry_refuses_an_encoder(tokenizer):
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64)
     bert = BertModel(config)
-    message = r"^unsupported architecture 'bert' for compression; supported: llama, opt, phi, gpt_neox$"
+    message = r"^unsupported architecture 'bert' for compression; supported: llama, opt, phi, gpt_neox, gemma3_text$"
     with pytest.raises(LeanfmError, match=message):
         check_architecture(bert)
     llama_only = r"^slicegpt supports dense llama-architecture models only \(e.g. smollm2-135m\); got 'bert'$"

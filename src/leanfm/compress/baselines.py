@@ -37,6 +37,7 @@ from leanfm.compress.surgery import (
     mlp_width_for_budget,
     qkv_params,
     select_head_dims,
+    vo_width_with_full_qk,
 )
 from leanfm.config import register_method
 from leanfm.models.adapters import get_adapter
@@ -70,11 +71,13 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, wi
     p = qkv_params(adapter, block, layout)
     q_score = _wanda_rows(p["wq"], x_norm).view(layout.num_kv_heads, group, hd).sum(1)
     k_score = _wanda_rows(p["wk"], x_norm).view(layout.num_kv_heads, hd)
-    dims, rope_index = select_head_dims(q_score + k_score, layout, keep, min(HEAD_MULTIPLE, width_multiple))
+    head_multiple = min(HEAD_MULTIPLE, width_multiple)
+    dims, rope_index = select_head_dims(q_score + k_score, layout, 1.0 if adapter.normed_qk else keep, head_multiple)
     q = gather_heads(p["wq"], p["bq"], dims, hd, layout.num_heads)
     k = gather_heads(p["wk"], p["bk"], dims, hd, layout.num_kv_heads)
-
-    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple)
+    # one width for q/k and v (unequal head sizes push SDPA onto its ~4x slower math path) unless q/k are normed
+    v_dim = vo_width_with_full_qk(parts, layout, keep, head_multiple) if adapter.normed_qk else dims.shape[1]
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple, v_width=v_dim)
     mid_norm = stats.mlp_mid.diagonal().clamp_min(0).sqrt()
     mlp_score = mid_norm * parts.mlp_out.weight.abs().double().sum(0)
     kept = mlp_score.topk(width).indices.sort().values
@@ -83,7 +86,6 @@ def wanda_block(model: nn.Module, index: int, stats: BlockStats, keep: float, wi
 
     o_score = stats.o_in.diagonal().clamp_min(0).sqrt() * parts.o.weight.abs().double().sum(0)  # [H*hd]
     o_score = o_score.view(layout.num_kv_heads, group, hd).sum(1)  # [KV, hd]
-    v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v_dims = o_score.topk(v_dim, dim=1).indices.sort(dim=1).values  # [KV, v_dim]
     v = gather_heads(p["wv"], p["bv"], v_dims, hd, layout.num_kv_heads)
     o_cols = torch.cat([h * hd + v_dims[h // group] for h in range(layout.num_heads)])

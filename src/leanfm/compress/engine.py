@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from leanfm.models.adapters import ArchAdapter, get_adapter
+from leanfm.models.adapters import PER_BLOCK, ArchAdapter, block_kwargs, get_adapter, layer_type_kwargs
 from leanfm.progress import progress
 
 
@@ -67,6 +67,8 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int)
     for key in ("cache", "past_key_values", "layer_past"):
         kwargs.pop(key, None)
     kwargs["use_cache"] = False
+    if per_block := layer_type_kwargs(model, calib):  # gemma3: each layer's own mask and rotary (run_block)
+        kwargs[PER_BLOCK] = per_block
     return inputs, kwargs
 
 
@@ -75,7 +77,7 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> lis
     outputs = []
     with torch.no_grad():
         for hidden in inputs:
-            out = block(hidden, **kwargs)
+            out = block(hidden, **block_kwargs(block, kwargs))
             outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 

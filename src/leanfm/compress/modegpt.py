@@ -47,6 +47,7 @@ from leanfm.compress.surgery import (
     mlp_width_for_budget,
     qkv_params,
     select_head_dims,
+    vo_width_with_full_qk,
 )
 from leanfm.config import option, register_method
 from leanfm.errors import LeanfmError
@@ -171,13 +172,15 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     parts = adapter.parts(block)
     p = qkv_params(adapter, block, layout)
     head_multiple = min(HEAD_MULTIPLE, width_multiple)
-    dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, keep, head_multiple)
-    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple)
+    dims, rope_index = qk_select(p["wq"], p["wk"], stats.attn_in, layout, 1.0 if adapter.normed_qk else keep,
+                                 head_multiple)
+    # one width for q/k and v (unequal head sizes push SDPA onto its ~4x slower math path) unless q/k are normed
+    v_dim = vo_width_with_full_qk(parts, layout, keep, head_multiple) if adapter.normed_qk else dims.shape[1]
+    width = mlp_width_for_budget(parts, layout, dims.shape[1], keep, width_multiple, v_width=v_dim)
     kept, down = mlp_nystrom(stats.mlp_mid, parts.mlp_out.weight.data, width, ridge, solve_ridge, reconstruct)
     mlp_in = gather_rows(parts.mlp_in, kept)
     q = gather_heads(p["wq"], p["bq"], dims, layout.head_dim, layout.num_heads)
     k = gather_heads(p["wk"], p["bk"], dims, layout.head_dim, layout.num_kv_heads)
-    v_dim = dims.shape[1]  # one width for q/k and v: unequal head sizes push SDPA onto its ~4x slower math path
     v = vo_svd(p["wv"], p["bv"], parts.o.weight.data, stats.attn_in, layout, v_dim)
     heads = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
     spec = LayerSpec(len(kept), dims.shape[1], v_dim, rope_index, *heads)

@@ -91,6 +91,9 @@ class SliceGptReport(CompressionReport):
 def check_llama(model: nn.Module) -> None:
     """One-line error unless ``model`` is a dense llama-architecture causal LM."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "gemma3_text":
+        raise LeanfmError("slicegpt cannot slice gemma3_text: its post-attention/post-feedforward RMSNorms rescale "
+                          "each residual channel, so no rotation folds through them; use modegpt or flap")
     if model_type != "llama":
         raise LeanfmError(f"slicegpt supports dense llama-architecture models only (e.g. smollm2-135m); "
                           f"got '{model_type}'")

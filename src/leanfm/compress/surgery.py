@@ -51,8 +51,9 @@ def select_head_dims(score: torch.Tensor, layout: AttentionLayout, keep: float, 
 
 
 def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, keep: float,
-                         multiple: int = 1) -> int:
-    """MLP width that makes the block keep fraction ``keep`` of its weights, given the chosen head width.
+                         multiple: int = 1, v_width: int | None = None) -> int:
+    """MLP width that makes the block keep fraction ``keep`` of its weights, given the chosen head width(s)
+    (``head_width`` for q/k, ``v_width`` for v/o, default the same).
 
     Head widths move in steps of whole dims (pairs with RoPE), so the MLP absorbs the rounding; the width is a
     multiple of ``multiple`` (the remaining error is carried to the next block by
@@ -62,10 +63,22 @@ def mlp_width_for_budget(parts: Any, layout: AttentionLayout, head_width: int, k
     per_head_dim = (2 * layout.num_heads + 2 * layout.num_kv_heads) * hidden  # q, o and k, v weights
     mlp_per_channel = (len(parts.mlp_in) + 1) * hidden
     budget = keep * (per_head_dim * layout.head_dim + mlp_per_channel * mid)
-    width = (budget - per_head_dim * head_width) / mlp_per_channel
+    heads = per_head_dim // 2 * (head_width + (head_width if v_width is None else v_width))
+    width = (budget - heads) / mlp_per_channel
     if multiple <= 1:
         return int(min(mid, max(1, round(width))))
     return int(min(mid, max(multiple, multiple * round(width / multiple))))
+
+
+def vo_width_with_full_qk(parts: Any, layout: AttentionLayout, keep: float, multiple: int = 1) -> int:
+    """v/o head width when q/k stay at full width (gemma3's q/k norms): V/O and the MLP keep one common
+    fraction ``k'`` with ``qk + k' (vo + mlp) = keep (qk + vo + mlp)``; the MLP then absorbs the rounding.
+    The width is :func:`head_width` of ``k'`` (a multiple of ``multiple``)."""
+    hidden, mid, hd = parts.o.out_features, parts.mlp_out.in_features, layout.head_dim
+    qk = vo = (layout.num_heads + layout.num_kv_heads) * hidden * hd
+    mlp = (len(parts.mlp_in) + 1) * hidden * mid
+    rest = (keep * (qk + vo + mlp) - qk) / (vo + mlp)
+    return head_width(rest, hd, multiple)
 
 
 class QKVParams(TypedDict):

@@ -2,7 +2,7 @@
 
 Compressors and accelerators never special-case an architecture; they ask ``get_adapter(model)`` for the
 blocks, the norms, the q/k/v/o and MLP linears and the attention-head layout. Supported: llama (incl. GQA,
-e.g. SmolLM2), opt, phi, gpt-neox (fused ``query_key_value``) and bert.
+e.g. SmolLM2), opt, phi, gpt-neox (fused ``query_key_value``), gemma3_text (Gemma-3, see below) and bert.
 
 Conventions every consumer can rely on:
 - A ``Linear`` maps ``in_features -> out_features`` with weight shape ``[out, in]`` (torch layout).
@@ -12,13 +12,28 @@ Conventions every consumer can rely on:
 - Rotary embeddings use the ``rotate_half`` layout on the first ``rotary_dim`` dims of each head: dim ``j`` is
   rotated together with ``j + rotary_dim // 2``. ``rotary_dim == 0`` means no rotary (opt, bert).
 - Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)`` (grouped-query attention).
+
+Gemma-3 (``gemma3_text``, e.g. Gemma-3-270M), what its adapter records and why each method cares:
+- Four RMSNorms per block, all ``x / rms(x) * (1 + w)``: ``input_layernorm`` feeds q/k/v (``attn_norm``),
+  ``pre_feedforward_layernorm`` feeds the MLP (``mlp_norm``); ``post_attention_layernorm`` and
+  ``post_feedforward_layernorm`` normalise the attention and MLP *outputs* before they are added to the residual
+  (``out_norms``; not bert-style ``post_norm``, which normalises the sum).
+- ``q_norm`` / ``k_norm`` (``qk_norms``): one RMSNorm over each head's ``head_dim`` dims of q and of k, weights
+  shared by all heads, applied *before* rotary. Rotary covers all ``head_dim`` dims in the ``rotate_half`` layout
+  (checked in the tests against the stock attention); sliding and global layers use different bases
+  (``sliding_attention_inv_freq`` 1e4, ``full_attention_inv_freq`` 1e6), same size.
+- Consequences (``normed_qk``): dropping single q/k dims (MoDeGPT type II, wanda-sp) changes the RMS the norm
+  divides by, so the kept dims would no longer score as before: those methods keep q/k at full width on Gemma
+  and meet the budget with V/O (type III) and the MLP. Whole heads (FLAP) keep their own norm exactly. SliceGPT
+  does not apply: the output norms rescale residual channels after normalising, so no rotation folds through.
+- Attention scale is ``query_pre_attn_scalar ** -0.5`` (256 = head_dim on the 270M model).
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,9 +95,16 @@ class ArchAdapter:
     o: str
     mlp_in: tuple[str, ...]
     mlp_out: str
-    norm_kind: str  # "rmsnorm" or "layernorm"
+    norm_kind: str  # "rmsnorm", "layernorm" or "gemma_rmsnorm" (x / rms(x) * (1 + w))
     attn: str = "self_attn"  # the attention module inside a block
     post_norm: bool = False
+    qk_norms: tuple[str, str] | None = None  # per-head norms of q and k before rotary (gemma3)
+    out_norms: tuple[str, str] | None = None  # norms of the attention / MLP outputs before the residual add (gemma3)
+
+    @property
+    def normed_qk(self) -> bool:
+        """True when q and k are RMS-normalised per head: single q/k dims cannot be dropped exactly."""
+        return self.qk_norms is not None
 
     def _resolve(self, model: nn.Module, path: str) -> nn.Module:
         for prefix in self.prefixes:
@@ -151,6 +173,56 @@ class ArchAdapter:
         return q, k, v
 
 
+PER_BLOCK = "leanfm_per_block"  # a block-kwargs entry: {block: the kwargs that block receives} (see below)
+
+
+class _CapturedError(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_type_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[nn.Module, dict[str, Any]]:
+    """Each block's own keyword arguments when blocks of one model receive different ones, else ``{}``.
+
+    Why: the layer-wise compressors replay blocks on captured inputs with the keyword arguments block 0 got.
+    Gemma-3 gives each layer the mask (sliding window or global) and rotary cos/sin (base 1e4 or 1e6) of its
+    ``config.layer_types`` entry, so replaying a global layer with block 0's would be wrong. One row of ``ids``
+    is run until the first block of every layer type has been reached; its mask has batch size 1 and
+    broadcasts over any calibration batch. The cache is dropped and ``use_cache=False`` set, as for block 0.
+    """
+    layer_types = list(getattr(getattr(model, "config", None), "layer_types", None) or [])
+    blocks = get_adapter(model).blocks(model)
+    if len(set(layer_types)) < 2 or len(layer_types) != len(blocks):
+        return {}
+    seen: dict[str, dict[str, Any]] = {}
+    handles = []
+    for index, block in enumerate(blocks):
+        if layer_types[index] in layer_types[:index]:
+            continue
+
+        def hook(_module: nn.Module, _args: tuple, kw: dict, kind: str = layer_types[index]) -> None:
+            seen[kind] = {k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values")}
+            seen[kind]["use_cache"] = False
+            if len(seen) == len(set(layer_types)):
+                raise _CapturedError
+
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids=ids[:1], use_cache=False)
+    except _CapturedError:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {block: seen[kind] for block, kind in zip(blocks, layer_types, strict=True)}
+
+
+def block_kwargs(block: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments to replay ``block`` with: its own (``kwargs[PER_BLOCK]``) where recorded."""
+    own = kwargs.get(PER_BLOCK, {}).get(block)
+    return own if own is not None else {k: v for k, v in kwargs.items() if k != PER_BLOCK}
+
+
 def _activation_name(block: nn.Module) -> str:
     for module in block.modules():
         for attr in ("act_fn", "activation_fn", "act", "intermediate_act_fn"):
@@ -161,10 +233,11 @@ def _activation_name(block: nn.Module) -> str:
 
 
 def _rotary_dim(model: nn.Module) -> int:
+    """2 x the number of rotary frequencies: ``inv_freq``, or gemma3's per-layer-type ``<type>_inv_freq``."""
     for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor):
-            return 2 * inv_freq.numel()
+        for name, buffer in module.named_buffers(recurse=False):
+            if name == "inv_freq" or (name.endswith("_inv_freq") and not name.endswith("original_inv_freq")):
+                return 2 * buffer.numel()
     return 0
 
 
@@ -189,6 +262,13 @@ ADAPTERS: dict[str, ArchAdapter] = {
         "input_layernorm", "post_attention_layernorm", None, None, None,
         "attention.query_key_value", "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "layernorm",
         attn="attention",
+    ),
+    "gemma3_text": ArchAdapter(
+        "gemma3_text", ("model.", ""), "layers", "embed_tokens", "norm",
+        "input_layernorm", "pre_feedforward_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        None, "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "gemma_rmsnorm",
+        qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
+        out_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     ),
     "bert": ArchAdapter(
         "bert", ("bert.encoder.", "encoder."), "layer", "", "",

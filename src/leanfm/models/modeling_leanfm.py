@@ -10,11 +10,16 @@ that for remote code; leanfm does it on ``import leanfm``).
 
 What it holds:
 - :class:`LayerSpec` (the per-block widths stored in ``config.leanfm_layers``) and :func:`restructure_block`,
-  which rebuilds a block with those widths; the block paths of the four supported bases are in
+  which rebuilds a block with those widths; the block paths of the five supported bases are in
   :data:`BLOCK_PATHS` (the same paths as ``leanfm.models.adapters.ADAPTERS``; a test keeps them equal).
 - :class:`CompressedAttention` (MoDeGPT / baselines), :class:`LowRankLinear` (SVD baselines),
   :class:`ChannelLinear` and :class:`DispLlamaDecoderLayer` (DISP-LLM), the ``Leanfm<Base>Config`` /
   ``Leanfm<Base>ForCausalLM`` classes, and the SliceGPT classes (``SlicedLlama*``).
+- Gemma-3 (``gemma3_text``): :class:`CompressedGemmaAttention` adds the per-head q/k RMSNorms (moved over from
+  the original attention, full width only: see its docstring) and Gemma's ``query_pre_attn_scalar`` scale. Each
+  layer keeps its attention type because the host model picks the mask (sliding window or global) and the rotary
+  cos/sin (base 1e4 or 1e6) per layer from ``config.layer_types``, which the compressed config keeps; the blocks
+  themselves are the stock ``Gemma3DecoderLayer`` with its four norms.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -39,6 +46,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 # ---------------------------------------------------------------- per-block widths
@@ -93,6 +101,9 @@ BLOCK_PATHS: dict[str, BlockPaths] = {
                       "self_attn.v_proj", None, "self_attn.dense", ("mlp.fc1",), "mlp.fc2"),
     "gpt_neox": BlockPaths(("gpt_neox.", ""), "layers", "attention", None, None, None, "attention.query_key_value",
                            "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+    "gemma3_text": BlockPaths(("model.", ""), "layers", "self_attn", "self_attn.q_proj", "self_attn.k_proj",
+                              "self_attn.v_proj", None, "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                              "mlp.down_proj"),
 }
 
 
@@ -126,12 +137,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def _rotary_module(model: nn.Module) -> nn.Module | None:
-    """The host model's rotary embedding (the module owning ``inv_freq``), or None without rotary."""
+def rotary_pairs(model: nn.Module) -> int:
+    """Rotary frequencies per head (rotary dims / 2) of the host model, 0 without rotary: the size of its
+    ``inv_freq``, or of gemma3's per-layer-type ``<type>_inv_freq`` (same size for every type)."""
     for module in model.modules():
-        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-            return module
-    return None
+        for name, buffer in module.named_buffers(recurse=False):
+            if name == "inv_freq" or (name.endswith("_inv_freq") and not name.endswith("original_inv_freq")):
+                return int(buffer.numel())
+    return 0
 
 
 class CompressedAttention(nn.Module):
@@ -187,12 +200,19 @@ class CompressedAttention(nn.Module):
         rotated = rotary * cos.to(states.dtype) + rotate_half(rotary) * sin.to(states.dtype)
         return torch.cat((rotated, rest), dim=-1).flatten(1, 2)
 
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, H, T, Dqk]``, k ``[B, KV, T, Dqk]``, v ``[B, KV, T, Dv]`` before rotary."""
+        batch, length, _ = hidden_states.shape
+        s = self.spec
+        q = self.q_proj(hidden_states).view(batch, length, s.num_heads, s.qk_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, length, s.num_kv_heads, s.qk_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, length, s.num_kv_heads, s.v_dim).transpose(1, 2)
+        return q, k, v
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple:
         batch, length, _ = hidden_states.shape
         s = self.spec
-        q = self.q_proj(hidden_states).view(batch, length, s.num_heads, s.qk_dim).transpose(1, 2)  # [B, H, T, Dqk]
-        k = self.k_proj(hidden_states).view(batch, length, s.num_kv_heads, s.qk_dim).transpose(1, 2)  # [B, KV, T, Dqk]
-        v = self.v_proj(hidden_states).view(batch, length, s.num_kv_heads, s.v_dim).transpose(1, 2)  # [B, KV, T, Dv]
+        q, k, v = self._project(hidden_states)
         position_embeddings = kwargs.pop("position_embeddings", None)
         if s.rope_pairs and position_embeddings is not None:
             cos, sin = self._cos_sin(*position_embeddings)
@@ -204,6 +224,37 @@ class CompressedAttention(nn.Module):
             kwargs.pop(unused, None)
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(batch, length, -1)), None  # out: [B, T, H, Dv]
+
+
+class CompressedGemmaAttention(CompressedAttention):
+    """:class:`CompressedAttention` for Gemma-3: q and k pass through the per-head RMSNorms ``q_norm``/``k_norm``
+    (``x / rms(x) * (1 + w)`` over the head's dims) before rotary, and scores scale by
+    ``query_pre_attn_scalar ** -0.5``, as in ``Gemma3Attention``.
+
+    q/k head dims must be the original ``head_dim``: the RMS of a head's kept dims is not the RMS of all its dims,
+    so dropping single q/k dims would change every kept dim's value (inexact, unlike any other cut leanfm makes);
+    the compressors keep q/k at full width on Gemma (MoDeGPT and wanda-sp cut V/O and the MLP instead, FLAP drops
+    whole heads, whose norm is unchanged). Attention logit soft-capping (``attn_logit_softcapping``, None on
+    Gemma-3) cannot run through SDPA and is refused. The sliding window lives in the mask the host passes.
+    """
+
+    def __init__(self, spec: LayerSpec, hidden: int, bias: dict[str, bool], layer_idx: int, config: Any) -> None:
+        if spec.qk_dim != spec.head_dim:
+            raise ValueError(f"gemma3 q/k head dims cannot be reduced (q/k norms): qk_dim {spec.qk_dim}, "
+                             f"accepted: {spec.head_dim}")
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("gemma3 attention with attn_logit_softcapping cannot be compressed; accepted: None")
+        super().__init__(spec, hidden, bias, layer_idx, config)
+        self.scaling = float(getattr(config, "query_pre_attn_scalar", spec.head_dim)) ** -0.5
+        self.q_norm = Gemma3RMSNorm(spec.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(spec.head_dim, eps=config.rms_norm_eps)
+        layer_types = getattr(config, "layer_types", None) or []
+        self.is_sliding = layer_idx < len(layer_types) and layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_sliding else None
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super()._project(hidden_states)
+        return self.q_norm(q), self.k_norm(k), v
 
 
 class LowRankLinear(nn.Module):
@@ -379,16 +430,23 @@ def restructure_block(model: nn.Module, index: int, spec: LayerSpec) -> None:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rotary = _rotary_module(model)
-    pairs = int(cast(torch.Tensor, rotary.inv_freq).numel()) if rotary is not None else 0  # rotary dims / 2
-    if _keeps_attention(spec, block.get_submodule(paths.attn), linears, (heads, kv_heads, head_dim), pairs):
+    pairs = rotary_pairs(model)
+    old_attention = block.get_submodule(paths.attn)
+    if _keeps_attention(spec, old_attention, linears, (heads, kv_heads, head_dim), pairs):
         return
     has_bias = {"o": spec.out_bias or o.bias is not None}
     for name in "qkv":
         linear = linears[name] or linears["qkv"]
         assert linear is not None  # a block has q, k and v or the fused qkv
         has_bias[name] = linear.bias is not None
-    attention = CompressedAttention(spec, hidden, has_bias, index, model.config)
+    attention: CompressedAttention
+    if base_type(model) == "gemma3_text":
+        gemma = CompressedGemmaAttention(spec, hidden, has_bias, index, model.config)
+        gemma.q_norm = cast(Gemma3RMSNorm, old_attention.q_norm)  # the trained norms (full width, all heads)
+        gemma.k_norm = cast(Gemma3RMSNorm, old_attention.k_norm)
+        attention = gemma
+    else:
+        attention = CompressedAttention(spec, hidden, has_bias, index, model.config)
     _set_module(block, paths.attn, attention.to(o.weight.dtype))
 
 
@@ -499,11 +557,29 @@ class LeanfmGPTNeoXForCausalLM(GPTNeoXForCausalLM):
         _rebuild(self, config)
 
 
+class LeanfmGemma3TextConfig(Gemma3TextConfig):
+    """A gemma3_text config carrying ``leanfm_layers`` (``layer_types``, the per-layer attention kind, is kept)."""
+
+    model_type = "leanfm_gemma3_text"
+    base_model_type = "gemma3_text"
+
+
+class LeanfmGemma3ForCausalLM(Gemma3ForCausalLM):
+    """``Gemma3ForCausalLM`` whose blocks are rebuilt to ``config.leanfm_layers`` on construction."""
+
+    config_class = LeanfmGemma3TextConfig
+
+    def __init__(self, config: LeanfmGemma3TextConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        _rebuild(self, config)
+
+
 COMPRESSED_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LeanfmLlamaConfig, LeanfmLlamaForCausalLM),
     "opt": (LeanfmOPTConfig, LeanfmOPTForCausalLM),
     "phi": (LeanfmPhiConfig, LeanfmPhiForCausalLM),
     "gpt_neox": (LeanfmGPTNeoXConfig, LeanfmGPTNeoXForCausalLM),
+    "gemma3_text": (LeanfmGemma3TextConfig, LeanfmGemma3ForCausalLM),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
     OPTConfig,
@@ -43,6 +44,17 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
             max_position_embeddings=2048, tie_word_embeddings=False, **_COMMON,
         ),
+        # Gemma-3's traits at toy size: 2 query heads per KV head, head_dim (32) != hidden / heads, q/k norms,
+        # a window (8) shorter than the test sequences, sliding and global layers with different rotary bases,
+        # and a query_pre_attn_scalar that is not head_dim (so a wrong attention scale shows)
+        "tiny-gemma3": Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            max_position_embeddings=2048, tie_word_embeddings=True, **_COMMON,
+        ),
     }
 
 
@@ -52,4 +64,9 @@ def build_tiny(name: str, seed: int = 0) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if config.model_type == "gemma3_text":  # its norms start at weight 0 (scale 1): make them matter
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.normal_(0.0, 0.3)
     return model.eval()
