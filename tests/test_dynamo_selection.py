@@ -290,3 +290,24 @@ def test_mask_applies_below_the_counted_order_and_settings_are_checked():
         with pytest.raises(LeanfmError):
             DecodeConfig(**bad)
     DecodeConfig(top_k=1, min_count=1)
+
+
+def test_in_step_penalty_lowers_the_joint_of_repeating_candidates():
+    p = torch.zeros(8)
+    p[[2, 5]] = torch.tensor([0.6, 0.4])
+    factors = torch.ones(8)
+    factors[2] = 0.5
+    joint, ids = selection.candidate_joint([p, p.clone()], None, DecodeConfig(top_k=2, mask=False), floor=0.0,
+                                           factors=[factors, factors])
+    assert ids[0].tolist() == [2, 5]
+    torch.testing.assert_close(joint, torch.tensor([[0.36 * 0.5, 0.24], [0.24, 0.16]]))
+
+
+def test_greedy_verification_compares_token_values():
+    """Token ids beyond Python's small-int cache: equality, not identity."""
+    scores = torch.full((3, 50000), -1.0)
+    scores[0, 40000], scores[1, 41000], scores[2, 42000] = 5.0, 5.0, 5.0
+    drafts = [int(torch.tensor(41000)), int(torch.tensor(40000) + 2000)]
+    assert selection.verify_drafts(lambda i: scores[i], drafts, [None, None], True, None) == (0, 40000)
+    scores[0, 41000], scores[1, 42000] = 9.0, 9.0
+    assert selection.verify_drafts(lambda i: scores[i], drafts, [None, None], True, None) == (2, 42000)
