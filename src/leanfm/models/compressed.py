@@ -28,7 +28,7 @@ from typing import Any, cast
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from leanfm.models import modeling_leanfm
+import leanfm.models.modeling_leanfm as modeling_leanfm
 from leanfm.models.adapters import ArchAdapter, AttentionLayout, get_adapter
 from leanfm.models.modeling_leanfm import (
     BLOCK_PATHS,
