@@ -311,3 +311,27 @@ def test_greedy_verification_compares_token_values():
     assert selection.verify_drafts(lambda i: scores[i], drafts, [None, None], True, None) == (0, 40000)
     scores[0, 41000], scores[1, 42000] = 9.0, 9.0
     assert selection.verify_drafts(lambda i: scores[i], drafts, [None, None], True, None) == (2, 42000)
+
+
+def test_mask_switches_and_count_boundaries():
+    """mask=False or alpha=0 leaves the heads' product even with counts present; a count equal to min_count counts."""
+    stream = torch.tensor([1, 2, 1, 2] + [3, 4] * 100 + [1, 3])
+    stats = NgramCounts.build(stream, vocab=6, max_order=2)
+    p = torch.tensor([0.0, 0.6, 0.0, 0.4, 0.0, 0.0])
+    q = torch.tensor([0.0, 0.0, 0.7, 0.3, 0.0, 0.0])
+    raw = p[[1, 3]][:, None] * q[[2, 3]][None, :]
+    for config in (DecodeConfig(top_k=2, mask=False), DecodeConfig(top_k=2, alpha=0.0)):
+        joint, _ = selection.candidate_joint([p, q], stats, config, floor=0.0)
+        torch.testing.assert_close(joint, raw)
+    ids = [torch.tensor([1]), torch.tensor([2])]  # "1 2" seen exactly twice
+    at_two = selection.cooccurrence_weight(ids, stats, DecodeConfig(min_count=2, smoothing=0.01))
+    at_three = selection.cooccurrence_weight(ids, stats, DecodeConfig(min_count=3, smoothing=0.01))
+    assert float(at_two) == 1.0 and float(at_three) < 0.5
+
+
+def test_reachable_levels_with_a_zero_peak_and_the_config_ranges():
+    peaks = torch.tensor([[1.0, 0.0, 0.5], [0.9, 0.9, 0.9]])
+    assert selection.reachable_levels(peaks, 0.0).tolist() == [1, 3]  # a head with no mass stops every level
+    for bad in ({"temperature": -0.1}, {"repetition_penalty": 0.0}, {"threshold": 1.01}):
+        with pytest.raises(LeanfmError):
+            DecodeConfig(**bad)
