@@ -41,7 +41,7 @@ SMOL = "smollm2-135m"
 def compress(name: str, base: str, method: str, ratio: float, extra: list[str], threads: int) -> tuple[Path, dict]:
     """``leanfm compress`` into the cache folder in a fresh process: (folder, wall seconds and child peak RSS)."""
     out = leanfm_home() / "bench" / "compress-speed" / name
-    cost_file = out.with_suffix(".cost.json")
+    cost_file = out.parent / f"{name}.cost.json"  # not with_suffix: "modegpt-0.3" has a dot
     if (out / "config.json").is_file() and cost_file.is_file():
         return out, json.loads(cost_file.read_text())
     tick = time.perf_counter()
