@@ -455,14 +455,14 @@ def bytes_per_token(decoder: FastDecoder, context: int) -> dict[str, int]:
     """Bytes one decode step reads at ``context`` cached positions: ``attention`` (norm, q|k|v, o, the keys and
     values), ``mlp`` (norm, gate|up, down), ``lm_head`` (final norm, head) and ``embed`` (one row per token).
 
-    The compiled step attends over the whole preallocated cache (masked), so it reads ``max_len`` positions. For
+    The static-shape step (CUDA graphs) attends over the whole cache (masked): ``max_len`` positions. For
     the static-cache fallback only the total is known: every parameter once (``other``).
     """
     net = decoder.net
     if not isinstance(net, _FusedLlama):
         params = {id(p): p for p in net.parameters()}  # tied weights once
         return {"other": _nbytes(*params.values())}
-    positions = decoder.max_len if decoder.compiled else context
+    positions = decoder.max_len if decoder.static else context
     attention = mlp = 0
     for layer in cast(list[_FusedLayer], net.layers):
         cache = layer.kv_heads * positions * (layer.dqk + layer.dv) * layer.qkv_w.element_size()
