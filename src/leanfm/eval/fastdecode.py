@@ -328,8 +328,9 @@ class FastDecoder:
 
     ``dtype``: ``auto`` (bfloat16 where it runs natively, see :func:`leanfm.device.decode_dtype`), a name or a
     ``torch.dtype``; ``max_len``: prompt + new tokens the KV cache holds; ``compile``: compile the one-token step
-    (``mode`` defaults to ``reduce-overhead`` on CUDA, i.e. CUDA graphs, and Inductor's default on CPU). The model
-    is not modified: the fused path holds its own (fused, converted) weights, the fallback a converted copy.
+    with :meth:`compile_options` (or a ``torch.compile`` ``mode`` instead, e.g. ``max-autotune-no-cudagraphs``).
+    The model is not modified: the fused path holds its own (fused, converted) weights, the fallback a converted
+    copy.
     """
 
     def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
@@ -359,12 +360,24 @@ class FastDecoder:
         self._step: Any = self.net if self.static else cast(_FusedLlama, self.net).run
         if compile:
             inductor_cache_dir()
-            mode = mode or ("reduce-overhead" if self.device.type == "cuda" else None)
-            self._step = torch.compile(self._step, mode=mode, dynamic=None if self.static else True,
-                                       fullgraph=self.path == "fused")
+            self._step = torch.compile(self._step, mode=mode, options=None if mode else self.compile_options(),
+                                       dynamic=None if self.static else True, fullgraph=self.path == "fused")
             start = time.perf_counter()
-            self.generate(torch.zeros(1, 2, dtype=torch.long), 3)  # positions 2, 3: not the 0/1 dynamo specialises
+            prompt = 2 if max_len >= 5 else 1  # steps at positions 2, 3: not the 0 and 1 dynamo specialises on
+            self.generate(torch.zeros(1, prompt, dtype=torch.long), min(3, max_len - prompt))
             self.compile_seconds = time.perf_counter() - start
+
+    def compile_options(self) -> dict[str, Any]:
+        """Inductor options: ``emulate_precision_casts`` rounds every intermediate a fused kernel computes to the
+        dtype eager would store it in (without it the fused RMSNorm / rotary / SiLU keep float32 intermediates and
+        SmolLM2's bfloat16 greedy tokens left generate()'s at the 4th token); ``freezing`` folds the weights in as
+        constants (on CPU, prepacked for oneDNN); on CUDA, CUDA graphs (``reduce-overhead``'s option)."""
+        options: dict[str, Any] = {"emulate_precision_casts": True}
+        if self.device.type == "cuda":
+            options["triton.cudagraphs"] = True
+        else:
+            options["freezing"] = True
+        return options
 
     def _check(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         if input_ids.dim() == 1:
