@@ -108,9 +108,27 @@ def _index(values: list[int] | None, device: torch.device) -> torch.Tensor | Non
 class _FusedLayer(nn.Module):
     """One llama block with fused q|k|v and gate|up and its own KV cache ``[B, KV, max_len, D]``."""
 
-    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    gu_w: torch.Tensor
+    gu_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+    attn_in: torch.Tensor | None  # DISP's kept channels (None: all)
+    attn_out: torch.Tensor | None
+    mlp_in: torch.Tensor | None
+    mlp_out: torch.Tensor | None
+    cos: torch.Tensor  # [KVc, max_len, 2P]
+    sin: torch.Tensor
+
+    def __init__(self, layer: nn.Module, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
+        block: Any = layer  # a llama decoder layer (checked below)
         attn, mlp = block.self_attn, block.mlp
         if type(block) not in (LlamaDecoderLayer, DispLlamaDecoderLayer):
             raise _UnsupportedError(f"block {type(block).__name__}")
@@ -224,13 +242,20 @@ def _rope_table(table: torch.Tensor, rope_index: list[list[int]] | None, kv_head
 
 
 class _FusedLlama(nn.Module):
-    """The whole llama decoder as fused layers; ``prefill`` (eager) and ``step`` (one token, static shapes)."""
+    """The whole llama decoder as fused layers; ``prefill`` / ``run`` (eager or dynamic) and ``forward`` (one
+    token, static shapes)."""
+
+    embed: torch.Tensor
+    head_w: torch.Tensor
+    head_b: torch.Tensor | None
+    norm: torch.Tensor
+    positions: torch.Tensor
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, max_len: int) -> None:
         super().__init__()
         if not isinstance(model, LlamaForCausalLM):
             raise _UnsupportedError(f"model class {type(model).__name__}")
-        inner = model.model
+        inner: Any = model.model
         rotary = inner.rotary_emb
         if "dynamic" in str(getattr(rotary, "rope_type", "")):
             raise _UnsupportedError("dynamic rope scaling")
@@ -244,7 +269,7 @@ class _FusedLlama(nn.Module):
             self.layers = nn.ModuleList(_FusedLayer(b, cos[0], sin[0], dtype, device) for b in inner.layers)
             embed = inner.embed_tokens.weight.detach()
             self.register_buffer("embed", embed.to(device=device, dtype=dtype))
-            head = model.lm_head
+            head: Any = model.lm_head
             tied = head.weight is inner.embed_tokens.weight
             self.register_buffer("head_w", self.embed if tied else head.weight.detach().to(device=device, dtype=dtype))
             self.register_buffer("head_b", _cast(head.bias, dtype, device))
@@ -300,7 +325,7 @@ class _StaticForward(nn.Module):
         if self.cache is not None and ids.shape[0] == self.batch:
             self.cache.reset()  # the same tensors: a compiled step keeps its graph
         else:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            self.cache = StaticCache(config=cast(Any, self.model).config, max_cache_len=self.max_len)
         self.batch = ids.shape[0]
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         out = self.model(input_ids=ids, cache=self.cache, use_cache=True, position_ids=positions, logits_to_keep=1)
@@ -536,11 +561,11 @@ def profile(decoder: FastDecoder, prompt_ids: torch.Tensor, new_tokens: int = 32
     }
     if isinstance(decoder.net, _FusedLlama):
         parts = _timed_parts(decoder.net, prompt[:1], new_tokens, decoder.device)
-        compiled, decoder.compiled = decoder.compiled, False  # the same weights through the eager step
+        step, decoder._step = decoder._step, decoder.net if decoder.static else decoder.net.run  # eager step
         try:
             eager_ms = 1000 / decoder.decode_tokens_per_s(prompt[:1], new_tokens)
         finally:
-            decoder.compiled = compiled
+            decoder._step = step
         parts["other"] = eager_ms - sum(parts.values())
         result.update(eager_token_ms=eager_ms, parts_ms=parts,
                       parts_gbps={k: sizes[k] / (parts[k] * 1e6) for k in sizes if parts.get(k, 0.0) > 0})

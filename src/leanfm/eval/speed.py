@@ -157,8 +157,7 @@ def pytorch_rows(model_name_or_folder: str, new_tokens: int = 64, prompt_tokens:
     bandwidth = read_bandwidth_gbps(_bytes_total(fast["bfloat16", False], max_len), dev)
     rows = []
     for (path, dtype, compiled), results in measured.items():
-        decoder = fast.get((dtype, compiled)) if path == "fast" else fast[dtype, False]
-        assert decoder is not None
+        decoder = fast[dtype, compiled] if path == "fast" else fast[dtype, False]
         size = _bytes_total(decoder, ids.shape[1] + new_tokens // 2)
         decode = statistics.median(r[0] for r in results)
         rows.append({
