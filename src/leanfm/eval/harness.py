@@ -83,6 +83,7 @@ class EvalConfig(MethodConfig):
     cloze: int = option(100, "cloze items to score, 0 to skip")
     speed: bool = option(True, "measure prefill/decode throughput")
     decode_tokens: int = option(32, "greedy tokens per decode-speed run", cli=False)
+    fast_decode: bool = option(False, "decode speed through leanfm's fast path (fused, compiled) not generate()")
 
     def validate(self) -> None:
         super().validate()
@@ -120,7 +121,8 @@ def evaluate(model: nn.Module, tokenizer: Any, config: EvalConfig | None = None,
     prefill = decode = None
     if config.speed:
         prefill = prefill_tokens_per_s(model, batch_windows[: config.batch_size])
-        decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=config.decode_tokens)
+        decode = decode_tokens_per_s(model, batch_windows[:1, :32], new_tokens=config.decode_tokens,
+                                     fast=config.fast_decode)
     compression = getattr(model.config, "leanfm_compression", None) or {}
     return EvalResult(
         method=compression.get("method"), ratio=compression.get("ratio"),
