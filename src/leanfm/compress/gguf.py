@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from leanfm.errors import LeanfmError
+from leanfm.eval.llamacpp import llama_cpp_module
 from leanfm.models.modeling_leanfm import LayerSpec, rotary_pairs
 from leanfm.models.registry import check_config_file, load_model
 from leanfm.models.smollm2 import GGUF_FILE, gguf_folder
@@ -253,16 +254,6 @@ def write_gguf(model: nn.Module, path: Path, plans: list[LayerPlan], arch: str, 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def llama_cpp_module() -> Any:
-    """The ``llama_cpp`` binding, or a one-line error saying how to get it."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise LeanfmError("llama-cpp-python is not installed; run 'pip install llama-cpp-python==0.3.36' "
-                          "(built from source: needs cmake and a C++ compiler)") from None
-    return llama_cpp
 
 
 def quantize_gguf(source: Path, out: Path, quant: str, threads: int = 0) -> None:
