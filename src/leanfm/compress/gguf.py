@@ -155,8 +155,8 @@ def block_tensors(block: nn.Module, index: int, plan: LayerPlan) -> Iterator[tup
     """GGUF names and float tensors of one llama block (q/k rows interleaved for llama.cpp's RoPE)."""
     attn, mlp = block.get_submodule("self_attn"), block.get_submodule("mlp")
     prefix = f"blk.{index}."
-    yield prefix + "attn_norm.weight", block.get_submodule("input_layernorm").weight
-    yield prefix + "ffn_norm.weight", block.get_submodule("post_attention_layernorm").weight
+    for norm, name in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+        yield f"{prefix}{name}.weight", cast(torch.Tensor, block.get_submodule(norm).weight)
     heads = {"q": plan.n_head, "k": plan.n_head_kv}
     names = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
