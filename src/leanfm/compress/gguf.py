@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -197,24 +198,29 @@ def _encode(name: str, tensor: torch.Tensor, quant: str) -> tuple[np.ndarray, An
     return bits, GGMLQuantizationType.BF16
 
 
-def _copy_tokenizer(writer: Any, source: Path, vocab: int) -> None:
-    """Every ``tokenizer.*`` key of the GGUF ``source``, with its value types; the vocab sizes must agree."""
+@functools.lru_cache(maxsize=2)
+def tokenizer_fields(source: Path) -> tuple[tuple[str, Any, Any, Any], ...]:
+    """``(key, value, type, sub type)`` of every ``tokenizer.*`` key of the GGUF ``source`` (read once: ~49k
+    strings take seconds to decode)."""
     from gguf import GGUFReader, GGUFValueType
 
-    reader = GGUFReader(source)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab:
-        found = len(tokens.data) if tokens is not None else 0
+    fields = []
+    for key, field in GGUFReader(source).fields.items():
+        if key.startswith("tokenizer."):
+            main = field.types[0]
+            fields.append((key, field.contents(), main, field.types[-1] if main == GGUFValueType.ARRAY else None))
+    return tuple(fields)
+
+
+def _copy_tokenizer(writer: Any, source: Path, vocab: int) -> None:
+    """Every ``tokenizer.*`` key of the GGUF ``source``, with its value types; the vocab sizes must agree."""
+    fields = tokenizer_fields(source.resolve())
+    tokens = next((value for key, value, _, _ in fields if key == "tokenizer.ggml.tokens"), [])
+    if len(tokens) != vocab:
         raise LeanfmError(f"the model's vocabulary has {vocab} tokens but the tokenizer GGUF '{source}' has "
-                          f"{found}; accepted: a model with SmolLM2's tokenizer (or pass a matching GGUF)")
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        main = field.types[0]
-        if main == GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), main, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), main)
+                          f"{len(tokens)}; accepted: a model with SmolLM2's tokenizer (or pass a matching GGUF)")
+    for key, value, main, sub in fields:
+        writer.add_key_value(key, value, main, sub_type=sub)
 
 
 def _write_header(writer: Any, model: nn.Module, plans: list[LayerPlan], arch: str, quant: str) -> None:

@@ -15,9 +15,11 @@ both single tokens and batches (default: torch's thread count, so both runtimes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,33 @@ def llama_cpp_module() -> Any:
     return llama_cpp
 
 
+@contextlib.contextmanager
+def _model_params(lib: Any, extra_buffers: bool) -> Iterator[None]:
+    """Inside: ``Llama`` loads models with ``use_extra_bufts = extra_buffers`` (``Llama`` has no argument for it; it
+    reads ``llama_model_default_params()`` of the low-level module, which is swapped here for the duration)."""
+    low = lib.llama_cpp
+    original = low.llama_model_default_params
+
+    def params() -> Any:
+        found = original()
+        found.use_extra_bufts = extra_buffers
+        return found
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
+
+
 def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False,
-              **options: Any) -> Any:
+              extra_buffers: bool = False, **options: Any) -> Any:
     """A ``llama_cpp.Llama`` for the GGUF at ``path`` on the CPU (one-line error if it does not load).
 
+    ``extra_buffers`` off by default: with them llama.cpp moves quantized weights into its AMX buffer on CPUs that
+    report AMX, and llama-cpp-python 0.3.36 built natively on this machine (Xeon with amx_int8, a VM) segfaults
+    in ``ggml_backend_amx_mul_mat`` on the first q8_0/q4_0/q4_1 matrix product (the shipped SmolLM2 Q4_1 file too;
+    bf16/f32 are unaffected). Off, the weights stay in the plain CPU buffer (no AMX, no runtime repacking).
     ``options`` go to ``Llama`` as they are (e.g. ``type_k=0, type_v=0``: a float32 KV cache instead of f16).
     """
     lib = llama_cpp_module()
@@ -56,9 +81,10 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, lo
         raise LeanfmError(f"GGUF file '{path}' does not exist; accepted: a file written by 'leanfm export --gguf'")
     threads = threads or torch.get_num_threads()
     try:
-        return lib.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False,
-                         **options)
+        with _model_params(lib, extra_buffers):
+            return lib.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                             n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False,
+                             **options)
     except ValueError as err:
         raise LeanfmError(f"llama.cpp could not load '{path}': {err}") from None
 
