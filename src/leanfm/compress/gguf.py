@@ -215,7 +215,7 @@ def tokenizer_fields(source: Path) -> tuple[tuple[str, Any, Any, Any], ...]:
 def _copy_tokenizer(writer: Any, source: Path, vocab: int) -> None:
     """Every ``tokenizer.*`` key of the GGUF ``source``, with its value types; the vocab sizes must agree."""
     fields = tokenizer_fields(source.resolve())
-    tokens = next((value for key, value, _, _ in fields if key == "tokenizer.ggml.tokens"), [])
+    tokens: list[Any] = next((value for key, value, _, _ in fields if key == "tokenizer.ggml.tokens"), [])
     if len(tokens) != vocab:
         raise LeanfmError(f"the model's vocabulary has {vocab} tokens but the tokenizer GGUF '{source}' has "
                           f"{len(tokens)}; accepted: a model with SmolLM2's tokenizer (or pass a matching GGUF)")
