@@ -10,8 +10,10 @@ from leanfm.cli.common import add_config_flags, add_json_flag, check_json_target
 from leanfm.data.corpus import corpus
 from leanfm.device import resolve_device
 from leanfm.eval.harness import EvalConfig, evaluate
+from leanfm.eval.llamacpp import evaluate_gguf
 from leanfm.eval.lm_eval_adapter import run_cloze
 from leanfm.models import list_models, load_model
+from leanfm.models.registry import smollm2_tokenizer
 from leanfm.paths import leanfm_home
 from leanfm.report.report import write_report
 from leanfm.setup import prepare_caches
@@ -26,7 +28,7 @@ def add_parsers(sub: Any) -> None:
                    ).set_defaults(handler=cmd_setup)
 
     p = sub.add_parser("eval", help="perplexity, cloze accuracy and speed of a causal LM")
-    p.add_argument("model", help="registered name (see 'leanfm models'), checkpoint folder or hub id")
+    p.add_argument("model", help="registered name (see 'leanfm models'), checkpoint folder, hub id or FILE.gguf")
     add_config_flags(p, EvalConfig)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 [default float32]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [default auto]")
@@ -62,6 +64,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_json_target(args)
     corpus(config.corpus, config.split)  # validates corpus and split before the (slower) model load
+    if args.model.endswith(".gguf"):  # through llama.cpp (issue 22): the same windows and JSON schema
+        result = evaluate_gguf(args.model, smollm2_tokenizer(), config)
+        emit(args, {**result.to_dict(), "device": "cpu (llama.cpp)"}, EVAL_KEYS)
+        return 0
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     result = evaluate(model.to(device), tokenizer, config, name=args.model)
     emit(args, {**result.to_dict(), "device": str(device)}, EVAL_KEYS)

@@ -9,6 +9,7 @@ The compressed-checkpoint classes live in :mod:`leanfm.models.compressed`.
 # import order = registration order = the order in which errors and `leanfm compress --help` list the methods
 # isort: off
 from leanfm.compress import modegpt  # noqa: F401
+from leanfm.compress import modegpt_heads  # noqa: F401
 from leanfm.compress import baselines  # noqa: F401
 from leanfm.compress import flap  # noqa: F401
 from leanfm.compress import disp  # noqa: F401
