@@ -5,14 +5,16 @@ generation with a MoDeGPT-compressed drafter), in bfloat16 and float32, Austen a
     python benchmarks/dynamo.py                             # heads from artifacts/dynamo-heads-smollm2
     python benchmarks/dynamo.py --prompts 1 --rounds 1 --max-new-tokens 16 --out /tmp/dy   # quick look
 
-Protocol. Prompts: the first 40 words of the first N long paragraphs of the held-out ``eval`` splits of Austen
-and of the Python docs (N each). 64 new tokens, temperature 0.7 and repetition penalty 1.1 (the paper's
-settings) for the sampled rows, greedy with the same penalty for the greedy rows; the baselines are
-transformers ``generate()`` in the same dtype with the same settings. Every configuration runs once per
-round per prompt and rounds alternate configurations (the machine is shared: ratios come from alternated
-rounds in one process; the load average is recorded). Tokens/s = new tokens / wall seconds of the whole call
-(prompt included), median over rounds. The project's static-cache + compile decode path (the deploy issue) does
-not exist yet, so it is not a row.
+Protocol. Prompts: the first 40 words of the first N long paragraphs of the held-out ``eval`` splits of Austen and
+of the Python docs (N each). 64 new tokens, temperature 0.7 and repetition penalty 1.1 (the paper's settings) for
+the sampled rows, greedy with the same penalty for the greedy rows; the baselines are transformers ``generate()`` in
+the same dtype with the same settings. Every configuration runs once per round per prompt and rounds alternate
+configurations (the machine is shared: ratios come from alternated rounds in one process; the load average is
+recorded). Tokens/s = new tokens / wall seconds of the whole call (prompt included), median over rounds. The
+project's fast decode path (leanfm.eval.fastdecode: static cache + torch.compile) is a peer row in bfloat16
+(compiled before timing; the compile seconds are recorded). DynaMo does not run on it: its steps feed 1 + drafts
+tokens and crop rejected slots, so it would need one compiled graph per width and a cache that can rewind its write
+position (see leanfm.decode.dynamo).
 
 Quality of a continuation: perplexity under the float32 base model given its prompt, pooled over prompts
 and rounds (generation perplexity), distinct-2, and for greedy rows whether the tokens equal ``generate()``'s.
@@ -49,6 +51,9 @@ SWEEP = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.0)
 SAMPLED = {"temperature": 0.7, "repetition_penalty": 1.1}
 HF_SAMPLED = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.1}
 HF_GREEDY = {"do_sample": False, "repetition_penalty": 1.1}
+# the project's fast decode path (leanfm.eval.fastdecode: fused weights, preallocated cache, torch.compile); plain
+# greedy, no repetition penalty, so its tokens are not compared with the penalised greedy rows
+FAST = "fast decode path, compiled (greedy, no penalty)"
 
 
 def heads_folder(args: argparse.Namespace) -> Path:
@@ -129,6 +134,7 @@ def configurations(args: argparse.Namespace, dtype: str) -> dict[str, dict]:
             "kind": "dynamo", "config": DecodeConfig(threshold=args.ablation_eps, mask=False, **SAMPLED)}
         configs["prompt lookup (greedy)"] = {"kind": "hf", "kwargs": {**HF_GREEDY, "prompt_lookup_num_tokens": 10}}
         configs["assisted, MoDeGPT-0.5 drafter (greedy)"] = {"kind": "hf", "kwargs": HF_GREEDY, "assistant": True}
+        configs[FAST] = {"kind": "fast"}
     return configs
 
 
@@ -139,6 +145,11 @@ def run_dtype(args: argparse.Namespace, folder: Path, dtype: str, texts: list[tu
     assistant = None
     if any(spec.get("assistant") for spec in configs.values()):
         assistant, _ = load_model(str(drafter_folder(args)), dtype=dtype)
+    fast = None
+    if any(spec["kind"] == "fast" for spec in configs.values()):
+        from leanfm.eval.fastdecode import FastDecoder
+
+        fast = FastDecoder(model.base, dtype=dtype, device="cpu", max_len=512, compile=True)  # compiles here
     samples = {label: {"rates": [], "outputs": [], "tokens_per_step": [], "acceptance": []} for label in configs}
     for round_ in range(args.rounds):
         for label, spec in configs.items():
@@ -150,6 +161,15 @@ def run_dtype(args: argparse.Namespace, folder: Path, dtype: str, texts: list[tu
                     rows, seconds = hf_generate(model.base, tokenizer, [prompt], args.max_new_tokens,
                                                 **spec["kwargs"], **extra)
                     tokens = rows[0]
+                elif spec["kind"] == "fast":
+                    assert fast is not None
+                    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, T]
+                    tick = time.perf_counter()
+                    out = fast.generate(ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+                    seconds = time.perf_counter() - tick
+                    tokens = out[0, ids.shape[1]:].tolist()
+                    if tokenizer.eos_token_id in tokens:
+                        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
                 else:
                     result = generate(model, tokenizer, [prompt], args.max_new_tokens, spec["config"], stats)
                     tokens, seconds = result.tokens[0], result.seconds
@@ -159,7 +179,8 @@ def run_dtype(args: argparse.Namespace, folder: Path, dtype: str, texts: list[tu
                 samples[label]["outputs"].append({"prompt": i, "round": round_, "tokens": tokens})
             samples[label]["rates"].append(tokens_total / seconds_total)
         print(json.dumps({"dtype": dtype, "round": round_, "load": os.getloadavg()[0]}), flush=True)
-    return {"samples": samples, "batch": run_batch(args, model, tokenizer, stats, [p for _, p in texts][:4]),
+    return {"samples": samples, "fast_compile_seconds": fast.compile_seconds if fast else None,
+            "batch": run_batch(args, model, tokenizer, stats, [p for _, p in texts][:4]),
             "profile": profile(model, tokenizer, stats, texts[0][1], args)}
 
 
@@ -375,13 +396,16 @@ def markdown(result: dict, args: argparse.Namespace, command: str) -> str:
                   "= greedy generate() | draft acceptance |", "|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             ref = greedy if "greedy" in label else base
-            ppl = r["gen_perplexity_by_domain"]
+            ppl, same = r["gen_perplexity_by_domain"], r["identical_to_greedy_generate"]
             lines.append(
                 f"| {label} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
                 f"{r['tokens_per_step']:.2f} | {ppl['austen']:.1f} / {ppl['pydocs']:.1f} / {r['gen_perplexity']:.1f} | "
-                f"{r['distinct2']:.2f} | {r['identical_to_greedy_generate'] if 'greedy' in label else '—'} | "
+                f"{r['distinct2']:.2f} | {same if 'greedy' in label and label != FAST else '—'} | "
                 + (" / ".join(f"{a:.2f}" for a in r["acceptance"]) or "—") + " |")
         batch = {k: statistics.median(v) for k, v in result["batch"][dtype].items()}
+        compiled = (result.get("fast_compile_seconds") or {}).get(dtype)
+        if compiled:
+            lines += ["", f"The fast decode path compiled in {compiled:.0f} s (once per process, not in its rate)."]
         lines += ["", "Batch of 4: " + ", ".join(f"{k} {v:.1f} tokens/s" for k, v in batch.items()) + ".", "",
                   "Step profile (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["profile"][dtype].items())
                   + ".", ""]
@@ -453,6 +477,7 @@ def main() -> None:
     result = {"model": MODEL, "heads": str(args.heads or "artifacts/dynamo-heads-smollm2"),
               "heads_note": heads_note(meta), "summary": summary, "batch": batch,
               "profile": {dtype: run["profile"] for dtype, run in runs.items()}, "prompts": texts,
+              "fast_compile_seconds": {dtype: run["fast_compile_seconds"] for dtype, run in runs.items()},
               "threads": args.threads, "load": [load_before, os.getloadavg()[0]],
               "settings": {k: str(v) for k, v in vars(args).items()}}
     result["verdicts"] = verdicts(summary, batch, args) if "bfloat16" in summary else []

@@ -33,11 +33,12 @@ is distributed as the base model's), the agreed prefix and the base's next token
 slots are masked (and cropped from the caches when no row needs them), and the heads draft again at the last
 accepted slot. Tokens per step = 1 + a_2 + a_2 a_3; the output is the base model's.
 
-Static cache + compile (the deploy issue's fast path, not built yet): DynaMo's steps feed 1..n tokens, so a
-compiled decoder needs one graph per width (n <= 3 here: three graphs, not one per step), and "cropping" a
-static cache is rewinding its write position (``cache_position``): rejected slots are overwritten by the next
-step and never attended to because positions, not columns, define the causal mask. Nothing in the method
-prevents it; until that path exists both DynaMo and its baseline run transformers' dynamic cache, eagerly.
+Static cache + compile (the deploy issue's fast path, :mod:`leanfm.eval.fastdecode`, greedy one token a step):
+DynaMo's steps feed 1..n tokens, so a compiled decoder needs one graph per width (n <= 3 here: three graphs, not one
+per step), and "cropping" a static cache is rewinding its write position (``cache_position``): rejected slots are
+overwritten by the next step and never attended to because positions, not columns, define the causal mask. Nothing
+in the method prevents it, but the fast path does not take it yet: DynaMo and its ``generate()`` baseline run
+transformers' dynamic cache eagerly, and the benchmark shows the compiled fast path beside them as a peer.
 
 Batches: each sequence chooses its own number of tokens per step; a step feeds ``max_b n_b`` slots, shorter
 rows are padded with masked slots, and each row reads its next distributions at its own last valid slot.
