@@ -35,7 +35,7 @@ def _run_cli(capsys, *argv):
         (["compress", "tiny-llama", "--out", "{tmp}/c"], "--ratio is required"),
         (["compress", "tiny-llama", "--ratio", "1.5", "--out", "{tmp}/c"], "ratio 1.5 is out of range"),
         (["compress", "tiny-llama", "--method", "sparsegpt", "--ratio", "0.3", "--out", "{tmp}/c"],
-         "unknown method 'sparsegpt'; accepted: modegpt, wanda-sp, svd-llm, flap, disp, slicegpt"),
+         "unknown method 'sparsegpt'; accepted: modegpt, modegpt-heads, wanda-sp, svd-llm, flap, disp, slicegpt"),
         (["vision", "bench", "{tmp}", "--r", "4"], "--r does not apply to --method none"),
         (["vision", "bench", "{tmp}", "--method", "tome", "--merge", "average"],
          "--merge does not apply to --method tome"),

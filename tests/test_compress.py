@@ -20,6 +20,7 @@ from leanfm.compress import (
 )
 from leanfm.compress.base import allocate_sparsity
 from leanfm.compress.flap import FlapConfig
+from leanfm.compress.modegpt_heads import ModegptHeadsConfig
 from leanfm.compress.surgery import gather_heads, load_block_weights, qkv_params
 from leanfm.config import get_method, list_methods
 from leanfm.errors import LeanfmError
@@ -148,7 +149,8 @@ def test_kept_rotary_pairs_rotate_with_their_original_frequencies(name):
         (["--ratio", "0"], "ratio 0.0 is out of range; accepted: 0 < ratio < 1"),
         (["--ratio", "1"], "ratio 1.0 is out of range"),
         (["--ratio", "-0.1"], "ratio -0.1 is out of range"),
-        (["--ratio", "0.3", "--method", "sparse"], "unknown method 'sparse'; accepted: modegpt, wanda-sp, svd-llm"),
+        (["--ratio", "0.3", "--method", "sparse"],
+         "unknown method 'sparse'; accepted: modegpt, modegpt-heads, wanda-sp"),
     ],
 )
 def test_compress_bad_input(capsys, tmp_path, argv, fragment):
@@ -221,8 +223,8 @@ def test_lm_eval_evaluates_a_compressed_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- the method registry
 
-COMPRESSORS = {"modegpt": ModegptConfig, "wanda-sp": WandaSpConfig, "svd-llm": SvdLlmConfig, "flap": FlapConfig,
-               "disp": DispConfig, "slicegpt": SliceGptConfig}
+COMPRESSORS = {"modegpt": ModegptConfig, "modegpt-heads": ModegptHeadsConfig, "wanda-sp": WandaSpConfig,
+               "svd-llm": SvdLlmConfig, "flap": FlapConfig, "disp": DispConfig, "slicegpt": SliceGptConfig}
 
 
 def test_every_compressor_is_registered_with_its_config():
