@@ -290,5 +290,5 @@ def test_smollm2_q8_perplexity_near_pytorch(tmp_path, smollm2, tokenizer):
     export_gguf(ensure_checkpoint(), tmp_path / "s.gguf", quant="q8_0")
     settings = {"seqlen": 128, "windows": 2, "cloze": 0, "speed": False}
     ours = evaluate_gguf(tmp_path / "s.gguf", tokenizer, **settings).perplexity
-    reference = evaluate(smollm2, tokenizer, **settings).perplexity
+    reference = evaluate(smollm2[0], tokenizer, **settings).perplexity
     assert abs(ours / reference - 1) < 0.05, (ours, reference)

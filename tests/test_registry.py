@@ -12,8 +12,8 @@ from leanfm.config import MethodConfig, get_method, register_method
 from leanfm.errors import LeanfmError
 
 EXPECTED = {
-    ("modegpt", "compress"), ("wanda-sp", "compress"), ("svd-llm", "compress"), ("disp", "compress"),
-    ("flap", "compress"), ("slicegpt", "compress"),
+    ("modegpt", "compress"), ("modegpt-heads", "compress"), ("wanda-sp", "compress"), ("svd-llm", "compress"),
+    ("disp", "compress"), ("flap", "compress"), ("slicegpt", "compress"),
     ("tome", "patch"), ("tofu", "patch"), ("vit", "train"), ("dynamo", "train"), ("dynamo", "decode"),
     ("cwcl-speech", "train"), ("cwcl-image", "train"), ("slu", "train"), ("continual", "train"),
     ("mmpt", "train"), ("trojprompt", "audit"),
@@ -40,7 +40,7 @@ def test_a_name_in_two_families_needs_the_family_and_unknown_names_list_the_regi
     assert get_method("dynamo", "decode").entry is not get_method("dynamo", "train").entry
     with pytest.raises(LeanfmError, match="registered in several families"):
         get_method("dynamo")
-    accepted = "modegpt, wanda-sp, svd-llm, flap, disp, slicegpt"
+    accepted = "modegpt, modegpt-heads, wanda-sp, svd-llm, flap, disp, slicegpt"
     with pytest.raises(LeanfmError, match=f"unknown method 'sparsegpt'; accepted: {accepted}"):
         get_method("sparsegpt", "compress")
     with pytest.raises(ValueError, match="already registered"):
