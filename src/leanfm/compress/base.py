@@ -267,3 +267,13 @@ def calibration_for(tokenizer: Any, config: LayerwiseConfig) -> torch.Tensor:
     training-free method given the same settings calibrates on identical windows."""
     return mixed_calibration_windows(tokenizer, config.calib_corpus, config.calib_samples, config.calib_seqlen,
                                      config.seed)
+
+
+def cholesky_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix X = rhs`` for SPD ``matrix``, adding a growing ridge when Cholesky fails."""
+    scale = matrix.diagonal().mean().clamp_min(1e-12)
+    for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
+        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * torch.eye(len(matrix), dtype=matrix.dtype))
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, factor)
+    raise FloatingPointError("Gram matrix is not positive definite even with ridge 1e-2")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanfm.compress.base import HEAD_MULTIPLE, CompressionReport, LayerwiseConfig, compress_layerwise
+from leanfm.compress.base import HEAD_MULTIPLE, CompressionReport, LayerwiseConfig, cholesky_solve, compress_layerwise
 from leanfm.compress.engine import BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
@@ -75,16 +75,6 @@ class ModegptConfig(LayerwiseConfig):
                 raise LeanfmError(f"{name} {getattr(self, name)} is invalid; accepted: {name} >= 0")
 
 
-def _cholesky_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``matrix X = rhs`` for SPD ``matrix``, adding a growing ridge when Cholesky fails."""
-    scale = matrix.diagonal().mean().clamp_min(1e-12)
-    for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
-        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * torch.eye(len(matrix), dtype=matrix.dtype))
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs, factor)
-    raise FloatingPointError("Gram matrix is not positive definite even with ridge 1e-2")
-
-
 def mlp_nystrom(gram: torch.Tensor, down: torch.Tensor, keep: int, ridge: float, solve_ridge: float = 0.0,
                 reconstruct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Type I. Returns kept channels ``J`` (sorted) and the new down weight ``[out, keep]``.
@@ -102,7 +92,7 @@ def mlp_nystrom(gram: torch.Tensor, down: torch.Tensor, keep: int, ridge: float,
         return kept, down[:, kept]
     sub = gram[kept][:, kept]  # C[J, J]  [keep, keep]
     mu = solve_ridge * sub.diagonal().mean().clamp_min(1e-12)
-    solved = _cholesky_solve(sub + mu * torch.eye(keep, dtype=gram.dtype), gram[kept])  # (C[J,J]+μI)^-1 C[J,:]
+    solved = cholesky_solve(sub + mu * torch.eye(keep, dtype=gram.dtype), gram[kept])  # (C[J,J]+μI)^-1 C[J,:]
     return kept, (down.double() @ solved.T).to(down.dtype)  # W_D C[:,J] (C[J,J]+μI)^-1  [out, keep]
 
 

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanfm.compress.base import CompressionReport, compress_layerwise, round_to_multiple
+from leanfm.compress.base import CompressionReport, cholesky_solve, compress_layerwise, round_to_multiple
 from leanfm.compress.engine import BlockStats
-from leanfm.compress.modegpt import ModegptConfig, _cholesky_solve, mlp_nystrom
+from leanfm.compress.modegpt import ModegptConfig, mlp_nystrom
 from leanfm.compress.surgery import gather_rows, load_block_weights, qkv_params
 from leanfm.config import option, register_method
 from leanfm.models.adapters import AttentionLayout, get_adapter
@@ -79,7 +79,7 @@ def explained(cross: torch.Tensor, gram: torch.Tensor, channels: torch.Tensor, r
     sub = gram[channels][:, channels]
     mu = ridge * sub.diagonal().mean().clamp_min(1e-12)
     a_j = cross[:, channels]  # [out, |J|]
-    solved = _cholesky_solve(sub + mu * torch.eye(len(channels), dtype=gram.dtype), a_j.T)  # [|J|, out]
+    solved = cholesky_solve(sub + mu * torch.eye(len(channels), dtype=gram.dtype), a_j.T)  # [|J|, out]
     return float((a_j.T * solved).sum())
 
 
@@ -123,7 +123,7 @@ def prune_heads(wo: torch.Tensor, gram: torch.Tensor, layout: AttentionLayout, k
         return groups, wo[:, channels]
     sub = gram[channels][:, channels]
     mu = ridge * sub.diagonal().mean().clamp_min(1e-12)
-    solved = _cholesky_solve(sub + mu * torch.eye(len(channels), dtype=gram.dtype), gram[channels])  # [|J|, n]
+    solved = cholesky_solve(sub + mu * torch.eye(len(channels), dtype=gram.dtype), gram[channels])  # [|J|, n]
     return groups, (wo.double() @ solved.T).to(wo.dtype)  # [out, |J|]
 
 
