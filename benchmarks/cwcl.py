@@ -46,33 +46,98 @@ METRICS = {"speech": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_
 PHRASES = 20000
 
 
-def _matches(meta: dict, loss: str, other: str, power: float, seed: int, steps: int) -> bool:
-    """Whether a saved run was trained with exactly these settings (older runs lack newer fields)."""
+def _matches(meta: dict, loss: str, other: str, power: float, seed: int, steps: int,
+             tau: float | None = None, tau_lr: float = 0.0) -> bool:
+    """Whether a saved run was trained with exactly these settings (older runs lack newer fields); ``tau`` None is
+    the learnable temperature from 0.07, a number a fixed one."""
     train = meta["train"]
     same = (train["loss"], train["other"], train.get("weight_power", 1.0), train["seed"], train["steps"]) == (
         loss, other, power, seed, steps)
-    return same and (meta["kind"] == "image" or meta["data"].get("phrases") == PHRASES)
+    fixed = (train.get("tau", 0.07), train.get("learn_tau", True), train.get("tau_lr", 0.0)) == (
+        (0.07, True, tau_lr) if tau is None else (tau, False, 0.0))
+    return same and fixed and (meta["kind"] == "image" or meta["data"].get("phrases") == PHRASES)
 
 
-def run(label: str, seed: int, args: argparse.Namespace) -> dict:
+def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = None, tau_lr: float = 0.0) -> dict:
+    """One ``leanfm align`` run (reused when a finished one matches); ``tau``: a fixed temperature (None: learned
+    from 0.07, the paper's CLIP set-up, at the encoder's rate or ``tau_lr``)."""
     kind, loss, other, power = RUNS[label]
-    out = args.models / f"{label.replace(' ', '-').replace('(', '').replace(')', '').replace('=', '')}-s{seed}"
+    name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
+    suffix = f"-tau{tau:g}" if tau is not None else (f"-taulr{tau_lr:g}" if tau_lr else "")
+    out = args.models / f"{name}-s{seed}{suffix}"
     done = (out / "align.json").is_file() and _matches(json.loads((out / "align.json").read_text()), loss, other,
-                                                        power, seed, args.steps)
+                                                        power, seed, args.steps, tau, tau_lr)
     if not done:
         cmd = [sys.executable, "-m", "leanfm", "--quiet", "--threads", str(args.threads), "align", kind, "--out",
                str(out), "--loss", loss, "--other", other, "--weight-power", str(power), "--steps", str(args.steps),
                "--seed", str(seed)]
+        if tau is not None:
+            cmd += ["--tau", str(tau), "--no-learn-tau"]
+        elif tau_lr:
+            cmd += ["--tau-lr", str(tau_lr)]
         if kind == "speech":
             cmd += ["--phrases", str(PHRASES)]
         training = out.with_name(out.name + ".training")
         cmd.append("--resume" if training.is_dir() and not out.is_dir() else "--overwrite")
         subprocess.run(cmd, check=True)
     meta = json.loads((out / "align.json").read_text())
+    metrics = meta["metrics"]
+    if kind == "speech" and "span_retrieval_accuracy" not in metrics:  # saved before validation existed
+        from leanfm.align.pipeline import evaluate_folder
+
+        metrics = evaluate_folder(out)
     return {"label": label, "seed": seed, "kind": kind, "loss": loss, "other": other, "power": power,
-            "metrics": meta["metrics"], "train_seconds": meta["training"]["seconds"],
+            "tau_setting": tau if tau is not None else (f"learned, lr {tau_lr:g}" if tau_lr else "learned"),
+            "metrics": metrics,
+            "train_seconds": meta["training"]["seconds"],
             "steps": meta["training"]["steps"], "final_loss": meta["training"]["history"][-1]["loss"],
             "tau": meta["training"]["history"][-1]["tau"], "data": meta["data"]}
+
+
+# (fixed τ, τ's own rate): None = learned from 0.07, at the encoder's rate (1e-3: barely moves in 800 steps) or
+# at 0.05 (Adam moves log τ ~0.05 per step, so 0.07 -> 1 is reachable in ~50 steps)
+SWEEP_TAUS: tuple[tuple[float | None, float], ...] = ((0.07, 0.0), (0.2, 0.0), (0.5, 0.0), (1.0, 0.0), (2.0, 0.0),
+                                                        (None, 0.0), (None, 0.05))
+VALIDATION = {"speech": "span_retrieval_accuracy"}
+
+
+def tau_sweep(args: argparse.Namespace) -> dict:
+    """Each loss at each temperature, seed ``args.seeds[0]``; the best per (kind, loss) by the validation metric
+    (held-out spoken spans in validation voices, :func:`leanfm.align.pipeline.validate_speech`), never a test."""
+    rows = []
+    for kind in args.sweep_kinds:
+        for label in (f"{kind} clip", f"{kind} cwcl"):
+            for tau, tau_lr in SWEEP_TAUS:
+                rows.append(run(label, args.seeds[0], args, tau, tau_lr))
+                print(json.dumps({k: rows[-1][k] for k in ("label", "tau_setting", "metrics", "tau")}), flush=True)
+    chosen = {}
+    for kind in args.sweep_kinds:
+        for label in (f"{kind} clip", f"{kind} cwcl"):
+            group = [r for r in rows if r["label"] == label]
+            best = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])
+            chosen[label] = best["tau_setting"]
+    return {"rows": rows, "chosen": chosen, "validation": VALIDATION, "seed": args.seeds[0], "steps": args.steps}
+
+
+def sweep_markdown(sweep: dict) -> str:
+    lines = ["### Temperature, chosen on validation", "",
+             "Each loss with a fixed τ (and learned from 0.07, logit scale without weight decay), seed "
+             f"{sweep['seed']}, {sweep['steps']} steps. Validation (chooses τ): top-1 retrieval of 150 held-out "
+             "spoken Austen spans (3-4 words of the `calib` split, none in the tests) in 3 validation voices "
+             "(training accents, variants no training or test voice uses) among their 150 texts. The test "
+             "columns are shown, not used for the choice.", "",
+             "| run | τ | validation: span retrieval | intent | keyword | smart-home intent | final τ | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        m = r["metrics"]
+        tau = r["tau_setting"] if isinstance(r["tau_setting"], str) else f"{r['tau_setting']:g}"
+        star = " **(chosen)**" if sweep["chosen"][r["label"]] == r["tau_setting"] else ""
+        lines.append(f"| {r['label']} | {tau}{star} | {m['span_retrieval_accuracy']:.3f} | {m['intent_accuracy']:.3f}"
+                     f" | {m['keyword_accuracy']:.3f} | {m['smart_home_intent_accuracy']:.3f} | {r['tau']:.3f} | "
+                     f"{r['final_loss']:.3f} |")
+    lines += ["", "Chance: span retrieval 1/150 = 0.007, intent 0.083, keyword 0.033. Regenerate: "
+              "`python benchmarks/cwcl.py --sweep`"]
+    return "\n".join(lines)
 
 
 def target_information(weights: torch.Tensor) -> float:
@@ -224,8 +289,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                         help="seeds for the variant runs (default: the first of --seeds)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the temperature sweep on validation (results/cwcl_tau.json)")
+    parser.add_argument("--sweep-kinds", nargs="+", default=["speech"], choices=list(VALIDATION))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        sweep = tau_sweep(args)
+        atomic_write_json(args.out.with_name(args.out.name + "_tau.json"), sweep)
+        write_section(args.benchmarks_md, "cwcl-tau", sweep_markdown(sweep))
+        return
     rows = []
     ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else args.seeds[:1]
     for seed in args.seeds:

@@ -187,6 +187,8 @@ def test_compress_cli_end_to_end(capsys, tmp_path):
     assert report["method"] == "modegpt" and abs(report["achieved_ratio"] - 0.3) < 0.01
     for key in ("params_before", "params_after", "seconds", "peak_rss_mb", "calibration", "whole_model_ratio"):
         assert key in report
+    assert report["settings"]["ratio"] == 0.3 and report["settings"]["calib_samples"] == 4  # how it was made
+    assert json.loads((out / "compression.json").read_text())["settings"] == report["settings"]
     capsys.readouterr()
     assert main(["--quiet", "eval", str(out), "--seqlen", "32", "--windows", "2", "--cloze", "0", "--no-speed",
                  "--json", "-"]) == 0

@@ -42,6 +42,7 @@ def test_both_ratios_reach_the_report_the_checkpoint_and_eval(tmp_path):
                             batch_size=2)
     assert report.whole_model_ratio == pytest.approx(1 - count_parameters(model) / before)
     assert report.whole_model_ratio < report.achieved_ratio  # the embedding is kept whole
+    assert report.settings["calib_seqlen"] == 32 and report.settings["batch_size"] == 2  # the config as run
     save_compressed(model, tokenizer, tmp_path / "c", report)
     again, _ = load_model(str(tmp_path / "c"))
     result = evaluate(again, tokenizer, seqlen=16, windows=1, cloze=0, speed=False).to_dict()

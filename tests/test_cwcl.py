@@ -145,6 +145,7 @@ def test_align_speech_cli_end_to_end(tmp_path, capsys):
     meta = json.loads((out / "align.json").read_text())
     assert meta["train"]["weight_power"] == 2 and meta["data"]["phrases"] == 12 and meta["data"]["sentences"] == 4
     assert metrics["keyword_items"] == 90
+    assert 0 <= metrics["span_retrieval_accuracy"] <= 1 and metrics["span_retrieval_chance"] == 1 / 150
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics  # the saved encoder reproduces its metrics
 

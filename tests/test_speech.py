@@ -47,6 +47,18 @@ def test_training_texts_leave_out_every_evaluation_text():
     assert all(1 <= len(t.split()) <= 4 for t in kept)
 
 
+def test_validation_spans_are_held_out_from_training_tests_and_voices():
+    texts = speech.validation_texts(150)
+    assert len(set(texts)) == 150 and texts == speech.validation_texts(150)
+    assert all(3 <= len(t.split()) <= 4 for t in texts)
+    held_out = speech.evaluation_texts()
+    assert not any(speech.normalise(t) in held_out for t in texts)
+    train = set(speech.training_texts(20000))
+    assert sum(t in train for t in texts) <= 5  # another split of the novels: a few common phrases may coincide
+    voices = set(speech.VALIDATION_VOICES)
+    assert not voices & set(speech.train_voices()) and not voices & set(speech.EVAL_VOICES)
+
+
 def test_austen_sentences_are_distinct_seeded_and_bounded():
     a, b = speech.austen_sentences(30, seed=1), speech.austen_sentences(30, seed=1)
     assert a == b and len(set(a)) == 30 and a != speech.austen_sentences(30, seed=2)

@@ -148,7 +148,7 @@ def test_align_speech_cli_with_the_whisper_tower(tmp_path, capsys):
                  "--batch-size", "8", "--phrases", "12", "--warmup", "1", "--json", "-"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["intent_items"] == 144 and metrics["keyword_items"] == 90
-    assert 0 <= metrics["keyword_accuracy"] <= 1
+    assert 0 <= metrics["keyword_accuracy"] <= 1 and 0 <= metrics["span_retrieval_accuracy"] <= 1
     meta = json.loads((out / "align.json").read_text())
     assert meta["kind"] == "whisper" and meta["train"]["tower"] == "whisper" and meta["data"]["utterances"] <= 12
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0

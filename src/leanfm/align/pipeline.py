@@ -156,6 +156,20 @@ def _encode_speech(encoder: nn.Module, data: speech.SpeechSet | WhisperFeatures,
     return torch.cat(out)
 
 
+@torch.no_grad()
+def validate_speech(encoder: nn.Module, text_model: TextEncoder, count: int = 150) -> dict[str, float]:
+    """Validation (for choosing a temperature, never the tests): top-1 retrieval of ``count`` held-out spoken
+    Austen spans (``calib`` split, validation voices) among their own texts embedded by the frozen model."""
+    data: speech.SpeechSet | WhisperFeatures = speech.validation_set(count)
+    if isinstance(encoder, WhisperTower):
+        data = whisper_speech_set(encoder, data.texts, data.labels, speech.VALIDATION_VOICES, seed=3,
+                                  name="validation")
+    texts = list(dict.fromkeys(data.labels))
+    return {"span_retrieval_accuracy": zero_shot_accuracy(_encode_speech(encoder, data), data.labels, texts,
+                                                          embed_texts(text_model, texts)),
+            "span_retrieval_chance": 1 / len(texts)}
+
+
 def _speech_test_sets(encoder: nn.Module) -> list[speech.SpeechSet | WhisperFeatures]:
     """Intents, keywords and smart-home intents (seeds 1, 2, 1); for a Whisper tower the same utterances re-read."""
     sets = [speech.intent_set(seed=1), speech.keyword_set(seed=2),
@@ -266,7 +280,8 @@ def align_speech(config: SpeechAlignConfig, out: str | Path, *, resume: bool = F
         context.barrier()
     targets = embed_texts(text_model, data.labels)
     summary = train_aligned(encoder, data.batch, targets, config, checkpoint, resume, context)
-    metrics = evaluate_speech(encoder, text_model) if context.is_main else {}
+    metrics = {**evaluate_speech(encoder, text_model), **validate_speech(encoder, text_model)} if context.is_main \
+        else {}
     meta = {"kind": "whisper" if config.tower == "whisper" else "speech", "frozen": config.frozen,
             "train": config.to_dict(), "training": summary, "metrics": metrics,
             "data": {"phrases": config.phrases, "sentences": config.sentences, "renditions": config.renditions,
@@ -355,7 +370,7 @@ def evaluate_folder(folder: str | Path) -> dict[str, Any]:
     encoder, meta = load_encoder(folder)
     text_model = text_encoder(meta["frozen"])
     if meta["kind"] in ("speech", "whisper"):
-        return evaluate_speech(encoder, text_model)
+        return {**evaluate_speech(encoder, text_model), **validate_speech(encoder, text_model)}
     return evaluate_image(encoder, text_model, meta["train"]["seed"])
 
 

@@ -31,7 +31,9 @@ def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **
     check_architecture(model)
     assert spec.config is not None  # every compressor has a config class
     config = spec.config.from_dict(settings)
-    return spec.entry(model, tokenizer, config)
+    report: CompressionReport = spec.entry(model, tokenizer, config)
+    report.settings = config.to_dict()
+    return report
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: CompressionReport,

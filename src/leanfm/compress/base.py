@@ -99,6 +99,7 @@ class CompressionReport:
 
     ``achieved_ratio`` is the fraction of *block* parameters removed (what ``ratio`` asks for);
     ``whole_model_ratio`` the fraction of *all* parameters (embedding and head included) — the one a user sees.
+    ``settings`` is the method's whole config as run, so a saved folder says how it was made.
     """
 
     method: str
@@ -114,6 +115,7 @@ class CompressionReport:
     calibration: dict[str, Any]
     training: dict[str, Any] | None = None  # trained methods (DISP-LLM): steps, wall time, tokens, loss curve
     whole_model_ratio: float = field(init=False, default=0.0)
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's config, as run (filled by compress_model)
 
     def __post_init__(self) -> None:
         self.whole_model_ratio = 1 - self.params_after / self.params_before if self.params_before else 0.0

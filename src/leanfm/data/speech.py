@@ -40,6 +40,8 @@ N_MELS, N_FFT, WIN, HOP = 64, 1024, 551, 220  # 25 ms window, 10 ms hop at 22.05
 TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-gbclan")
 TRAIN_VARIANTS = ("", "+m1", "+m3", "+f1", "+f2", "+f4")
 EVAL_VOICES = ("en-gb-x-rp+f3", "en-us-nyc+m7", "en-gb-x-gbcwmd+klatt")  # accents and variants unseen in training
+# Validation (choosing a temperature): training accents with variants neither training nor the tests use.
+VALIDATION_VOICES = ("en-us+m5", "en-gb+f3", "en-029+m6")
 
 INTENTS: dict[str, tuple[str, ...]] = {  # description (what MiniLM sees) -> spoken commands (never trained on)
     # Requests a household of the novels' world makes, worded with words the Austen training text contains: an
@@ -302,6 +304,25 @@ def intent_set(seed: int = 1, intents: dict[str, tuple[str, ...]] | None = None)
 def keyword_set(seed: int = 2) -> SpeechSet:
     """Single spoken words (labels = the word) in the evaluation voices, three renditions each."""
     return build_speech_set(list(KEYWORDS), list(KEYWORDS), EVAL_VOICES, seed=seed, renditions=3, name="keywords")
+
+
+def validation_texts(count: int = 150, seed: int = 3) -> list[str]:
+    """``count`` distinct 3-4 word spans of the Austen ``calib`` split (training speaks ``train`` spans; 3+ words so
+    few equal a training span), none equal to a test command or keyword: held-out spoken spans for choosing
+    hyperparameters, never the test sets."""
+    held_out, texts = evaluation_texts(), []
+    for text in austen_phrases(count * 6, split="calib", seed=seed):
+        if len(text.split()) >= 3 and normalise(text) not in held_out and text not in texts:
+            texts.append(text)
+    if len(texts) < count:
+        raise LeanfmError(f"only {len(texts)} distinct validation spans; asked for {count}")
+    return texts[:count]
+
+
+def validation_set(count: int = 150, seed: int = 3) -> SpeechSet:
+    """:func:`validation_texts` spoken once each in :data:`VALIDATION_VOICES` (labels = the texts)."""
+    texts = validation_texts(count, seed)
+    return build_speech_set(texts, texts, VALIDATION_VOICES, seed=seed, name="validation")
 
 
 def seconds_of(speech: SpeechSet) -> float:
