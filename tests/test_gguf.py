@@ -263,6 +263,11 @@ def test_quantized_export_loads_and_generates(tmp_path, quant):
     assert len(tokens) == 6 and all(0 <= t < 49152 for t in tokens)
     close = mean_relative_error(llama_cpp_logits(tmp_path / f"{quant}.gguf"), reference_logits(model))
     assert close < (0.1 if quant == "q8_0" else 0.8), close  # 4 bits on random weights: measured 0.56
+    from leanfm.eval.llamacpp import alternating_speeds
+
+    speeds = alternating_speeds({"a": tmp_path / f"{quant}.gguf", "b": tmp_path / "b.gguf"}, IDS[:4], IDS[:16],
+                                new_tokens=4, rounds=2, threads=1)
+    assert set(speeds) == {"a", "b"} and all(len(v) == 2 and min(min(r) for r in v) > 0 for v in speeds.values())
 
 
 @needs_llama_cpp

@@ -65,14 +65,21 @@ def _model_params(lib: Any, extra_buffers: bool) -> Iterator[None]:
         low.llama_model_default_params = original
 
 
+def amx_kernels() -> bool:
+    """Whether the installed llama.cpp was built with its AMX kernels (``AMX_INT8`` in its system info)."""
+    return "AMX" in llama_cpp_module().llama_print_system_info().decode()
+
+
 def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False,
-              extra_buffers: bool = False, **options: Any) -> Any:
+              extra_buffers: bool | None = None, **options: Any) -> Any:
     """A ``llama_cpp.Llama`` for the GGUF at ``path`` on the CPU (one-line error if it does not load).
 
-    ``extra_buffers`` off by default: with them llama.cpp moves quantized weights into its AMX buffer on CPUs that
-    report AMX, and llama-cpp-python 0.3.36 built natively on this machine (Xeon with amx_int8, a VM) segfaults
-    in ``ggml_backend_amx_mul_mat`` on the first q8_0/q4_0/q4_1 matrix product (the shipped SmolLM2 Q4_1 file too;
-    bf16/f32 are unaffected). Off, the weights stay in the plain CPU buffer (no AMX, no runtime repacking).
+    ``extra_buffers`` (llama.cpp's extra buffer types: weights repacked at load for the CPU's SIMD, e.g. q4_0 into
+    8-row interleaved blocks; measured here ~1.3x faster q4_0 decode) defaults to on unless the build has AMX
+    kernels: llama-cpp-python 0.3.36 built natively on this machine (a Xeon VM with amx_int8) moves quantized
+    weights into its AMX buffer and segfaults in ``ggml_backend_amx_mul_mat`` on the first q8_0/q4_0/q4_1 product
+    (the shipped SmolLM2 Q4_1 file too). ``make setup`` builds llama.cpp with ``GGML_NATIVE=OFF`` and AVX-512 but
+    no AMX, so the default is on there; another build with AMX gets it off (plain CPU buffers, no repacking).
     ``options`` go to ``Llama`` as they are (e.g. ``type_k=0, type_v=0``: a float32 KV cache instead of f16).
     """
     lib = llama_cpp_module()
@@ -81,7 +88,7 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, lo
         raise LeanfmError(f"GGUF file '{path}' does not exist; accepted: a file written by 'leanfm export --gguf'")
     threads = threads or torch.get_num_threads()
     try:
-        with _model_params(lib, extra_buffers):
+        with _model_params(lib, not amx_kernels() if extra_buffers is None else extra_buffers):
             return lib.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                              n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False,
                              **options)
@@ -153,6 +160,42 @@ def gguf_prefill_tokens_per_s(path: str | Path, ids: torch.Tensor, repeats: int 
         llm.eval(window)
 
     return len(window) / median_seconds(run, repeats=repeats)
+
+
+def alternating_speeds(paths: dict[str, Path], prompt_ids: torch.Tensor, window_ids: torch.Tensor,
+                       new_tokens: int = 64, rounds: int = 3,
+                       threads: int | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Decode and prefill tokens/s of several GGUFs measured in alternating rounds (every file once per round,
+    all loaded at once): on a shared, noisy machine a slow minute hits every file of that round alike, so
+    per-round ratios stay meaningful where separate runs do not. Per file: ``rounds`` pairs ``(decode, prefill)``;
+    decode = ``(n - 1) / (t(n) - t(1))`` greedy at batch 1 after ``prompt_ids``, prefill = one forward over
+    ``window_ids`` (last-position logits). One warm-up round is not counted."""
+    prompt, window = prompt_ids.reshape(-1).tolist(), window_ids.reshape(-1).tolist()
+    n_ctx = max(len(window), len(prompt) + new_tokens + 1)
+    llms = {name: open_gguf(path, n_ctx=n_ctx, threads=threads) for name, path in paths.items()}
+
+    def measure(llm: Any) -> tuple[float, float]:
+        start = time.perf_counter()
+        greedy(llm, prompt, 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        greedy(llm, prompt, new_tokens)
+        full = time.perf_counter() - start
+        start = time.perf_counter()
+        llm.reset()
+        llm.eval(window)
+        prefill = time.perf_counter() - start
+        return (new_tokens - 1) / max(full - first, 1e-9), len(window) / prefill
+
+    for llm in llms.values():
+        measure(llm)  # warm-up
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in llms}
+    for _ in range(rounds):
+        for name, llm in llms.items():
+            out[name].append(measure(llm))
+    for llm in llms.values():
+        llm.close()
+    return out
 
 
 def gguf_parameters(path: str | Path) -> tuple[int, str]:
