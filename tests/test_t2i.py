@@ -157,6 +157,28 @@ def test_a_batch_is_noised_clean_renders_with_dropped_captions_and_the_loss_is_e
     torch.testing.assert_close(loss, expected.mean())
 
 
+def test_the_saved_average_moves_towards_the_new_weights_with_the_warmed_up_decay(home):
+    import copy
+
+    config = tiny_config(ema=0.9)
+    concepts = data.pretraining_concepts("shapes")[:3]
+    model = tiny_model()
+    average = copy.deepcopy(model.unet).requires_grad_(False)
+    task = trainer.pretrain_task(model, average, data.render_concepts(concepts, 2, seed=0),
+                                 [c.caption for c in concepts], model_lib.caption_encoder("tiny-bert", 24), config,
+                                 Runtime())
+    for step in (0, 40):
+        before = [p.detach().clone() for p in average.parameters()]
+        loss, record = task.loss(step, task.batch(step))
+        loss.backward()
+        task.optimizer.step()
+        task.optimizer.zero_grad()
+        assert set(record()) == {"loss"}
+        decay = min(0.9, (1 + step) / (10 + step))  # warm-up: 0.1 at step 0, 0.82 at step 40
+        for old, new, weight in zip(before, average.parameters(), model.unet.parameters(), strict=True):
+            torch.testing.assert_close(new, decay * old + (1 - decay) * weight.detach())
+
+
 def _run(config, folder, resume=False):
     summary = trainer.train_t2i(config, folder / "out", resume=resume, overwrite=resume)
     return summary["history"], load_file(str(folder / "out" / "unet" / model_lib.WEIGHTS))

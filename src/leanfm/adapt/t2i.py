@@ -55,8 +55,9 @@ class T2IPretrainConfig(MethodConfig):
     width: int = option(32, "channels of the first U-Net level (levels: w, 2w, 2w)")
     layers_per_block: int = option(1, "ResNet blocks per U-Net level")
     heads: int = option(8, "attention heads")
+    attention_levels: int = option(1, "U-Net levels with cross-attention (1: 8x8; 2: 8x8 and 16x16)", choices=(1, 2))
     text_encoder: str = option("minilm-l6", "frozen caption encoder", choices=BERT_ENCODERS, cli=False)
-    steps: int = option(12000, "optimizer steps")
+    steps: int = option(8000, "optimizer steps")
     batch_size: int = option(64, "images per step (global, split across ranks)")
     lr: float = option(1e-3, "peak learning rate (warm-up, then cosine)")
     weight_decay: float = option(0.01, "AdamW weight decay")
@@ -84,7 +85,8 @@ class T2IPretrainConfig(MethodConfig):
     def model_config(self, text_dim: int) -> T2IConfig:
         """The U-Net settings, for a caption encoder ``text_dim`` wide."""
         return T2IConfig(width=self.width, layers_per_block=self.layers_per_block, heads=self.heads,
-                         text_encoder=self.text_encoder, cross_attention_dim=text_dim)
+                         attention_levels=self.attention_levels, text_encoder=self.text_encoder,
+                         cross_attention_dim=text_dim)
 
 
 def pretrain_task(model: T2IModel, average: nn.Module | None, images: torch.Tensor, captions: list[str],
