@@ -1,6 +1,6 @@
 """Pretrain the small text-to-image model (``leanfm t2i pretrain``) and watch a classifier recognise its samples.
 
-    nice -n 5 python benchmarks/t2i_pretrain.py --threads 2 >> /work/logs/t2i-pretrain.log 2>&1   # resumable
+    nice -n 5 python benchmarks/t2i_pretrain.py --threads 1 >> /work/logs/t2i-pretrain.log 2>&1   # resumable
     python benchmarks/t2i_pretrain.py --export-only     # write artifacts/t2i-emoji-shapes from the finished run
 
 Stages, each resumable (run folders under ``--runs``, default ``$LEANFM_HOME/t2i-pretrain``):
@@ -17,6 +17,9 @@ Stages, each resumable (run folders under ``--runs``, default ``$LEANFM_HOME/t2i
 3. stop when the recognised fraction reaches ``--target`` or the schedule (``--steps``) ends; then (and with
    ``--export-only``) export ``artifacts/t2i-emoji-shapes`` in bf16 with its manifest, the fraction measured
    again on the bf16 weights as saved.
+
+Threads: one by default. On the shared 2-core machine, two torch threads ran a training step about 5x slower
+than one (OpenMP threads spinning against other jobs); use ``--threads 2`` only when nothing else runs.
 
 Writes results/t2i_pretrain.json after every stretch and results/t2i_pretrain.png (samples of the last one: one
 row per caption, the first 8 monitored captions).
@@ -55,7 +58,7 @@ from leanfm.training import checkpoint_path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "t2i_pretrain.json"
 ARTIFACT = ROOT / "artifacts" / "t2i-emoji-shapes"
-COMMAND = "nice -n 5 python benchmarks/t2i_pretrain.py --threads 2"
+COMMAND = "nice -n 5 python benchmarks/t2i_pretrain.py --threads 1"
 log = logging.getLogger("t2i_pretrain")
 
 
@@ -153,7 +156,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.6, help="stop at this recognised fraction")
     parser.add_argument("--classifier-renders", type=int, default=48)
     parser.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads: 2 only on an otherwise idle 2-core machine (oversubscribed OpenMP "
+                             "threads ran a step 5x slower than one thread)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS.parent)
     parser.add_argument("--artifact", type=Path, default=ARTIFACT)

@@ -57,7 +57,7 @@ class T2IPretrainConfig(MethodConfig):
     heads: int = option(8, "attention heads")
     attention_levels: int = option(1, "U-Net levels with cross-attention (1: 8x8; 2: 8x8 and 16x16)", choices=(1, 2))
     text_encoder: str = option("minilm-l6", "frozen caption encoder", choices=BERT_ENCODERS, cli=False)
-    steps: int = option(8000, "optimizer steps")
+    steps: int = option(6000, "optimizer steps")
     batch_size: int = option(64, "images per step (global, split across ranks)")
     lr: float = option(1e-3, "peak learning rate (warm-up, then cosine)")
     weight_decay: float = option(0.01, "AdamW weight decay")

@@ -52,10 +52,10 @@ WEIGHTS_FILE = "classifier.safetensors"
 
 @dataclass
 class ClassifierConfig(MethodConfig):
-    """Training settings of the concept classifier (a few minutes on a CPU core)."""
+    """Training settings of the concept classifier (short enough to rerun rather than resume)."""
 
     width: int = option(32, "channels of the first conv stage (stages: w, 2w, 4w)")
-    steps: int = option(3000, "optimizer steps")
+    steps: int = option(1500, "optimizer steps")
     batch_size: int = option(128, "images per step")
     lr: float = option(2e-3, "peak learning rate (warm-up, then cosine)")
     weight_decay: float = option(0.05, "AdamW weight decay")
@@ -117,8 +117,8 @@ def _soften(images: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 def train_classifier(images: torch.Tensor, captions: list[str], config: ClassifierConfig | None = None
                      ) -> tuple[ConceptClassifier, dict[str, Any]]:
     """Train on uint8 renders ``[C, R, 3, S, S]`` of the ``C`` concepts named by ``captions``; returns the
-    classifier (eval mode, CPU) and a summary with the loss history. Runs on the one training loop, no checkpoint
-    (a few minutes: rerun it rather than resume)."""
+    classifier (eval mode, CPU) and a summary with the loss history. Runs on the one training loop without a
+    checkpoint (it is short: rerun it rather than resume)."""
     config = config or ClassifierConfig()
     if images.ndim != 5 or images.shape[0] != len(captions):
         raise LeanfmError(f"renders of shape {tuple(images.shape)} for {len(captions)} captions; accepted: "
