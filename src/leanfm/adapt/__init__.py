@@ -1,10 +1,11 @@
 """Adapting a pretrained encoder to tasks: compositional spoken-language understanding (``slu``), continual
 adapters on class-incremental tasks (``continual``: sequential LoRA, C-LoRA, STAMINA) and prompt tuning for
-compositional zero-shot learning (``mmpt``: MMPT with zero-shot, CoOp and CSP as peers).
+compositional zero-shot learning (``mmpt``: MMPT with zero-shot, CoOp and CSP as peers) and the small
+text-to-image diffusion model that continual customisation starts from (``t2i``).
 
-Importing the package registers its trainers (``slu``, ``continual``, ``mmpt``).
+Importing the package registers its trainers (``slu``, ``continual``, ``mmpt``, ``t2i``).
 """
 
-from leanfm.adapt import continual, mmpt, slu
+from leanfm.adapt import continual, mmpt, slu, t2i
 
-__all__ = ["continual", "mmpt", "slu"]
+__all__ = ["continual", "mmpt", "slu", "t2i"]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging as hf_logging
 
-from leanfm.cli import adapt, align, audit, compress, czsl, decode, export, general, vision
+from leanfm.cli import adapt, align, audit, compress, czsl, decode, export, general, t2i, vision
 from leanfm.cli.common import Parser, positive_int
 from leanfm.errors import LeanfmError
 from leanfm.progress import set_quiet
@@ -25,7 +25,7 @@ from leanfm.training import TrainingInterrupted
 from leanfm.version import __version__
 
 __all__ = ["build_parser", "main"]
-FAMILIES = (general, compress, export, vision, decode, align, adapt, czsl, audit)
+FAMILIES = (general, compress, export, vision, decode, align, adapt, t2i, czsl, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
