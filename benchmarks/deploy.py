@@ -170,13 +170,19 @@ def ridge_sweep(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     windows = {c: token_windows(split_token_ids(tokenizer, c, "train"), args.seqlen, args.val_windows)
                for c in CORPORA}
     rows = []
+    store = leanfm_home() / "bench" / "deploy" / "ridge-rows.json"  # finished rows, so a stopped sweep resumes
+    done = json.loads(store.read_text()) if store.is_file() else {}
     for mu in args.ridges:
         folder, seconds = compressed_folder(args.sweep_ratio, tokenizer, solve_ridge=mu)
         for quant in ("bf16", "q4_0", "q4_1"):
-            path, _ = gguf_file(folder, quant, args.threads)
-            ppl = {c: gguf_perplexity(path, w, threads=args.threads).perplexity for c, w in windows.items()}
-            rows.append({"solve_ridge": mu, "weights": quant, **{f"ppl_{c}": v for c, v in ppl.items()},
-                         "compress_seconds": seconds})
+            key = f"{folder.name} {quant} {args.val_windows}x{args.seqlen}"
+            if key not in done:
+                path, _ = gguf_file(folder, quant, args.threads)
+                ppl = {c: gguf_perplexity(path, w, threads=args.threads).perplexity for c, w in windows.items()}
+                done[key] = {"solve_ridge": mu, "weights": quant, **{f"ppl_{c}": v for c, v in ppl.items()},
+                             "compress_seconds": seconds}
+                atomic_write_json(store, done)
+            rows.append(done[key])
             print(json.dumps(rows[-1]), flush=True)
     score = {mu: math.exp(statistics.mean(math.log(r[f"ppl_{c}"]) for r in rows if r["solve_ridge"] == mu
                                           and r["weights"] != "bf16" for c in CORPORA)) for mu in args.ridges}

@@ -29,7 +29,7 @@ Default ``solve_ridge = 0.001`` (MoDeGPT's own default is 0, the exact solve), c
 validation windows (``python benchmarks/deploy.py --choose-ridge``: SmolLM2 at 0.3, 8 x 512 windows of the
 ``train`` split of Austen and the Python docs, neither calibration nor the eval windows; results/deploy_ridge.json).
 Austen / pydocs perplexity through llama.cpp, μ = 0 -> 0.001 -> 0.01: bf16 51.6 / 27.4 -> 52.1 / 27.6 -> 55.0 /
-29.4; q4_0 288 / 164 -> 61.9 / 40.1 -> 64.7 / 41.7; q4_1 468 / 209 -> 54.8 / 32.0 -> (see the JSON). The exact
+29.4; q4_0 288 / 164 -> 61.9 / 40.1 -> 64.7 / 41.7; q4_1 468 / 209 -> 54.8 / 32.0 -> 57.1 / 31.5. The exact
 solve fits the calibration Gram with weights whose errors cancel finely, and 4-bit rounding breaks that; a ridge
 of 0.001 of the mean diagonal costs ~1% in float and makes the model survive quantization (0.01 costs ~7%).
 """
