@@ -135,7 +135,11 @@ def pytorch_table_rows(ctx: Context) -> list[dict[str, Any]]:
     the same 512-token window (last-position logits). The eager fast-path rows stay in the JSON (``pytorch``)."""
     rows = []
     window = ctx.windows["austen"][:1]
-    for label, folder in {**ctx.folders, **ctx.pytorch_only}.items():
+    models = {**ctx.folders, **ctx.pytorch_only}
+    for label in ctx.args.pytorch_models:
+        if label not in models:
+            raise SystemExit(f"--pytorch-models: '{label}' is not a model of this run; accepted: {', '.join(models)}")
+        folder = models[label]
         speed = pytorch_rows(str(folder), ctx.args.decode, 18, rounds=3)
         ctx.pytorch[label] = speed
         for dtype in ("float32", "bfloat16"):
@@ -300,6 +304,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--modegpt-ratios", type=float, nargs="*", default=[0.3],
                         help="full MoDeGPT at these ratios, PyTorch rows only (llama.cpp cannot run it)")
     parser.add_argument("--no-pytorch", action="store_true", help="llama.cpp rows only")
+    parser.add_argument("--pytorch-models", nargs="+", default=["dense", f"{METHOD}-0.3", "modegpt-0.3"],
+                        help="models given PyTorch rows (labels of this run)")
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
