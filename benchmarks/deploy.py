@@ -216,7 +216,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
             ax.scatter([], [], color="grey", marker=marker, label=weights)
     ax.set_xlabel("decode tokens/s (batch 1, greedy)")
     ax.set_ylabel("perplexity, Austen eval")
-    ax.set_title("SmolLM2-135M: quality vs speed (llama.cpp)")
+    ax.set_title("SmolLM2-135M: quality vs speed (filled: llama.cpp, hollow: PyTorch)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -291,13 +291,21 @@ def markdown(result: dict[str, Any], command: str) -> str:
         lines += ["", f"Goal 2, our bfloat16 decode >= 50 tokens/s (dense, compiled fast path): {b['tok_s']:.1f} "
                   f"tokens/s, {100 * b['fraction_of_limit']:.0f}% of the bandwidth limit -> "
                   f"**{'met' if b['met'] else 'not met'}**"]
+    arch = result.get("arch_check")
+    if arch:
+        parts = ", ".join(f"{q}: deci {a['deci_decode_tok_s']:.1f} vs llama {a['llama_decode_tok_s']:.1f} tok/s "
+                          f"({a['deci_vs_llama']:.2f}x)" for q, a in arch.items())
+        lines += ["", "Architecture check (`--arch-check`: the compressed files are `deci`, dense is `llama`; dense "
+                  f"exported as `deci` too, timed alternately with dense as `llama`): {parts}. Where this ratio is "
+                  "far from 1, part of the compressed files' `decode vs dense` is the architecture's, not the "
+                  "compression's; divide by it for the compression's share."]
     for label, error in result.get("export_refusals", {}).items():
         lines += ["", f"`leanfm export --gguf` on {label} (PyTorch rows only): {error or 'exported'}"]
     lines += ["", "![perplexity vs decode speed](results/deploy.png)", "", f"Regenerate: `{command}`"]
     return "\n".join(lines)
 
 
-def parse() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--quants", nargs="+", default=["bf16", "q8_0", "q4_0", "q4_1"])
@@ -313,12 +321,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--choose-ridge", action="store_true",
                         help="only the validation sweep of modegpt-heads' solve_ridge (results/deploy_ridge.json)")
+    parser.add_argument("--arch-check", action="store_true",
+                        help="only dense as llama vs dense as deci, timed alternately (results/deploy_arch.json)")
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.0, 0.001, 0.01, 0.1])
     parser.add_argument("--sweep-ratio", type=float, default=0.3)
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/deploy"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def sweep_markdown(sweep: dict[str, Any]) -> str:
@@ -334,6 +344,30 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def arch_check(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """Whether the compressed files' speed-up is confounded by their architecture: they are ``deci`` (per-layer
+    widths), the dense file ``llama``. The dense model is exported as ``deci`` too and both are timed in alternating
+    rounds (same protocol as the table); ``deci_vs_llama`` is the median per-round decode ratio."""
+    window = token_windows(split_token_ids(tokenizer, "austen", "eval"), args.seqlen, 1)[0]
+    out: dict[str, Any] = {}
+    for quant in ("bf16", "q4_0"):
+        dense = ensure_checkpoint()
+        llama, _ = gguf_file(dense, quant, args.threads)
+        deci = llama.with_name(f"{dense.name}-as-deci.{quant}.gguf")
+        if not deci.is_file():
+            export_gguf(dense, deci, quant=quant, arch="deci", threads=args.threads)
+        load = os.getloadavg()[0]
+        speeds = alternating_speeds({"llama": llama, "deci": deci}, window[:32], window, args.decode, args.rounds,
+                                    args.threads)
+        out[quant] = {"llama_decode_tok_s": statistics.median(d for d, _ in speeds["llama"]),
+                      "deci_decode_tok_s": statistics.median(d for d, _ in speeds["deci"]),
+                      "deci_vs_llama": statistics.median(d / b for (d, _), (b, _) in
+                                                         zip(speeds["deci"], speeds["llama"], strict=True)),
+                      "rounds": speeds, "load": [load, os.getloadavg()[0]]}
+        print(json.dumps({k: v for k, v in out[quant].items() if k != "rounds"}), flush=True)
+    return out
+
+
 def export_refusal(folder: Path) -> str:
     """The one-line error ``leanfm export --gguf`` gives for ``folder`` (empty when it exports)."""
     import tempfile
@@ -347,11 +381,14 @@ def export_refusal(folder: Path) -> str:
 
 
 def main() -> None:
-    args = parse()
+    args = parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
     load_before = os.getloadavg()[0]
     tokenizer = smollm2_tokenizer()
+    if args.arch_check:
+        atomic_write_json(args.out.with_name(args.out.name + "_arch.json"), arch_check(args, tokenizer))
+        return
     if args.choose_ridge:
         sweep = ridge_sweep(args, tokenizer)
         sweep["load"] = [load_before, os.getloadavg()[0]]
@@ -369,18 +406,33 @@ def main() -> None:
         ctx.pytorch_only[label], cost[label] = compressed_folder(ratio, tokenizer, method="modegpt")
         refusals[label] = export_refusal(ctx.pytorch_only[label])
     rows = [row for fn in (ROWS[:1] if args.no_pytorch else ROWS) for row in fn(ctx)]
+    arch_file = args.out.with_name(args.out.name + "_arch.json")  # a fresh --arch-check run, if one was made
+    arch = json.loads(arch_file.read_text()) if arch_file.is_file() else None
     import llama_cpp
 
     result = {"rows": rows, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "verdicts": verdicts(rows, [label for label in folders if label != "dense"]),
-              "export_refusals": refusals, "pytorch": ctx.pytorch, "compression_seconds": cost,
+              "export_refusals": refusals, "pytorch": ctx.pytorch, "compression_seconds": cost, "arch_check": arch,
               "solve_ridge": DEFAULT_MU, "load": [load_before, os.getloadavg()[0]],
               "llama_cpp_version": llama_cpp.__version__, **versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows))
-    command = "python benchmarks/deploy.py" + ("" if args.out == Path("results/deploy") else f" --out {args.out}")
-    write_section(args.benchmarks_md, "deploy", markdown(result, command))
+    write_section(args.benchmarks_md, "deploy", markdown(result, regenerate_command(args)))
+
+
+def regenerate_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run: the script plus every setting that differs from its default."""
+    defaults = vars(parse_args([]))
+    changed = [(k, v) for k, v in vars(args).items() if v != defaults[k]]
+    words = []
+    for key, value in changed:
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        else:
+            words.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(["python benchmarks/deploy.py", *words])
 
 
 if __name__ == "__main__":
