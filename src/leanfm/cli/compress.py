@@ -68,12 +68,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         checkpoint = prepare_run(out, resume=args.resume, overwrite=args.overwrite, context=context)
         model, tokenizer = load_model(args.model)
         report = spec.entry(model, tokenizer, config, checkpoint, resume=args.resume, context=context)
+        report.settings = config.to_dict()  # compression.json says how the folder was made
         if context.is_main:
             _save(args, model.to(dtype), tokenizer, report)
         context.barrier()
         return 0
     model, tokenizer = load_model(args.model)
-    _save(args, model.to(dtype), tokenizer, spec.entry(model, tokenizer, config))
+    report = spec.entry(model, tokenizer, config)
+    report.settings = config.to_dict()
+    _save(args, model.to(dtype), tokenizer, report)
     return 0
 
 
