@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from leanfm.errors import LeanfmError
-from leanfm.eval.fastdecode import FastDecoder, bytes_per_token, profile, read_bandwidth_gbps
+from leanfm.eval.fastdecode import FastDecoder, bytes_per_token, inductor_cache_dir, profile, read_bandwidth_gbps
 from leanfm.models.compressed import COMPRESSED_CLASSES, LayerSpec
 from leanfm.models.tiny import build_tiny, tiny_configs
 
@@ -129,3 +129,15 @@ def test_compiled_step_gives_generates_tokens(tmp_path, monkeypatch):
     decoder = FastDecoder(model, dtype=torch.float32, device="cpu", max_len=24, compile=True)
     assert decoder.compile_seconds > 0
     assert torch.equal(decoder.generate(PROMPT[:1], NEW), _generate(model, torch.float32, PROMPT[:1]))
+
+
+def test_inductor_cache_replaces_torchs_own_default_but_not_the_users(tmp_path, monkeypatch):
+    """Inductor writes its /tmp default into the environment itself; that must not count as the user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("LEANFM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache_dir()  # what torch does on first use: sets the variable to its /tmp default
+    assert inductor_cache_dir() == str(tmp_path / "home" / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert inductor_cache_dir() == str(tmp_path / "mine")

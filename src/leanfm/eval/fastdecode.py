@@ -342,8 +342,16 @@ def _sync(device: torch.device) -> None:
 
 
 def inductor_cache_dir() -> str:
-    """``TORCHINDUCTOR_CACHE_DIR``, set to ``$LEANFM_HOME/cache/inductor`` unless the user set it."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """``TORCHINDUCTOR_CACHE_DIR``, set to ``$LEANFM_HOME/cache/inductor`` unless the user set it.
+
+    Why the default check: Inductor writes its own default (``/tmp/torchinductor_<user>``) into the environment
+    the first time anything asks for its cache dir, so "set" alone does not mean the user chose it; a value equal
+    to that default is replaced, so compiled kernels survive a reboot that empties /tmp.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(leanfm_home() / "cache" / "inductor")
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
