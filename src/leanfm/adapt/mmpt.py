@@ -74,7 +74,7 @@ class CZSLConfig(MethodConfig):
     eval_batch: int = option(256, "images per evaluation forward")
     checkpoint_every: int = option(100, "steps between training checkpoints")
     device: str = option("auto", DEVICE_HELP)
-    autocast: bool = option(True, "bfloat16 autocast for the frozen towers' forward/backward (false: float32)")
+    autocast: bool = option(True, "bfloat16 autocast for the frozen towers where bf16 is native (false: float32)")
 
     def validate(self) -> None:
         super().validate()

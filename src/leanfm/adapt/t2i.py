@@ -22,7 +22,6 @@ Each step's batch (concepts, renders, noise, timesteps, dropped captions) is dra
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from torch import nn
 
 from leanfm.config import MethodConfig, check_at_least, option, register_method
 from leanfm.data.t2i import NOTO_FONT, check_font, parse_sources, pretraining_concepts, render_concepts
-from leanfm.device import fast_bfloat16
 from leanfm.errors import LeanfmError
 from leanfm.models.encoders import BERT_ENCODERS
 from leanfm.models.t2i import CaptionEncoder, T2IConfig, T2IModel, caption_encoder, save_t2i
@@ -140,14 +138,6 @@ def pretrain_task(model: T2IModel, average: nn.Module | None, images: torch.Tens
                 lr=warmup_cosine_lr(config.lr, config.steps, config.warmup_steps), log_every=100)
 
 
-def _runtime(config: T2IPretrainConfig, context: DistributedContext | None) -> Runtime:
-    runtime = Runtime.for_config(config, context)
-    if runtime.amp and not fast_bfloat16(runtime.device):
-        log.info("bf16 is emulated on %s: training in float32", runtime.device)
-        runtime = dataclasses.replace(runtime, amp=False)
-    return runtime
-
-
 def train_t2i(config: T2IPretrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
               context: DistributedContext | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """``leanfm t2i pretrain``: train (or resume) and write the model folder ``out``; returns the summary.
@@ -160,7 +150,7 @@ def train_t2i(config: T2IPretrainConfig, out: str | Path, *, resume: bool = Fals
         check_font(config.font)
     if stop_at is not None and stop_at < 1:
         raise LeanfmError(f"stop_at {stop_at} is invalid; accepted: an integer >= 1")
-    runtime = _runtime(config, context)
+    runtime = Runtime.for_config(config, context)  # float32 where bf16 is emulated
     checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=runtime.context)
     concepts = pretraining_concepts(config.captions, config.emoji_concepts)
     images = render_concepts(concepts, config.renders, config.seed, config.font)

@@ -95,7 +95,7 @@ class DispConfig(MethodConfig):
     checkpoint_every: int = option(25, "steps between checkpoints")
     width_multiple: int = option(WIDTH_MULTIPLE, "exported channel counts are multiples of this (1: unrounded)")
     # bfloat16 autocast for the frozen model's forward/backward (~2.7x faster on CPU)
-    autocast: bool = option(True, "bfloat16 autocast for the frozen model (off: train in float32)")
+    autocast: bool = option(True, "bfloat16 autocast for the frozen model where bf16 is native (off: float32)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self) -> None:

@@ -65,7 +65,7 @@ class DynamoTrainConfig(MethodConfig):
     distill: float = option(0.0, "self-distillation weight W in [0, 1]: (1-W) CE + W KL(base || head)")
     seed: int = option(0, "seed of the batches and of random head weights")
     checkpoint_every: int = option(50, "steps between training checkpoints")
-    autocast: bool = option(True, "bfloat16 autocast for the forward pass (false: float32)")
+    autocast: bool = option(True, "bfloat16 autocast where the device runs bf16 natively (false: float32)")
     device: str = option("auto", DEVICE_HELP)
 
     def validate(self) -> None:

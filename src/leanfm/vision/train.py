@@ -70,7 +70,7 @@ class ViTTrainConfig(MethodConfig):
     train_limit: int | None = option(None, "train on the first N training images only")
     eval_limit: int | None = option(None, "measure accuracy on the first N test images only (default: all)")
     init_from: str | None = option(None, "continue from a trained ViT folder with a fresh schedule")
-    autocast: bool = option(True, "bfloat16 autocast for the forward pass (false: float32)")
+    autocast: bool = option(True, "bfloat16 autocast where the device runs bf16 natively (false: float32)")
     device: str = option("auto", DEVICE_HELP)
 
     def validate(self) -> None:
