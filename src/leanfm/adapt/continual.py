@@ -104,7 +104,7 @@ class ContinualConfig(MethodConfig):
     seed: int = option(0, "seed of adapters, head and batches")
     checkpoint_every: int = option(50, "steps between training checkpoints")
     device: str = option("auto", DEVICE_HELP)
-    autocast: bool = option(True, "bfloat16 autocast for forward/backward and evaluation where bf16 is native (false: float32)")
+    autocast: bool = option(True, "bf16 autocast (training and evaluation) where bf16 is native (false: float32)")
 
     def validate(self) -> None:
         super().validate()

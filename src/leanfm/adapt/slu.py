@@ -100,7 +100,7 @@ class SluConfig(MethodConfig):
     checkpoint_every: int = option(200, "steps between training checkpoints")
     device: str = option("auto", DEVICE_HELP)
     # bf16 autocast: ~1.3x faster steps on this CPU (0.59 -> 0.45 s at batch 32, one thread); weights stay float32
-    autocast: bool = option(True, "bfloat16 autocast for the training forward/backward where bf16 is native (false: float32)")
+    autocast: bool = option(True, "bf16 autocast for training where bf16 is native (false: float32)")
 
     def validate(self) -> None:
         super().validate()
