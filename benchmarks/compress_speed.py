@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from leanfm.data.calibration import split_token_ids, token_windows
+from leanfm.device import fast_bfloat16
 from leanfm.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
 from leanfm.models import load_model
 from leanfm.paths import atomic_write_json, leanfm_home
@@ -54,6 +55,18 @@ def compress(name: str, base: str, method: str, ratio: float, extra: list[str], 
     cost = {"seconds": time.perf_counter() - tick, "peak_rss_mb": usage.ru_maxrss / 1024}
     atomic_write_json(cost_file, cost)
     return out, cost
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its widest vector extensions: speed ratios depend on them (AVX-512 vs AVX2)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def models(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
@@ -109,7 +122,7 @@ def markdown(result: dict, command: str) -> str:
              "<= 3 min on 2 cores, peak RSS <= 2x the float32 model.", "",
              f"Prefill 1 x {result['prefill']} tokens (`logits_to_keep=1`), decode {result['decode']} tokens at "
              f"batch 1; {result['rounds']} alternating rounds, {result['threads']} threads, load "
-             f"{result['load'][0]:.1f} -> {result['load'][1]:.1f}.", ""]
+             f"{result['load'][0]:.1f} -> {result['load'][1]:.1f}; CPU: {result.get('cpu', 'not recorded')}.", ""]
     for dtype, rows in result["speed"].items():
         lines += [f"**{dtype}**", "", "| model | parameters | prefill tok/s | speed-up | decode tok/s | speed-up |",
                   "|---|---|---|---|---|---|"]
@@ -128,7 +141,8 @@ def main() -> None:
     parser.add_argument("--models", default="dense,modegpt-0.3,modegpt-0.3-unaligned,disp-0.5")
     parser.add_argument("--disp", type=Path, default=leanfm_home() / "bench" / "disp-mix" / "disp-0.50")
     parser.add_argument("--gemma", action="store_true", help="also Gemma-3-270M dense and MoDeGPT 0.3")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="auto",
+                        help="comma-separated; auto: bfloat16,float32 where bf16 is native, else float32 only")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
@@ -140,7 +154,10 @@ def main() -> None:
     set_quiet(True)
     load_before = os.getloadavg()[0]
     found = models(args)
-    speed = {dtype: measure(args, found, dtype) for dtype in args.dtypes.split(",")}
+    dtypes = args.dtypes
+    if dtypes == "auto":  # emulated bf16 (no AVX512-BF16/AMX) is ~10x slower than float32: not a serving choice
+        dtypes = "bfloat16,float32" if fast_bfloat16(torch.device("cpu")) else "float32"
+    speed = {dtype: measure(args, found, dtype) for dtype in dtypes.split(",")}
     costs = {}
     for name in ("modegpt-0.3", "modegpt-0.3-unaligned", "gemma-modegpt-0.3"):
         path = leanfm_home() / "bench" / "compress-speed" / f"{name}.cost.json"
@@ -148,7 +165,7 @@ def main() -> None:
             costs[name] = json.loads(path.read_text())
     dense, _ = load_model(SMOL)
     result = {"speed": speed, "cost": costs, "rounds": args.rounds, "threads": args.threads, "prefill": args.prefill,
-              "decode": args.decode, "load": [load_before, os.getloadavg()[0]],
+              "decode": args.decode, "load": [load_before, os.getloadavg()[0]], "cpu": cpu_description(),
               "model_mb": sum(p.numel() * 4 for p in dense.parameters()) / 2**20}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)

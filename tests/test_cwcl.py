@@ -158,6 +158,7 @@ def test_align_speech_cli_end_to_end(tmp_path, capsys):
         (["align", "eval", "{tmp}"], "is not an aligned encoder"),
         (["align", "image", "--weight-power", "0", "--out", "{tmp}/x"], "weight power 0.0 is invalid"),
         (["align", "speech", "--phrases", "0", "--out", "{tmp}/x"], "leave no training speech"),
+        (["align", "image", "--validation", "0.5", "--out", "{tmp}/x"], "validation 0.5 is invalid"),
     ],
 )
 def test_bad_align_inputs_give_one_line_errors(args, message, tmp_path, capsys):
@@ -210,3 +211,30 @@ def test_temperature_is_fixed_or_learned_without_weight_decay():
     assert moved[(True, 0.05)] > 5 * moved[(True, 0.0)] > 0  # 50x the rate moves τ much further
     with pytest.raises(LeanfmError, match="tau lr -1"):
         AlignConfig(tau_lr=-1)
+
+
+def test_validation_combinations_come_out_of_training_never_the_test():
+    from leanfm.data import shapes
+
+    train, test = shapes.split_combinations(0)
+    fit, validation = shapes.split_validation(train, 0.1, 0)
+    assert len(validation) == round(0.1 * len(train)) and sorted(fit + validation) == sorted(train)
+    assert not set(validation) & set(test) and not set(validation) & set(fit)
+    assert all({c[k] for c in fit} == {c[k] for c in shapes.all_combinations()} for k in range(4))
+    assert (fit, validation) == shapes.split_validation(train, 0.1, 0)  # seeded
+    assert validation != shapes.split_validation(train, 0.1, 1)[1]
+    assert shapes.split_validation(train, 0.0, 0) == (train, [])
+
+
+@pytest.mark.slow
+def test_align_image_holds_validation_combinations_out_and_scores_them(tmp_path, capsys):
+    out = tmp_path / "im"
+    assert main(["--quiet", "align", "image", "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 "--per-combo", "1", "--validation", "0.1", "--json", "-"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    meta = json.loads((out / "align.json").read_text())
+    assert meta["data"]["validation_combinations"] == 14 and meta["data"]["train_combinations"] == 130
+    assert meta["data"]["images"] == 130  # one render per fitted combination: the validation ones never train
+    assert 0 <= metrics["validation_accuracy"] <= 1 and metrics["validation_items"] == 140
+    assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics  # evaluation re-derives the same validation split

@@ -216,6 +216,22 @@ def evaluate_image(encoder: nn.Module, text_model: TextEncoder, seed: int = 0,
             "chance_all": 1 / len(every), "chance_unseen": 1 / len(unseen), "items": len(captions)}
 
 
+@torch.no_grad()
+def validate_image(encoder: nn.Module, text_model: TextEncoder, combos: list, seed: int = 0,
+                   per_combo: int = 10) -> dict[str, float]:
+    """Validation (for choosing a temperature, never the tests): top-1 retrieval, among all 180 captions, for
+    fresh renders of the ``combos`` held out of *training* (:func:`leanfm.data.shapes.split_validation`) — the
+    same task as the test's held-out combinations, on combinations the test never uses. Empty without combos."""
+    if not combos:
+        return {}
+    images, captions = shapes.render_set(combos, per_combo, seed=20_000 + seed)
+    encoder.eval()
+    embeddings = torch.cat([encoder(images[i : i + 256]) for i in range(0, len(images), 256)])
+    every = [shapes.caption(c) for c in shapes.all_combinations()]
+    return {"validation_accuracy": zero_shot_accuracy(embeddings, captions, every, embed_texts(text_model, every)),
+            "validation_items": len(captions)}
+
+
 @dataclass
 class SpeechAlignConfig(AlignConfig):
     """``leanfm align speech``: the optimisation settings plus the frozen model and the speech to synthesise."""
@@ -242,11 +258,15 @@ class ImageAlignConfig(AlignConfig):
 
     frozen: str = option("minilm-l6", "frozen text encoder (a registered sentence encoder)")
     per_combo: int = option(120, "training images per attribute-object combination")
+    validation: float = option(0.0, "fraction of the training combinations held out of training to choose "
+                                    "settings on (metric validation_accuracy); 0: train on all of them")
 
     def validate(self) -> None:
         super().validate()
         check_text_encoder(self.frozen)
         check_at_least(self, 1, "per_combo")
+        if not 0 <= self.validation <= 0.3:
+            raise LeanfmError(f"validation {self.validation} is invalid; accepted: a fraction in [0, 0.3]")
 
 
 def align_speech(config: SpeechAlignConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -301,15 +321,18 @@ def align_image(config: ImageAlignConfig, out: str | Path, *, resume: bool = Fal
     checkpoint = prepare_run(out, resume=resume, overwrite=overwrite, context=context)
     text_model = text_encoder(config.frozen)
     train_combos, _ = shapes.split_combinations(config.seed)
+    train_combos, validation_combos = shapes.split_validation(train_combos, config.validation, config.seed)
     images, captions = shapes.render_set(train_combos, config.per_combo, seed=config.seed)
     targets = embed_texts(text_model, captions)
     torch.manual_seed(config.seed)
     encoder = ImageEncoder()
     summary = train_aligned(encoder, lambda rows: images[rows], targets, config, checkpoint, resume, context)
-    metrics = evaluate_image(encoder, text_model, config.seed) if context.is_main else {}
+    metrics = {**evaluate_image(encoder, text_model, config.seed),
+               **validate_image(encoder, text_model, validation_combos, config.seed)} if context.is_main else {}
     meta = {"kind": "image", "frozen": config.frozen, "train": config.to_dict(), "training": summary,
             "metrics": metrics,
-            "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": config.per_combo}}
+            "data": {"images": len(captions), "train_combinations": len(train_combos), "per_combo": config.per_combo,
+                     "validation_combinations": len(validation_combos)}}
     if context.is_main:
         save_encoder(out, encoder, meta)
     context.barrier()
@@ -371,7 +394,10 @@ def evaluate_folder(folder: str | Path) -> dict[str, Any]:
     text_model = text_encoder(meta["frozen"])
     if meta["kind"] in ("speech", "whisper"):
         return {**evaluate_speech(encoder, text_model), **validate_speech(encoder, text_model)}
-    return evaluate_image(encoder, text_model, meta["train"]["seed"])
+    seed = meta["train"]["seed"]
+    train_combos, _ = shapes.split_combinations(seed)
+    _, validation_combos = shapes.split_validation(train_combos, meta["train"].get("validation", 0.0), seed)
+    return {**evaluate_image(encoder, text_model, seed), **validate_image(encoder, text_model, validation_combos, seed)}
 
 
 register_method("cwcl-speech", "train", SpeechAlignConfig, align_speech,

@@ -44,6 +44,23 @@ def split_combinations(seed: int = 0, held_out: float = 0.2) -> tuple[list, list
             return train, test
 
 
+def split_validation(train: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(fit, validation): a seeded ``fraction`` of the *training* combinations held out to choose settings
+    (e.g. a loss temperature), so the test combinations of :func:`split_combinations` are never looked at; every
+    attribute value still occurs in ``fit``. ``fraction`` 0 returns ``(train, [])``."""
+    if fraction <= 0:
+        return list(train), []
+    generator = torch.Generator().manual_seed(1_000 + seed)  # not split_combinations' draw
+    cut = max(1, round(fraction * len(train)))
+    for _ in range(1000):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        validation, fit = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+        if all({c[k] for c in fit} == {c[k] for c in train} for k in range(4)):
+            return fit, validation
+    raise ValueError(f"no validation split of {len(train)} combinations at fraction {fraction} keeps every "
+                     "attribute value in training")
+
+
 def render(combo: tuple[str, str, str, str], generator: torch.Generator) -> torch.Tensor:
     """One ``[3, 32, 32]`` image in [0, 1]: the shape at a jittered position/size on a noisy background."""
     size, texture, colour, shape = combo
