@@ -37,6 +37,7 @@ from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
 
 SMOL = "smollm2-135m"
+EARLIER = Path("results/compress_speed_*.json")  # kept runs from other machines, quoted under the table
 
 
 def compress(name: str, base: str, method: str, ratio: float, extra: list[str], threads: int) -> tuple[Path, dict]:
@@ -132,7 +133,16 @@ def markdown(result: dict, command: str) -> str:
         lines.append("")
     lines += ["Compression cost (fresh process): " + ", ".join(
         f"{k} {v['seconds']:.0f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in result["cost"].items())
-        + f" (float32 SmolLM2 = {result['model_mb']:.0f} MB).", "", f"Regenerate: `{command}`"]
+        + f" (float32 SmolLM2 = {result['model_mb']:.0f} MB).", ""]
+    for path in sorted(EARLIER.parent.glob(EARLIER.name)):  # the same benchmark run on other machines
+        earlier = json.loads(path.read_text())
+        lines.append(f"Earlier run on another CPU ({earlier.get('cpu', '?')}; {earlier['threads']} thread(s)), "
+                     f"`{path.as_posix()}`: prefill speed-ups " + "; ".join(
+                         f"{dtype} " + ", ".join(f"{label} {r['prefill_speedup']:.2f}x" for label, r in rows.items()
+                                                 if label != "dense") for dtype, rows in earlier["speed"].items())
+                     + ".")
+        lines.append("")
+    lines.append(f"Regenerate: `{command}`")
     return "\n".join(lines)
 
 
