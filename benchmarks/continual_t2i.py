@@ -158,8 +158,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     if floors:
         tells = all(f < 0.5 * b for f, b in floors)
         lines.append(f"- The metric {'can' if tells else 'cannot clearly'} tell: KID(real, real') "
-                     f"{_f(max(f for f, _ in floors))} at most vs KID(real, base samples) {_f(min(b for _, b in floors))}"
-                     " at least.")
+                     f"{_f(max(f for f, _ in floors))} at most vs KID(real, base samples) "
+                     f"{_f(min(b for _, b in floors))} at least.")
     return lines
 
 

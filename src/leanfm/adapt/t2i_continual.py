@@ -17,7 +17,8 @@ renders:
 - ``clora``: plus C-LoRA's self-regulariser :math:`\lambda \sum_{layers} \| |P_t| \odot \Delta_t \|_F^2` with
   :math:`P_t = \sum_{t'<t}\Delta_{t'}` (zero for the first concept);
 - ``stamina``: :math:`\Delta_t = s M_t \odot (B_t A_t)` with a hard mask from a low-rank MLP (straight-through
-  Gumbel-sigmoid, our reading in :mod:`leanfm.models.lora`) and the sparsity penalty :math:`\beta\,\overline{\sigma(L)}`;
+  Gumbel-sigmoid, our reading in :mod:`leanfm.models.lora`) and the sparsity penalty
+  :math:`\beta\,\overline{\sigma(L)}`;
 - **the concept token**: a new input embedding of the frozen caption encoder (:class:`leanfm.models.t2i.TokenCaptions`
   says why the input side). ``lora`` and ``clora`` learn the vector itself, initialised at random (C-LoRA) —
   our reading of "random": a draw from a normal with the per-dimension mean and spread of the encoder's word
@@ -64,14 +65,30 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from leanfm.config import MethodConfig, check_at_least, option, register_method
-from leanfm.data.t2i import HELD_OUT, NOTO_FONT, Concept, check_font, emoji_caption, held_out_concepts, image_grid
-from leanfm.data.t2i import render_concepts
+from leanfm.data.t2i import (
+    HELD_OUT,
+    NOTO_FONT,
+    Concept,
+    check_font,
+    emoji_caption,
+    held_out_concepts,
+    image_grid,
+    render_concepts,
+)
 from leanfm.device import fast_bfloat16
 from leanfm.errors import LeanfmError
 from leanfm.eval.t2i import ConceptClassifier, image_features, kid, load_classifier, mmd, recognised_fraction
 from leanfm.models.lora import AdapterSettings, ContinualAdapter, settings_from
-from leanfm.models.t2i import T2IModel, TokenCaptions, caption_encoder, load_t2i, load_tokens, read_info, sample
-from leanfm.models.t2i import save_t2i
+from leanfm.models.t2i import (
+    T2IModel,
+    TokenCaptions,
+    caption_encoder,
+    load_t2i,
+    load_tokens,
+    read_info,
+    sample,
+    save_t2i,
+)
 from leanfm.training import DistributedContext, Runtime, Task, fit, prepare_run, warmup_cosine_lr
 from leanfm.training.checkpoint import load_checkpoint, save_checkpoint
 from leanfm.training.options import DEVICE_HELP, check_device_name
@@ -365,6 +382,7 @@ def _learn(model: T2IModel, adapter: ContinualAdapter, captions: TokenCaptions, 
     init = _init_vector(captions, config, generator)
     token = ConceptToken(init, config.token_hidden if config.method == "stamina" else 0, generator)
     task = _concept_task(model, adapter, token, captions, images, number, config, runtime)
+    model.train()  # STAMINA's layers draw Gumbel masks in training mode (the U-Net has no dropout)
     torch.manual_seed(config.seed * 7_919 + number)  # STAMINA's Gumbel noise: the same after a resume
     result = fit(task, config, runtime, steps=config.steps, checkpoint=checkpoint / f"concept-{number:02d}",
                  resume=resume)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from leanfm.adapt import continual
-from leanfm.adapt.t2i_continual import T2IContinualConfig, train_t2i_continual
 from leanfm.adapt.slu import SluConfig, evaluate, load_run, predict, train_slu
 from leanfm.adapt.spoken import predict_audio, transcribe_files
+from leanfm.adapt.t2i_continual import T2IContinualConfig, train_t2i_continual
 from leanfm.cli.common import (
     Parser,
     add_config_flags,
