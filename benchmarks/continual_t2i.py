@@ -93,7 +93,7 @@ def smoke_base(folder: Path) -> Path:
     return folder
 
 
-def run_row(settings: dict[str, Any], runs: Path) -> dict[str, Any]:
+def run_row(settings: dict[str, Any], overrides: dict[str, Any], runs: Path) -> dict[str, Any]:
     config = T2IContinualConfig(**settings)
     out = runs / row_name(settings)
     training = out.with_name(out.name + ".training")
@@ -104,17 +104,16 @@ def run_row(settings: dict[str, Any], runs: Path) -> dict[str, Any]:
         if "was trained with" not in str(err):
             raise
         summary = train_t2i_continual(config, out, resume=False, overwrite=True)
-    return {"settings": settings, "folder": str(out), "concepts": summary["concepts"],
+    return {"settings": settings, "overrides": overrides, "folder": str(out), "concepts": summary["concepts"],
             "metrics": summary["metrics"], "training": summary["training"],
             "train_seconds": sum(t["seconds"] for t in summary["training"]), "wall_seconds": time.time() - tick,
             "threads": torch.get_num_threads()}
 
 
 def label(row: dict[str, Any]) -> str:
-    s = row["settings"]
-    extras = [f"{k}={v}" for k, v in sorted(s.items()) if k in ("token_init", "reg_weight", "steps", "sparsity")
-              and v != getattr(T2IContinualConfig, k)]
-    return s["method"] + (f" ({', '.join(extras)})" if extras else "")
+    """The method and the row's own overrides from the plan (``clora (token_init=word)``)."""
+    extras = [f"{k}={v}" for k, v in sorted(row["overrides"].items())]
+    return row["settings"]["method"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _f(value: float, digits: int = 3) -> str:
@@ -139,7 +138,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """The claims of METHODS.md sections 8-9, read off plain rows (default settings) of each sequence."""
     lines = []
     plain = {(r["settings"]["concepts"], r["settings"]["method"]): r["metrics"]["mean"] for r in rows
-             if label(r) == r["settings"]["method"]}
+             if not r["overrides"]}
     for count in sorted({c for c, _ in plain}, key=int):
         lora, clora, stamina = (plain.get((count, m)) for m in ("lora", "clora", "stamina"))
         if lora and clora:
@@ -180,6 +179,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
                                              label=f"{label(row)} final")
                 axes[line][col].plot(x, [p["after"][kind] for p in per], ":", color=shown[0].get_color(), lw=1)
         axes[0][col].set_title(f"{count} concepts (dotted: just after learning)", fontsize=8)
+        axes[0][col].set_ylim(-0.02, 1.02)
         axes[0][col].set_ylabel("recognised by the classifier", fontsize=8)
         axes[1][col].set_ylabel("KID to real renders (lower: closer)", fontsize=8)
         axes[1][col].set_xlabel("concept (order learned)", fontsize=8)
@@ -194,13 +194,15 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    config = T2IContinualConfig()
+    shared = {k: v for k, v in rows[0]["settings"].items() if k not in rows[0]["overrides"]}
+    config = T2IContinualConfig(**shared)  # the settings every row shares unless its plan entry overrides them
     lines = [
         "## Continual text-to-image customisation: LoRA, C-LoRA, STAMINA (adapt)" + (" — SMOKE RUN" if args.smoke
                                                                                     else ""), "",
         "**Claims tested** (METHODS.md sections 8-9): C-LoRA forgets less than sequential LoRA; STAMINA keeps "
         "fidelity where C-LoRA saturates over a longer sequence. Setting: the small diffusion U-Net "
-        f"(`{args.base}`) learns the first 10 / 30 held-out emoji (never seen in pretraining) one at a time, each "
+        f"(`{args.base}`) learns the first {' / '.join(sorted({r['settings']['concepts'] for r in rows}, key=int))} "
+        "held-out emoji (never seen in pretraining) one at a time, each "
         f"from {config.shots} renders under its own token (`a picture of <cN>`), {config.steps} steps per concept; "
         f"LoRA r = {config.rank}, α = {config.alpha} on `attn2.to_k` / `attn2.to_v` (cross-attention), folded after "
         f"each concept; C-LoRA λ = {config.reg_weight:g}; STAMINA β = {config.sparsity}, MLP token "
@@ -270,7 +272,7 @@ def main() -> None:
                     "method": method, "device": args.device, **(SMOKE if args.smoke else {}), **overrides}
         row = next((r for r in cached if r["settings"] == settings), None)
         if row is None:
-            row = run_row(settings, args.runs)
+            row = run_row(settings, overrides, args.runs)
             log.info("%s: recognised final %.3f, forgetting %.3f, %.0f s", text,
                      row["metrics"]["mean"]["final"]["recognised"], row["metrics"]["mean"]["forgetting"]["recognised"],
                      row["train_seconds"])
