@@ -5,6 +5,7 @@ save/load reproducing samples, exact resume of a sequence, fidelity bookkeeping 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -174,7 +175,7 @@ def test_clora_regulariser_is_zero_first_then_penalises_overlap_with_the_earlier
             with torch.no_grad():
                 for layer in adapter.lora_layers().values():
                     factor(layer, "B")[factor(layer, "B").shape[0] // 2 :] = 0
-            assert float(adapter.penalty()[0]) == pytest.approx(0, abs=1e-12)
+            assert float(adapter.penalty()[0].detach()) == pytest.approx(0, abs=1e-12)
         record_of_fold = adapter.end_task()
         products[number] = {name: record_of_fold[f"{name}.B"] @ record_of_fold[f"{name}.A"]
                             for name in adapter.layers}
@@ -195,9 +196,14 @@ def _run(config, folder, resume=False):
 @pytest.mark.training
 def test_a_learned_and_folded_concept_reproduces_its_samples_after_save_and_load(home, base, tmp_path, capsys):
     config = tiny_config(base, method="stamina", lr=1e-2)
-    summary, saved = _run(config, tmp_path)
-    assert summary["tokens"] == {"<c1>": "penguin", "<c2>": "rocket"} and len(summary["histories"]) == 2
-    assert [len(h) for h in summary["histories"]] == [4, 4] and "density" in summary["histories"][0][0]
+    code = main(["--quiet", "continual", "t2i", "--out", str(tmp_path / "out"), "--base", str(base), "--method",
+                 "stamina", "--concepts", "penguin,rocket", "--shots", "2", "--steps", "4", "--batch-size", "4",
+                 "--warmup", "1", "--samples", "2", "--sample-steps", "2", "--real", "3", "--checkpoint-every", "3",
+                 "--no-autocast", "--device", "cpu", "--reg-weight", "1e3", "--lr", "1e-2", "--json", "-"])
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert code == 0 and summary["config"] == config.to_dict()  # the flags make the library's config
+    assert summary["tokens"] == {"<c1>": "penguin", "<c2>": "rocket"} and len(summary["training"]) == 2
+    saved = {f"samples.{k}": v for k, v in load_file(str(tmp_path / "out" / seq.SAMPLES_FILE)).items()}
     model, enc, meta = seq.load_run(tmp_path / "out")
     assert meta["method"] == "stamina" and set(enc.tokens) == {"<c1>", "<c2>"}
     assert set(model.unet.state_dict()) == set(tiny_model().unet.state_dict())  # folded: no adapter left
@@ -206,6 +212,11 @@ def test_a_learned_and_folded_concept_reproduces_its_samples_after_save_and_load
         assert torch.equal(again, saved["samples.final"][i])
     assert not torch.equal(saved["samples.final"][0], saved["samples.base"][0])
     assert (tmp_path / "out" / seq.GRID_FILE).is_file()
+    judge = ConceptClassifier([c.caption for c in held_out_concepts(2)], width=8).eval()
+    save_classifier(judge, tmp_path / "clf")  # metrics later, from the saved samples
+    later = seq.evaluate_run(tmp_path / "out", tmp_path / "clf")
+    assert later == seq.fidelity(judge, held_out_concepts(2), {k[len("samples."):]: v for k, v in saved.items()
+                                                               if k.startswith("samples.")}, config)
     code = main(["--quiet", "t2i", "sample", str(tmp_path / "out"), "--caption", "a picture of <c2>", "--n", "2",
                  "--steps", "2", "--out", str(tmp_path / "c2.png")])
     assert code == 0 and (tmp_path / "c2.png").is_file()
@@ -216,6 +227,7 @@ def test_a_learned_and_folded_concept_reproduces_its_samples_after_save_and_load
 def test_resume_of_a_sequence_equals_an_uninterrupted_one(home, base, tmp_path, monkeypatch):
     config = tiny_config(base, method="stamina")
     straight, weights = _run(config, tmp_path / "straight")
+    assert [len(h) for h in straight["histories"]] == [4, 4] and "density" in straight["histories"][0][0]
     real_fit = seq.fit
     calls = []
 
