@@ -31,6 +31,7 @@ from torch import nn
 import leanfm.adapt.continual as continual
 import leanfm.adapt.mmpt as mmpt
 import leanfm.adapt.slu as slu
+import leanfm.adapt.t2i_continual as t2i_continual
 import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
 import leanfm.decode.training as dynamo
@@ -127,6 +128,27 @@ def _mmpt_run(config, folder, resume):
     return summary["training"]["history"], load_file(str(folder / "out" / "prompts.safetensors"))
 
 
+@functools.cache
+def _t2i_base() -> str:
+    """A tiny random text-to-image model folder (tiny BERT captions), written once per test session."""
+    from leanfm.models.t2i import T2IConfig, T2IModel, save_t2i
+
+    folder = Path(tempfile.mkdtemp(prefix="leanfm-t2i-"))
+    atexit.register(shutil.rmtree, folder, True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T2IModel(T2IConfig(width=8, heads=2, text_encoder="tiny-bert", cross_attention_dim=32))
+    return str(save_t2i(model, folder / "base"))
+
+
+def _t2i_continual_run(config, folder, resume):
+    """The last concept's history (4 steps) and the saved folded U-Net plus the learned tokens."""
+    summary = t2i_continual.train_t2i_continual(config, folder / "out", resume=resume)
+    tokens = load_file(str(folder / "out" / "tokens.safetensors"))
+    return summary["histories"][-1], load_file(str(folder / "out" / "unet" / "diffusion_pytorch_model.safetensors")) \
+        | {f"token.{k}": v for k, v in tokens.items()}
+
+
 def _beside(folder: Path) -> Path:
     return folder / "out.training"
 
@@ -181,6 +203,16 @@ CONTRACTS = [
                                         "steps": 4, "batch_size": 8, "warmup": 1, "checkpoint_every": 3,
                                         "device": "cpu", **kw}),
         _mmpt_run, mmpt, _beside, ({"method": "maple"}, "unknown method 'maple'"), {"lr": 1e-2},
+    ),
+    Contract(  # STAMINA on the t2i U-Net: Gumbel noise across two concepts, MLP tokens, a resume mid-concept
+        "continual-t2i",
+        lambda **kw: t2i_continual.T2IContinualConfig(**{"base": _t2i_base(), "method": "stamina",
+                                                         "concepts": "penguin,rocket", "shots": 2, "steps": 4,
+                                                         "batch_size": 4, "warmup": 1, "samples": 2,
+                                                         "sample_steps": 1, "checkpoint_every": 3,
+                                                         "autocast": False, "device": "cpu", **kw}),
+        _t2i_continual_run, t2i_continual, lambda folder: folder / "out.training" / "concept-00",
+        ({"method": "textual-inversion"}, "unknown method 'textual-inversion'"), {"lr": 1e-2},
     ),
 ]
 IDS = [c.name for c in CONTRACTS]
@@ -254,7 +286,8 @@ def test_checkpoint_trained_with_other_settings_is_refused(contract, tmp_path, m
                                                    ("cwcl-speech", SpeechAlignConfig),
                                                    ("cwcl-image", ImageAlignConfig), ("slu", slu.SluConfig),
                                                    ("continual", continual.ContinualConfig),
-                                                   ("mmpt", mmpt.CZSLConfig)])
+                                                   ("mmpt", mmpt.CZSLConfig),
+                                                   ("continual-t2i", t2i_continual.T2IContinualConfig)])
 def test_trainers_are_registered_with_the_train_entry_shape(name, config_class):
     """``entry(config, out, *, resume=False, overwrite=False, ...) -> dict``, one line per trainer."""
     import inspect

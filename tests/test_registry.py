@@ -16,7 +16,7 @@ EXPECTED = {
     ("disp", "compress"), ("flap", "compress"), ("slicegpt", "compress"),
     ("tome", "patch"), ("tofu", "patch"), ("vit", "train"), ("dynamo", "train"), ("dynamo", "decode"),
     ("cwcl-speech", "train"), ("cwcl-image", "train"), ("slu", "train"), ("continual", "train"),
-    ("mmpt", "train"), ("trojprompt", "audit"), ("t2i", "train"),
+    ("mmpt", "train"), ("trojprompt", "audit"), ("t2i", "train"), ("continual-t2i", "train"),
 }
 
 

@@ -1,5 +1,6 @@
 """``leanfm slu split|train|eval|predict``, ``leanfm speech transcribe`` (compositional spoken-language
-understanding) and ``leanfm continual train|eval|export`` (continual adapters: LoRA, C-LoRA, STAMINA).
+understanding) and ``leanfm continual train|eval|export`` (continual adapters: LoRA, C-LoRA, STAMINA) and
+``leanfm continual t2i`` (the same adapters teaching new concepts to the small text-to-image model in sequence).
 
 ``DATA`` is a folder in JointBERT's layout or a name (``atis``, ``snips``) under ``$LEANFM_DATA/slu``; nothing is
 downloaded. Spoken input (``predict --audio FILE.wav``) is Whisper tiny.en's transcript read by the text model.
@@ -15,6 +16,7 @@ from typing import Any
 from leanfm.adapt import continual
 from leanfm.adapt.slu import SluConfig, evaluate, load_run, predict, train_slu
 from leanfm.adapt.spoken import predict_audio, transcribe_files
+from leanfm.adapt.t2i_continual import T2IContinualConfig, train_t2i_continual
 from leanfm.cli.common import (
     Parser,
     add_config_flags,
@@ -93,6 +95,13 @@ def _add_continual(sub: Any) -> None:
     x.add_argument("run", help="folder written by 'leanfm continual train'")
     add_run_flags(x, "config.json, model.safetensors, tokenizer, head.safetensors, labels.json", trains=False)
     x.set_defaults(handler=cmd_continual_export)
+    i = csub.add_parser("t2i", help="teach held-out concepts to a t2i model one at a time (own token each); "
+                                    "KID/MMD/recognition per concept with --classifier")
+    add_run_flags(i, "the customised t2i model (folded U-Net, tokens.safetensors), samples, grid.png, "
+                     "continual_t2i.json; checkpoints in OUT.training")
+    add_config_flags(i, T2IContinualConfig)
+    add_json_flag(i, "the summary (and metrics)")
+    i.set_defaults(handler=cmd_continual_t2i)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -165,4 +174,18 @@ def cmd_continual_export(args: argparse.Namespace) -> int:
     check_output_dir(out, args.overwrite)
     continual.read_meta(args.run)
     emit(args, continual.export_run(args.run, out))
+    return 0
+
+
+def cmd_continual_t2i(args: argparse.Namespace) -> int:
+    config = config_from_args(T2IContinualConfig, args)
+    check_json_target(args)
+    summary = train_t2i_continual(config, out_path(args), resume=args.resume, overwrite=args.overwrite)
+    shown: dict[str, Any] = {"concepts": len(summary["concepts"]),
+                             "seconds": round(sum(t["seconds"] for t in summary["training"]), 1)}
+    if "metrics" in summary:
+        mean = summary["metrics"]["mean"]
+        shown |= {f"{kind}_{m}": v for kind in ("floor", "base", "after", "final", "forgetting")
+                  for m, v in mean[kind].items()}
+    emit(args, shown | {"summary": {k: v for k, v in summary.items() if k != "histories"}}, keys=list(shown))
     return 0

@@ -22,7 +22,7 @@ from leanfm.cli.common import (
 from leanfm.data.t2i import image_grid, write_png
 from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
-from leanfm.models.t2i import load_t2i, read_info, sample
+from leanfm.models.t2i import TokenCaptions, caption_encoder, load_t2i, load_tokens, read_info, sample
 from leanfm.paths import check_writable_file
 
 PRETRAIN_KEYS = ("steps", "loss", "parameters", "concepts", "autocast", "train_seconds")
@@ -38,7 +38,7 @@ def add_parsers(sub: Any) -> None:
     t.set_defaults(handler=cmd_pretrain)
 
     s = tsub.add_parser("sample", help="a PNG grid of samples: one row per caption")
-    s.add_argument("model", help="folder written by 'leanfm t2i pretrain'")
+    s.add_argument("model", help="folder written by 'leanfm t2i pretrain' or 'leanfm continual t2i'")
     s.add_argument("--caption", action="append", required=True, help="caption to draw (repeat for more rows)")
     s.add_argument("--n", type=positive_int, default=8, help="samples per caption [default 8]")
     s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial noise [default 0]")
@@ -67,7 +67,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, _ = load_t2i(Path(args.model))
     captions = [c for c in args.caption for _ in range(args.n)]
-    images = sample(model.to(device), captions, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    tokens = load_tokens(Path(args.model))  # a customised model's concept tokens ('a picture of <c1>')
+    encoder = TokenCaptions(caption_encoder(model.config.text_encoder, model.config.max_tokens), tokens)
+    images = sample(model.to(device), captions, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                    encoder=encoder)
     write_png(image_grid(images, columns=args.n), target)
     print(f"{len(images)} samples ({len(args.caption)} captions x {args.n}) written to {target}")
     return 0

@@ -153,15 +153,22 @@ def linear_names(model: nn.Module) -> list[str]:
                               if isinstance(m, nn.Linear) and name))
 
 
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a ``target_modules`` list entry: the full name or a dotted suffix of it (``attn2.to_k``)."""
+    return name == target or name.endswith("." + target)
+
+
 def target_layers(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Full names of the Linear layers whose last name component is in ``targets`` (a one-line error names an unknown
-    target and lists the accepted ones)."""
-    available = linear_names(model)
-    unknown = [t for t in targets if t not in available]
+    """Full names of the Linear layers matched by ``targets``: a last name component (``query``) or a dotted suffix
+    (``attn2.to_k``: the cross-attention keys of a diffusers U-Net, not the self-attention ``attn1.to_k``), as PEFT
+    matches ``target_modules``. A one-line error names a target that matches no Linear and lists the accepted
+    short names."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    unknown = [t for t in targets if not any(_matches(name, t) for name in linears)]
     if unknown:
-        raise LeanfmError(f"unknown target module '{unknown[0]}'; accepted: {', '.join(available)}")
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1]
-            in targets]
+        raise LeanfmError(f"unknown target module '{unknown[0]}'; accepted: {', '.join(linear_names(model))} "
+                          "(or a dotted suffix of a layer's name)")
+    return [name for name in linears if any(_matches(name, t) for t in targets)]
 
 
 @dataclass(frozen=True)
@@ -302,16 +309,20 @@ class ContinualAdapter:
         self.past = {k: v.float() for k, v in state["past"].items()}
         self.history = [dict(r) for r in state["history"]]
 
-    def save(self, path: str | Path) -> None:
-        """The settings, every finished task's update and the past sums as one safetensors file (atomically)."""
+    def to_bytes(self) -> bytes:
+        """The settings, every finished task's update and the past sums as one safetensors file's bytes."""
         if self.active:
             raise LeanfmError(f"task {len(self.history)} is still open; end it before saving")
         tensors = {f"past.{k}": v.cpu().contiguous() for k, v in self.past.items()}
         for number, record in enumerate(self.history):
             tensors |= {f"history.{number}.{k}": v.contiguous() for k, v in record.items()}
         settings = json.dumps(dataclasses.asdict(self.settings))
-        atomic_write_bytes(Path(path), save(tensors, metadata={"format": HISTORY_FORMAT, "settings": settings,
-                                                               "tasks": str(len(self.history))}))
+        return save(tensors, metadata={"format": HISTORY_FORMAT, "settings": settings,
+                                       "tasks": str(len(self.history))})
+
+    def save(self, path: str | Path) -> None:
+        """:meth:`to_bytes` written atomically to ``path`` (read back with :meth:`load`)."""
+        atomic_write_bytes(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, *, apply: bool = False) -> ContinualAdapter:

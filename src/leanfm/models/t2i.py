@@ -17,7 +17,17 @@ empty caption being the unconditional input the trainer drops captions to.
 
 A saved model is a folder: ``t2i.json`` (format, :class:`T2IConfig`, anything the trainer adds), ``unet/``
 (diffusers' ``config.json`` + ``diffusion_pytorch_model.safetensors``, so ``UNet2DConditionModel.from_pretrained``
-reads it too) and ``scheduler/`` (the DDPM schedule), written atomically.
+reads it too) and ``scheduler/`` (the DDPM schedule), written atomically. A customised model (``leanfm continual
+t2i``) adds ``tokens.safetensors``: its learned concept tokens (:class:`TokenCaptions`), one input embedding each.
+
+Concept tokens (textual inversion's reading, which C-LoRA and STAMINA follow): a new token ``<c1>`` in a caption is
+a new *input* embedding of the frozen caption encoder. The caption is tokenised with BERT's ``[MASK]`` in the
+token's place and the mask's word-embedding row is replaced by the learned vector before BERT runs, so the token's
+state is contextualised by the caption ("a picture of <c1>") exactly as a real word's would be, and the token is a
+vector in the space of the vocabulary it joins. The other choice, writing the vector over the placeholder's output
+state, would skip BERT (no gradient through it, a cheaper step) but lets the token be any point of the
+cross-attention input space, where the key/value LoRA already acts; the input-side token costs one BERT
+forward/backward of one caption per step, small beside the U-Net's.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -40,12 +51,13 @@ from leanfm.models.encoders import BERT_ENCODERS, bert_encoder
 from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json
 from leanfm.version import __version__
 
-__all__ = ["FORMAT", "CaptionEncoder", "T2IConfig", "T2IModel", "caption_encoder", "load_t2i", "sample", "save_t2i",
-           "write_t2i_artifact"]
+__all__ = ["FORMAT", "CaptionEncoder", "T2IConfig", "T2IModel", "TokenCaptions", "caption_encoder", "load_t2i",
+           "load_tokens", "sample", "save_t2i", "write_t2i_artifact"]
 
 FORMAT = "leanfm-t2i/1"
 INFO_FILE = "t2i.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' own file name
+TOKENS_FILE = "tokens.safetensors"
 
 
 @dataclass
@@ -132,6 +144,62 @@ def caption_encoder(name: str = "minilm-l6", max_tokens: int = 24) -> CaptionEnc
     return CaptionEncoder(name, max_tokens)
 
 
+class TokenCaptions:
+    """Caption states where learned concept tokens (``<c1>``, ...) stand for new input embeddings (module docstring).
+
+    ``tokens``: token string -> vector ``[d]`` (the caption encoder's width). Calling it like a
+    :class:`CaptionEncoder` (what :func:`sample` does) gives ``(states [N, L, d], mask [N, L])`` with every known
+    token injected, cached per caption; a caption without tokens is the plain encoder's. :meth:`states` is the
+    differentiable path a trainer uses, with the vectors it is learning.
+    """
+
+    def __init__(self, encoder: CaptionEncoder, tokens: dict[str, torch.Tensor] | None = None) -> None:
+        self.encoder = encoder
+        self.tokens = {k: v.detach().float().cpu() for k, v in (tokens or {}).items()}
+        self.max_tokens, self.dim = encoder.max_tokens, encoder.dim
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _split(self, caption: str, known: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
+        """The caption with each known token word replaced by ``[MASK]``, and those tokens in order."""
+        mask_word = self.encoder.tokenizer.mask_token
+        words = caption.split(" ")
+        used = [w for w in words if w in known]
+        if any(w == mask_word for w in words):
+            raise LeanfmError(f"caption '{caption}' holds {mask_word}; accepted: captions without it")
+        return " ".join(mask_word if w in known else w for w in words), used
+
+    def states(self, caption: str, vectors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states [1, L, d], mask [1, L])`` of one caption whose tokens are ``vectors`` (token -> ``[d]``);
+        gradients flow to the vectors through the frozen BERT."""
+        text, used = self._split(caption, vectors)
+        ids = self.encoder.tokenize([text])
+        slots = (ids["input_ids"][0] == self.encoder.tokenizer.mask_token_id).nonzero().flatten()
+        if len(slots) != len(used):  # cut off at max_tokens
+            raise LeanfmError(f"caption '{caption}' is longer than {self.max_tokens} tokens; accepted: a shorter one")
+        bert = self.encoder.bert
+        device = next(bert.parameters()).device
+        embeds = bert.get_input_embeddings()(ids["input_ids"].to(device))  # [1, L, d]
+        if used:
+            embeds = embeds.clone()
+            embeds[0, slots.to(device)] = torch.stack([vectors[w].to(device, embeds.dtype) for w in used])  # [k, d]
+        out = bert(inputs_embeds=embeds, attention_mask=ids["attention_mask"].to(device),
+                   token_type_ids=ids["token_type_ids"].to(device)).last_hidden_state.float()
+        return out, ids["attention_mask"].to(device).bool()
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        plain = [c for c in captions if not any(w in self.tokens for w in c.split(" "))]
+        base = dict(zip(plain, zip(*self.encoder(plain), strict=True), strict=True)) if plain else {}
+        for caption in captions:
+            if caption not in base and caption not in self.cache:
+                states, mask = self.states(caption, self.tokens)
+                self.cache[caption] = (states[0].cpu(), mask[0].cpu())
+        if not captions:
+            return self.encoder([])
+        rows = [base[c] if c in base else self.cache[c] for c in captions]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
 class T2IModel(nn.Module):
     """The U-Net (``unet``, the only weights) with its DDPM schedule (``noise_scheduler``) and ``config``.
 
@@ -182,7 +250,7 @@ def _guided(model: T2IModel, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch
 
 @torch.no_grad()
 def sample(model: T2IModel, captions: list[str], steps: int = 50, guidance: float = 3.0, seed: int = 0,
-           encoder: CaptionEncoder | None = None, batch_size: int = 64) -> torch.Tensor:
+           encoder: CaptionEncoder | TokenCaptions | None = None, batch_size: int = 64) -> torch.Tensor:
     """Images ``[len(captions), 3, S, S]`` in [0, 1], one per caption (repeat a caption for several).
 
     Deterministic: the initial noise of image ``i`` is row ``i`` of one seeded draw (independent of
@@ -212,9 +280,11 @@ def sample(model: T2IModel, captions: list[str], steps: int = 50, guidance: floa
 
 
 def save_t2i(model: T2IModel, folder: str | Path, extra: dict[str, Any] | None = None,
-             dtype: torch.dtype = torch.float32, files: dict[str, Any] | None = None) -> Path:
-    """Write the model folder atomically: ``t2i.json`` (with ``extra``), ``unet/``, ``scheduler/``, and ``files``
-    (file name -> JSON-ready object, e.g. a training history) beside them."""
+             dtype: torch.dtype = torch.float32, files: dict[str, Any] | None = None,
+             tokens: dict[str, torch.Tensor] | None = None, blobs: dict[str, bytes] | None = None) -> Path:
+    """Write the model folder atomically: ``t2i.json`` (with ``extra``), ``unet/``, ``scheduler/``, ``files``
+    (file name -> JSON-ready object, e.g. a training history), learned concept ``tokens`` (token -> ``[d]``, in
+    ``tokens.safetensors``) and ``blobs`` (file name -> bytes, e.g. a PNG) beside them."""
     target = Path(folder)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.unet.state_dict().items()}
     with atomic_directory(target) as tmp:
@@ -225,6 +295,11 @@ def save_t2i(model: T2IModel, folder: str | Path, extra: dict[str, Any] | None =
                                             "dtype": str(dtype).removeprefix("torch.")})
         for name, data in (files or {}).items():
             atomic_write_json(tmp / name, data)
+        if tokens:
+            atomic_write_bytes(tmp / TOKENS_FILE, save({k: v.detach().float().cpu().contiguous()
+                                                        for k, v in tokens.items()}))
+        for name, blob in (blobs or {}).items():
+            atomic_write_bytes(tmp / name, blob)
     return target
 
 
@@ -255,6 +330,17 @@ def load_t2i(folder: str | Path) -> tuple[T2IModel, dict[str, Any]]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LeanfmError(f"t2i weights '{weights}' cannot be loaded ({first})") from None
     return model.eval(), info
+
+
+def load_tokens(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The learned concept tokens of a customised model folder (token -> ``[d]``); ``{}`` when it has none."""
+    path = Path(folder) / TOKENS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise LeanfmError(f"concept tokens '{path}' cannot be loaded ({type(err).__name__})") from None
 
 
 def write_t2i_artifact(model: T2IModel, folder: str | Path, manifest: dict[str, Any],
