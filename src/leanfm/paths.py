@@ -102,3 +102,23 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_description(folder: str | Path, name: str, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
+    """The JSON object ``folder/name`` whose ``format`` is ``fmt`` (a saved run's or model's description).
+
+    Why one reader: five loaders repeated "missing / not JSON / wrong format" with drifting messages. Each case
+    is a one-line :class:`LeanfmError` naming the path, saying the folder is not ``what`` (``"a t2i model"``)
+    and ending with ``hint`` (how to create one), so a user pointing a command at the wrong folder knows which.
+    """
+    path = Path(folder) / name
+    tail = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise LeanfmError(f"'{folder}' is not {what} ({name} missing){tail}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LeanfmError(f"'{path}' is not valid JSON ({err}){tail}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise LeanfmError(f"'{folder}' is not {what} of format {fmt}{tail}")
+    return meta

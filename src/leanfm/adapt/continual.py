@@ -52,7 +52,7 @@ from leanfm.errors import LeanfmError
 from leanfm.eval.continual import average_accuracy, forgetting
 from leanfm.models.encoders import BERT_ENCODERS, bert_encoder
 from leanfm.models.lora import AdapterSettings, ContinualAdapter, replay, settings_from, split_history, target_layers
-from leanfm.paths import atomic_directory, atomic_write_bytes
+from leanfm.paths import atomic_directory, atomic_write_bytes, read_description
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.checkpoint import load_checkpoint, save_checkpoint
 from leanfm.training.options import DEVICE_HELP, check_device_name
@@ -408,17 +408,8 @@ def save_run(out: Path, model: TextClassifier, layers: Sequence[str], adapter: C
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    meta_file = Path(folder) / "continual.json"
-    if not meta_file.is_file():
-        raise LeanfmError(f"'{folder}' is not a continual run (continual.json missing); "
-                          "create one with 'leanfm continual train'")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LeanfmError(f"'{meta_file}' is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LeanfmError(f"'{meta_file}' is not a {FORMAT} run description")
-    return meta
+    return read_description(folder, "continual.json", FORMAT, "a continual run",
+                            "create one with 'leanfm continual train'")
 
 
 def load_run(folder: str | Path, *, from_history: bool = False) -> tuple[TextClassifier, Any, dict[str, Any]]:

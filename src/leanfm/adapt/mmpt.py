@@ -44,7 +44,7 @@ from leanfm.data.czsl import CZSLData, load_images, read_czsl
 from leanfm.errors import LeanfmError
 from leanfm.eval.czsl import choose_threshold, evaluate_czsl, feasibility_scores, feasible_mask
 from leanfm.models.dual_encoder import DualEncoder, load_base
-from leanfm.paths import atomic_directory, atomic_write_bytes
+from leanfm.paths import atomic_directory, atomic_write_bytes, read_description
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.options import DEVICE_HELP, check_device_name
 
@@ -344,15 +344,7 @@ def save_run(out: Path, prompts: Prompts, config: CZSLConfig, data: CZSLData, su
 def load_run(folder: str | Path, base: str | Path | None = None) -> tuple[DualEncoder, Prompts, dict[str, Any]]:
     """(frozen base, prompts in eval mode, metadata) of a run saved by :func:`train_czsl`."""
     folder = Path(folder)
-    meta_file = folder / "czsl.json"
-    if not meta_file.is_file():
-        raise LeanfmError(f"'{folder}' is not a CZSL run (czsl.json missing); create one with 'leanfm czsl train'")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LeanfmError(f"'{meta_file}' is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LeanfmError(f"'{meta_file}' is not a {FORMAT} run description")
+    meta = read_description(folder, "czsl.json", FORMAT, "a CZSL run", "create one with 'leanfm czsl train'")
     config = CZSLConfig.from_dict(meta["config"])
     encoder = load_base(base or meta["base"])
     prompts = Prompts(encoder, meta["attrs"], meta["objs"], config.method, config.context, config.vision_depth)

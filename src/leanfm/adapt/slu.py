@@ -56,7 +56,7 @@ from leanfm.data.slu import SluData, Utterance, load, resolve
 from leanfm.errors import LeanfmError
 from leanfm.eval.slot_metrics import slot_metrics
 from leanfm.models.encoders import BERT_ENCODERS, bert_encoder, minilm_tokenizer
-from leanfm.paths import atomic_directory, atomic_write_bytes
+from leanfm.paths import atomic_directory, atomic_write_bytes, read_description
 from leanfm.training import DistributedContext, Runtime, Task, fit, init_distributed, prepare_run, warmup_cosine_lr
 from leanfm.training.options import DEVICE_HELP, check_device_name
 
@@ -421,15 +421,7 @@ def save_run(out: Path, model: JointSlu, tokenizer: Any, data: SluData, config: 
 def load_run(folder: str | Path) -> tuple[JointSlu, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, metadata) of a run saved by :func:`train_slu`."""
     folder = Path(folder)
-    meta_file = folder / "slu.json"
-    if not meta_file.is_file():
-        raise LeanfmError(f"'{folder}' is not an SLU run (slu.json missing); create one with 'leanfm slu train'")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LeanfmError(f"'{meta_file}' is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LeanfmError(f"'{meta_file}' is not a {FORMAT} run description")
+    meta = read_description(folder, "slu.json", FORMAT, "an SLU run", "create one with 'leanfm slu train'")
     encoder = BertModel(BertConfig.from_dict(meta["encoder_config"]))
     model = JointSlu(encoder, len(meta["intents"]), len(meta["slots"]), meta["config"]["dropout"],
                      meta["config"].get("crf", False))

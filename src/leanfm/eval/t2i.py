@@ -25,7 +25,6 @@ heuristic has several (some use the median of squared distances, some halve it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 from leanfm.config import MethodConfig, check_at_least, option
 from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
-from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json
+from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json, read_description
 from leanfm.training import Runtime, Task, fit, warmup_cosine_lr
 from leanfm.training.options import DEVICE_HELP, check_device_name
 
@@ -240,15 +239,7 @@ def save_classifier(classifier: ConceptClassifier, folder: str | Path, extra: di
 
 def load_classifier(folder: str | Path) -> tuple[ConceptClassifier, dict[str, Any]]:
     """(classifier in eval mode, ``classifier.json``) of a folder written by :func:`save_classifier`."""
-    path = Path(folder) / INFO_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LeanfmError(f"'{folder}' is not a t2i concept classifier ({INFO_FILE} missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LeanfmError(f"'{path}' is not valid JSON ({err})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise LeanfmError(f"'{folder}' is not a t2i concept classifier of format {FORMAT}")
+    info = read_description(folder, INFO_FILE, FORMAT, "a t2i concept classifier")
     classifier = ConceptClassifier(info["captions"], int(info["width"]))
     try:
         classifier.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))

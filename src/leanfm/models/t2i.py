@@ -33,7 +33,6 @@ forward/backward of one caption per step, small beside the U-Net's.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from leanfm.config import MethodConfig, check_at_least, option
 from leanfm.errors import LeanfmError
 from leanfm.models.artifacts import MANIFEST, MAX_MB, REQUIRED
 from leanfm.models.encoders import BERT_ENCODERS, bert_encoder
-from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json
+from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json, read_description
 from leanfm.version import __version__
 
 __all__ = ["FORMAT", "CaptionEncoder", "T2IConfig", "T2IModel", "TokenCaptions", "caption_encoder", "load_t2i",
@@ -305,17 +304,7 @@ def save_t2i(model: T2IModel, folder: str | Path, extra: dict[str, Any] | None =
 
 def read_info(folder: str | Path) -> dict[str, Any]:
     """``t2i.json`` of a model folder; a folder that is not a t2i model is a one-line error."""
-    path = Path(folder) / INFO_FILE
-    hint = "create one with 'leanfm t2i pretrain --out DIR'"
-    if not path.is_file():
-        raise LeanfmError(f"'{folder}' is not a t2i model ({INFO_FILE} missing); {hint}")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LeanfmError(f"'{path}' is not valid JSON ({err}); {hint}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise LeanfmError(f"'{folder}' is not a t2i model of format {FORMAT}; {hint}")
-    return info
+    return read_description(folder, INFO_FILE, FORMAT, "a t2i model", "create one with 'leanfm t2i pretrain --out DIR'")
 
 
 def load_t2i(folder: str | Path) -> tuple[T2IModel, dict[str, Any]]:
