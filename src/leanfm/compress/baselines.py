@@ -175,6 +175,8 @@ def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig,
 
 
 register_method("wanda-sp", "compress", WandaSpConfig, compress_wanda_sp,
-                description="ablation: Wanda scores on single q/k head dims and channels, no reconstruction", streams=True)
+                description="ablation: Wanda scores on single q/k head dims and channels, no reconstruction",
+                streams=True)
 register_method("svd-llm", "compress", SvdLlmConfig, compress_svd_llm,
-                description="baseline: activation-whitened truncated SVD of every Linear (SVD-LLM)", streams=True)
+                description="baseline: activation-whitened truncated SVD of every Linear (SVD-LLM)",
+                streams=True)

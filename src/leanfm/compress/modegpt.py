@@ -190,4 +190,5 @@ def compress_modegpt(model: nn.Module, tokenizer: Any, config: ModegptConfig,
 
 
 register_method("modegpt", "compress", ModegptConfig, compress_modegpt,
-                description="MoDeGPT: modular decomposition (Nyström, CR, SVD) with global sparsity allocation", streams=True)
+                description="MoDeGPT: modular decomposition (Nyström, CR, SVD) with global sparsity allocation",
+                streams=True)

@@ -182,4 +182,5 @@ def compress_modegpt_heads(model: nn.Module, tokenizer: Any, config: ModegptHead
 
 register_method("modegpt-heads", "compress", ModegptHeadsConfig, compress_modegpt_heads,
                 description="ours: MoDeGPT type I on the MLP + whole-head selection (Nyström on o_proj), "
-                            "exportable to llama.cpp GGUF", streams=True)
+                            "exportable to llama.cpp GGUF",
+                streams=True)
