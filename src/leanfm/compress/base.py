@@ -24,6 +24,18 @@ and 64 do (multiples of 8 and 16 still had widths 1.3-3x slower); 32 costs half 
 ``device``: the calibration statistics and the rebuilt blocks live there (``auto``: CUDA when available); the
 model comes back on the device it came from. On the CPU the weights are first copied out of the safetensors
 mapping (:func:`leanfm.compress.engine.copy_out_of_mapping`) so that replaced blocks are freed.
+
+Streaming (issue 14: peak memory <= 2x the float32 model): given a ``stream``
+(:class:`leanfm.models.streaming.BlockStream`), the driver asks it for block ``i`` just before it needs it —
+the importance pass reads and releases every block in turn, the compression pass reads it again and keeps only
+the rewritten block — so the process holds the embedding, the compressed blocks so far and one dense block.
+The calibration states are advanced batch by batch in place and the Grams summed in place; freed memory goes
+back to the system after each block. The arithmetic is the same as for a loaded model, so the checkpoint is
+bit-identical (``tests/test_streaming.py``). Which methods stream: those on this driver (MoDeGPT,
+``modegpt-heads``, wanda-sp, svd-llm; ``register_method(..., streams=True)``). FLAP, SliceGPT and DISP load the
+whole model: FLAP ranks the channels of all blocks together on the dense activations before pruning any (it
+could stream with two reads per block, as the importance pass does; not done), SliceGPT rotates the embedding
+and every block, DISP trains masks through the whole model.
 """
 
 from __future__ import annotations
@@ -218,12 +230,13 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
 
     Runs on ``config.device`` and returns the model to the device it came from. Block ``i`` is asked for its
     share ``(1 - φ_i) P_i`` plus the carried rounding error of the blocks before it (module docstring).
-    ``stream`` (a :class:`leanfm.models.streaming.BlockStream` of ``model``, already on its device): the blocks
-    are read from the checkpoint one at a time, once for the importance pass and once to be compressed, so only
-    one dense block is ever resident; the result is bit-identical to compressing the loaded model.
+    ``stream`` (a :class:`leanfm.models.streaming.BlockStream` of ``model``, opened on ``config.device``): the
+    blocks are read from the checkpoint one at a time, once for the importance pass and once to be compressed,
+    so only one dense block is ever resident; the result is bit-identical to compressing the loaded model and
+    comes back on the CPU, as a loaded model would.
     """
     start = time.perf_counter()
-    origin = next(model.parameters()).device
+    origin = torch.device("cpu") if stream is not None else next(model.parameters()).device  # as loaded
     device = resolve_device(config.device)
     if stream is None:
         if device.type == "cpu":
