@@ -170,14 +170,10 @@ def model_folder(name: str) -> Path | None:
     use) or a local folder given by path (checked as :func:`load_model` checks it); ``None`` for the models
     built in memory (the tiny ones) and hub ids. What :func:`open_model_stream` streams from."""
     if name in _REGISTRY:
-        folder = _REGISTRY[name].folder
-        return folder() if folder is not None and _REGISTRY[name].kind == "causal-lm" else None
-    if not _looks_like_path(name):
-        _load_pretrained_checks(name)  # the one-line error for an unknown name
-        return None
-    folder = Path(name).expanduser()
-    _load_pretrained_checks(name)
-    return folder
+        spec = _REGISTRY[name]
+        return spec.folder() if spec.folder is not None and spec.kind == "causal-lm" else None
+    _load_pretrained_checks(name)  # one-line errors: an unknown name, a path that is no checkpoint folder
+    return Path(name).expanduser() if _looks_like_path(name) else None
 
 
 def open_model_stream(name: str, device: torch.device | str = "cpu") -> tuple[BlockStream, Any] | str:
