@@ -254,6 +254,7 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
         size = sum(p.numel() for p in block.parameters())
         target = (1.0 - float(sparsity[index])) * size
         stats, _ = collect_stats(adapter, block, inputs, kwargs, keep_outputs=False)
+        return_freed_memory()  # the forward's activations
         with on_device(device):
             specs.append(block_fn(model, index, stats, carried_keep(target, carry, size)))
         del stats, block
@@ -261,6 +262,7 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
         carry += target - sum(p.numel() for p in adapter.blocks(model)[index].parameters())
         # the compressed outputs feed the next block, advanced batch by batch
         run_block(adapter.blocks(model)[index], inputs, kwargs, in_place=True)
+        return_freed_memory()
     finalize(model, specs, {"method": method, **config.to_dict()})
     model.to(origin)
     block_after = block_parameter_count(model)
