@@ -141,17 +141,19 @@ class MethodSpec:
     entry: Callable[..., Any]
     undo: Callable[..., Any] | None = None
     description: str = ""
+    # the entry also accepts ``stream=`` (a model read block by block from its checkpoint, leanfm.models.streaming)
+    streams: bool = False
 
 
 _METHODS: dict[tuple[str, str], MethodSpec] = {}  # (name, family): a method may have a trainer and a decoder
 
 
 def register_method(name: str, family: str, config: type[MethodConfig] | None, entry: Callable[..., Any],
-                    undo: Callable[..., Any] | None = None, description: str = "") -> MethodSpec:
+                    undo: Callable[..., Any] | None = None, description: str = "", streams: bool = False) -> MethodSpec:
     """Register a method (one line per method, at the end of its module). Re-registering the same entry is a no-op."""
     if family not in FAMILIES:
         raise ValueError(f"unknown method family '{family}'; accepted: {', '.join(FAMILIES)}")
-    spec = MethodSpec(name, family, config, entry, undo, description)
+    spec = MethodSpec(name, family, config, entry, undo, description, streams)
     existing = _METHODS.get((name, family))
     if existing is not None and existing.entry is not entry:
         raise ValueError(f"method '{name}' ({family}) is already registered by {existing.entry.__module__}")

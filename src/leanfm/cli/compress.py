@@ -20,7 +20,8 @@ from leanfm.cli.common import (
     out_path,
     refuse_foreign_flags,
 )
-from leanfm.compress.api import save_compressed
+from leanfm.compress.api import compress_checkpoint, save_compressed
+from leanfm.compress.engine import release_memory_eagerly
 from leanfm.config import MethodSpec, get_method, list_methods
 from leanfm.errors import LeanfmError
 from leanfm.models import load_model, resolve_dtype
@@ -73,9 +74,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             _save(args, model.to(dtype), tokenizer, report)
         context.barrier()
         return 0
-    model, tokenizer = load_model(args.model)
-    report = spec.entry(model, tokenizer, config)
-    report.settings = config.to_dict()
+    release_memory_eagerly()  # this process's peak memory is a goal (issue 14); see there
+    model, tokenizer, report = compress_checkpoint(args.model, args.method, **config.to_dict())  # streams if it can
     _save(args, model.to(dtype), tokenizer, report)
     return 0
 

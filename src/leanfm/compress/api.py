@@ -2,12 +2,15 @@
 
 The methods themselves are found in the method registry (:mod:`leanfm.config`): each compressor module
 registers ``name -> (config class, entry)`` in one line, and ``import leanfm.compress`` imports them all, so
-this module never names a method.
+this module never names a method. :func:`compress_checkpoint` is the entry for a model given by name or
+folder: it streams the checkpoint block by block where the method allows (peak memory ~ the compressed model, not
+the dense one beside it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,9 +19,13 @@ from transformers import PreTrainedModel
 
 from leanfm.compress.base import CompressionReport, check_architecture
 from leanfm.config import get_method
+from leanfm.device import resolve_device
 from leanfm.errors import LeanfmError
 from leanfm.models.compressed import auto_map, standalone_file
+from leanfm.models.registry import load_model, open_model_stream
 from leanfm.paths import atomic_directory, atomic_write_bytes, atomic_write_json, check_output_dir
+
+log = logging.getLogger(__name__)
 
 
 def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **settings: Any) -> CompressionReport:
@@ -34,6 +41,36 @@ def compress_model(model: nn.Module, tokenizer: Any, method: str = "modegpt", **
     report: CompressionReport = spec.entry(model, tokenizer, config)
     report.settings = config.to_dict()
     return report
+
+
+def compress_checkpoint(name: str, method: str = "modegpt", **settings: Any) -> tuple[nn.Module, Any,
+                                                                                     CompressionReport]:
+    """Load the model ``name`` (registered name or checkpoint folder) and compress it with ``method``; returns
+    ``(model, tokenizer, report)``. What ``leanfm compress`` runs.
+
+    A method registered with ``streams=True`` (the layer-wise ones) reads a plain safetensors checkpoint one
+    block at a time (:mod:`leanfm.models.streaming`), so the process never holds the dense model beside the
+    compressed one; the result is bit-identical to :func:`compress_model` on the loaded model, which is what
+    runs otherwise (a log line says why: a method that needs the whole model, a model built in memory, a
+    checkpoint that is not plain safetensors).
+    """
+    spec = get_method(method, "compress")
+    assert spec.config is not None  # every compressor has a config class
+    config = spec.config.from_dict(settings)
+    device = resolve_device(getattr(config, "device", "cpu"))
+    opened = open_model_stream(name, device) if spec.streams else f"--method {method} needs the whole model"
+    if isinstance(opened, str):
+        log.info("loading %s whole: %s", name, opened)
+        model, tokenizer = load_model(name)
+        check_architecture(model)
+        report: CompressionReport = spec.entry(model, tokenizer, config)
+    else:
+        stream, tokenizer = opened
+        log.info("streaming %s block by block from %s", name, stream.files[next(iter(stream.files))].parent)
+        model = stream.model
+        report = spec.entry(model, tokenizer, config, stream=stream)
+    report.settings = config.to_dict()
+    return model, tokenizer, report
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: Path, report: CompressionReport,

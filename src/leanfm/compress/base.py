@@ -24,6 +24,18 @@ and 64 do (multiples of 8 and 16 still had widths 1.3-3x slower); 32 costs half 
 ``device``: the calibration statistics and the rebuilt blocks live there (``auto``: CUDA when available); the
 model comes back on the device it came from. On the CPU the weights are first copied out of the safetensors
 mapping (:func:`leanfm.compress.engine.copy_out_of_mapping`) so that replaced blocks are freed.
+
+Streaming (issue 14: peak memory <= 2x the float32 model): given a ``stream``
+(:class:`leanfm.models.streaming.BlockStream`), the driver asks it for block ``i`` just before it needs it —
+the importance pass reads and releases every block in turn, the compression pass reads it again and keeps only
+the rewritten block — so the process holds the embedding, the compressed blocks so far and one dense block.
+The calibration states are advanced batch by batch in place and the Grams summed in place; freed memory goes
+back to the system after each block. The arithmetic is the same as for a loaded model, so the checkpoint is
+bit-identical (``tests/test_streaming.py``). Which methods stream: those on this driver (MoDeGPT,
+``modegpt-heads``, wanda-sp, svd-llm; ``register_method(..., streams=True)``). FLAP, SliceGPT and DISP load the
+whole model: FLAP ranks the channels of all blocks together on the dense activations before pruning any (it
+could stream with two reads per block, as the importance pass does; not done), SliceGPT rotates the embedding
+and every block, DISP trains masks through the whole model.
 """
 
 from __future__ import annotations
@@ -38,12 +50,14 @@ import torch
 from torch import nn
 
 from leanfm.compress.engine import (
+    BlockLoader,
     BlockStats,
     block_parameter_count,
     capture_block_inputs,
     collect_stats,
     copy_out_of_mapping,
     layer_importance,
+    load_block,
     return_freed_memory,
     run_block,
 )
@@ -171,10 +185,11 @@ def allocate_sparsity(importance: torch.Tensor, ratio: float, epsilon: float, ca
     return phi.float()
 
 
-def layer_sparsity(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig) -> torch.Tensor:
-    """φ_i for every block under ``config.allocation`` (see the module docstring)."""
+def layer_sparsity(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig,
+                   loader: BlockLoader | None = None) -> torch.Tensor:
+    """φ_i for every block under ``config.allocation`` (see the module docstring); ``loader`` streams the blocks."""
     if config.allocation == "global":
-        importance = layer_importance(model, calib, config.batch_size)
+        importance = layer_importance(model, calib, config.batch_size, loader)
         return allocate_sparsity(importance, config.ratio, config.epsilon, config.max_sparsity)
     return torch.full((len(get_adapter(model).blocks(model)),), config.ratio)
 
@@ -210,35 +225,44 @@ def on_device(device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, method: str,
-             block_fn: BlockFn) -> CompressionReport:
+             block_fn: BlockFn, stream: BlockLoader | None = None) -> CompressionReport:
     """Compress ``model`` in place, layer by layer, on calibration ids ``calib`` ``[N, T]`` with ``block_fn``.
 
     Runs on ``config.device`` and returns the model to the device it came from. Block ``i`` is asked for its
     share ``(1 - φ_i) P_i`` plus the carried rounding error of the blocks before it (module docstring).
+    ``stream`` (a :class:`leanfm.models.streaming.BlockStream` of ``model``, opened on ``config.device``): the
+    blocks are read from the checkpoint one at a time, once for the importance pass and once to be compressed,
+    so only one dense block is ever resident; the result is bit-identical to compressing the loaded model and
+    comes back on the CPU, as a loaded model would.
     """
     start = time.perf_counter()
-    origin = next(model.parameters()).device
+    origin = torch.device("cpu") if stream is not None else next(model.parameters()).device  # as loaded
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        copy_out_of_mapping(model)  # else the dense blocks stay resident beside the compressed ones
-    model.to(device)
+    if stream is None:
+        if device.type == "cpu":
+            copy_out_of_mapping(model)  # else the dense blocks stay resident beside the compressed ones
+        model.to(device)
     calib = calib.to(device)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     params_before, block_before = count_parameters(model), block_parameter_count(model)
-    sparsity = layer_sparsity(model, calib, config)
+    sparsity = layer_sparsity(model, calib, config, stream)
     inputs, kwargs = capture_block_inputs(model, calib, config.batch_size)
     specs, carry = [], 0.0
     for index in progress(range(len(blocks)), desc=method, total=len(blocks)):
-        size = sum(p.numel() for p in blocks[index].parameters())
+        block = load_block(model, index, stream)
+        size = sum(p.numel() for p in block.parameters())
         target = (1.0 - float(sparsity[index])) * size
-        stats, _ = collect_stats(adapter, blocks[index], inputs, kwargs)
+        stats, _ = collect_stats(adapter, block, inputs, kwargs, keep_outputs=False)
+        return_freed_memory()  # the forward's activations
         with on_device(device):
             specs.append(block_fn(model, index, stats, carried_keep(target, carry, size)))
+        del stats, block
+        return_freed_memory()  # the replaced dense block's weights, the Grams
         carry += target - sum(p.numel() for p in adapter.blocks(model)[index].parameters())
-        inputs = run_block(adapter.blocks(model)[index], inputs, kwargs)  # compressed outputs feed the next block
-        del stats
-        return_freed_memory()  # the replaced dense block's weights
+        # the compressed outputs feed the next block, advanced batch by batch
+        run_block(adapter.blocks(model)[index], inputs, kwargs, in_place=True)
+        return_freed_memory()
     finalize(model, specs, {"method": method, **config.to_dict()})
     model.to(origin)
     block_after = block_parameter_count(model)
@@ -252,10 +276,12 @@ def compress(model: nn.Module, calib: torch.Tensor, config: LayerwiseConfig, met
 
 
 def compress_layerwise(model: nn.Module, tokenizer: Any, config: LayerwiseConfig, method: str,
-                       block_fn: BlockFn) -> CompressionReport:
-    """Check the architecture, draw the calibration windows and run :func:`compress`."""
+                       block_fn: BlockFn, stream: BlockLoader | None = None) -> CompressionReport:
+    """Check the architecture, draw the calibration windows and run :func:`compress` (``stream``: see there)."""
     check_architecture(model)
-    return compress(model, calibration_for(tokenizer, config), config, method, block_fn)
+    calib = calibration_for(tokenizer, config)
+    return_freed_memory()  # what tokenising the calibration text left behind
+    return compress(model, calib, config, method, block_fn, stream)
 
 
 def calibration_record(config: LayerwiseConfig, calib: torch.Tensor) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from leanfm.compress.base import (
     compress_layerwise,
     round_to_multiple,
 )
-from leanfm.compress.engine import BlockStats
+from leanfm.compress.engine import BlockLoader, BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
     gather_rows,
@@ -158,19 +158,25 @@ def svd_block(model: nn.Module, index: int, stats: BlockStats, keep: float, widt
     return spec
 
 
-def compress_wanda_sp(model: nn.Module, tokenizer: Any, config: WandaSpConfig) -> CompressionReport:
-    """Prune ``model`` in place with wanda-sp (the ``compress`` family's entry point)."""
+def compress_wanda_sp(model: nn.Module, tokenizer: Any, config: WandaSpConfig,
+                      stream: BlockLoader | None = None) -> CompressionReport:
+    """Prune ``model`` in place with wanda-sp (the ``compress`` family's entry point). ``stream``: the
+    model's blocks are read one at a time from its checkpoint (:func:`leanfm.compress.base.compress`)."""
     block_fn = functools.partial(wanda_block, width_multiple=config.width_multiple)
-    return compress_layerwise(model, tokenizer, config, "wanda-sp", block_fn)
+    return compress_layerwise(model, tokenizer, config, "wanda-sp", block_fn, stream)
 
 
-def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig) -> CompressionReport:
-    """Factorise ``model`` in place with svd-llm (the ``compress`` family's entry point)."""
+def compress_svd_llm(model: nn.Module, tokenizer: Any, config: SvdLlmConfig,
+                     stream: BlockLoader | None = None) -> CompressionReport:
+    """Factorise ``model`` in place with svd-llm (the ``compress`` family's entry point). ``stream``: the
+    model's blocks are read one at a time from its checkpoint (:func:`leanfm.compress.base.compress`)."""
     block_fn = functools.partial(svd_block, width_multiple=config.width_multiple)
-    return compress_layerwise(model, tokenizer, config, "svd-llm", block_fn)
+    return compress_layerwise(model, tokenizer, config, "svd-llm", block_fn, stream)
 
 
 register_method("wanda-sp", "compress", WandaSpConfig, compress_wanda_sp,
-                description="ablation: Wanda scores on single q/k head dims and channels, no reconstruction")
+                description="ablation: Wanda scores on single q/k head dims and channels, no reconstruction",
+                streams=True)
 register_method("svd-llm", "compress", SvdLlmConfig, compress_svd_llm,
-                description="baseline: activation-whitened truncated SVD of every Linear (SVD-LLM)")
+                description="baseline: activation-whitened truncated SVD of every Linear (SVD-LLM)",
+                streams=True)

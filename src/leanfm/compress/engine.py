@@ -12,11 +12,10 @@ import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from leanfm.models.adapters import PER_BLOCK, ArchAdapter, block_kwargs, get_adapter, layer_type_kwargs
 from leanfm.progress import progress
@@ -72,25 +71,34 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int)
     return inputs, kwargs
 
 
-def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """Outputs of ``block`` for every input batch."""
-    outputs = []
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, in_place: bool = False) -> list[torch.Tensor]:
+    """Outputs of ``block`` for every input batch; ``in_place`` writes them over ``inputs`` batch by batch (one
+    copy of the calibration states instead of two) and returns that same list."""
+    outputs = inputs if in_place else [torch.empty(0)] * len(inputs)
     with torch.no_grad():
-        for hidden in inputs:
+        for index, hidden in enumerate(inputs):
             out = block(hidden, **block_kwargs(block, kwargs))
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs[index] = out[0] if isinstance(out, tuple) else out
     return outputs
 
 
-def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> tuple:
-    """Run ``block`` on ``inputs`` while accumulating :class:`BlockStats`; returns ``(stats, outputs)``."""
+def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
+                  keep_outputs: bool = True) -> tuple:
+    """Run ``block`` on ``inputs`` while accumulating :class:`BlockStats`; returns ``(stats, outputs)``.
+
+    The Grams are summed in place; ``keep_outputs=False`` drops each batch's output at once (``outputs`` is then
+    None), for callers that rebuild the block and run the new one instead.
+    """
     parts = adapter.parts(block)
     first_proj = parts.q or parts.qkv
     assert first_proj is not None  # a block has q or the fused qkv
     acc: dict[str, torch.Tensor] = {}
 
     def add(name: str, update: torch.Tensor) -> None:
-        acc[name] = acc[name] + update if name in acc else update
+        if name in acc:
+            acc[name] += update  # in place: no second Gram-sized tensor per batch
+        else:
+            acc[name] = update
 
     def gram(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -108,7 +116,12 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
         parts.o.register_forward_pre_hook(gram("o_in")),
     ]
     try:
-        outputs = run_block(block, inputs, kwargs)
+        if keep_outputs:
+            outputs: list[torch.Tensor] | None = run_block(block, inputs, kwargs)
+        else:
+            outputs = None
+            for hidden in inputs:
+                run_block(block, [hidden], kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -118,28 +131,43 @@ def collect_stats(adapter: ArchAdapter, block: nn.Module, inputs: list[torch.Ten
     return stats, outputs
 
 
+class BlockLoader(Protocol):
+    """Where a driver's blocks come from: :class:`leanfm.models.streaming.BlockStream` reads each from the
+    checkpoint when asked and lets it go again; ``None`` in the drivers means every block is resident."""
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int) -> None: ...
+
+
+def load_block(model: nn.Module, index: int, loader: BlockLoader | None) -> nn.Module:
+    """Block ``index`` of ``model``, read by ``loader`` first when the blocks stream."""
+    return loader.load(index) if loader is not None else get_adapter(model).blocks(model)[index]
+
+
 @torch.no_grad()
-def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per-block importance s_i = mean over tokens of 1 - cos(block input, block output) (MoDeGPT sec. 3.4)."""
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    sums = torch.zeros(len(blocks), dtype=torch.float64, device=calib.device)  # summed where the blocks run
-    handles = []
-    for i, block in enumerate(blocks):
-        def hook(_m: nn.Module, args: tuple, kw: dict, out: Any, i: int = i) -> None:
-            x = args[0] if args else kw["hidden_states"]
+def layer_importance(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                     loader: BlockLoader | None = None) -> torch.Tensor:
+    """Per-block importance s_i = mean over tokens of 1 - cos(block input, block output) (MoDeGPT sec. 3.4).
+
+    Block by block on the captured block-0 inputs (the states are advanced in place), so that a streamed model
+    needs one block at a time: ``loader`` reads block ``i`` and releases it once its outputs are computed. The
+    replay gives each block the inputs and keyword arguments the model's own forward would (tested), and the
+    sums run over the same batches in the same order.
+    """
+    inputs, kwargs = capture_block_inputs(model, calib, batch_size)
+    count = len(get_adapter(model).blocks(model))
+    sums = torch.zeros(count, dtype=torch.float64, device=calib.device)  # summed where the blocks run
+    for i in progress(range(count), desc="importance"):
+        block = load_block(model, i, loader)
+        for b, x in enumerate(inputs):
+            out = block(x, **block_kwargs(block, kwargs))
             y = out[0] if isinstance(out, tuple) else out
             sums[i] += (1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum()
-
-        handles.append(block.register_forward_hook(hook, with_kwargs=True))
-    # the decoder stack without the LM head: no [batch, T, vocab] logits to hold
-    body = cast(PreTrainedModel, model).base_model
-    try:
-        for batch in progress(calib.split(batch_size), desc="importance"):
-            body(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+            inputs[b] = y
+        if loader is not None:
+            loader.release(i)
+            return_freed_memory()
     return (sums / calib.numel()).float().cpu()
 
 
@@ -178,6 +206,26 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+EAGER_THRESHOLD = 1 << 20
+
+
+def release_memory_eagerly(threshold: int = EAGER_THRESHOLD) -> bool:
+    """Make glibc give allocations of ``threshold`` bytes or more their own mappings, returned on ``free``.
+
+    Why: glibc's mmap threshold is dynamic — after the first large free it rises to that size (up to 32 MiB), so
+    every later Gram, decomposition workspace and activation below it comes from the heap and stays resident
+    until trimmed; measured on SmolLM2 (issue 14), the transient peak of compressing one block was ~40-50 MB
+    lower with a fixed 1 MiB threshold. Process-wide, so the command that owns the process calls it
+    (``leanfm compress``), not the library. Returns False where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def block_parameter_count(model: nn.Module) -> int:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from leanfm.compress.base import HEAD_MULTIPLE, CompressionReport, LayerwiseConfig, cholesky_solve, compress_layerwise
-from leanfm.compress.engine import BlockStats
+from leanfm.compress.engine import BlockLoader, BlockStats
 from leanfm.compress.surgery import (
     gather_heads,
     gather_rows,
@@ -180,12 +180,15 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     return spec
 
 
-def compress_modegpt(model: nn.Module, tokenizer: Any, config: ModegptConfig) -> CompressionReport:
-    """Compress ``model`` in place with MoDeGPT (the ``compress`` family's entry point)."""
+def compress_modegpt(model: nn.Module, tokenizer: Any, config: ModegptConfig,
+                     stream: BlockLoader | None = None) -> CompressionReport:
+    """Compress ``model`` in place with MoDeGPT (the ``compress`` family's entry point). ``stream``: the
+    model's blocks are read one at a time from its checkpoint (:func:`leanfm.compress.base.compress`)."""
     block_fn = functools.partial(compress_block, ridge=config.ridge, solve_ridge=config.solve_ridge,
                                  reconstruct=config.reconstruct, width_multiple=config.width_multiple)
-    return compress_layerwise(model, tokenizer, config, "modegpt", block_fn)
+    return compress_layerwise(model, tokenizer, config, "modegpt", block_fn, stream)
 
 
 register_method("modegpt", "compress", ModegptConfig, compress_modegpt,
-                description="MoDeGPT: modular decomposition (Nyström, CR, SVD) with global sparsity allocation")
+                description="MoDeGPT: modular decomposition (Nyström, CR, SVD) with global sparsity allocation",
+                streams=True)

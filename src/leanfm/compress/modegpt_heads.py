@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from leanfm.compress.base import CompressionReport, cholesky_solve, compress_layerwise, round_to_multiple
-from leanfm.compress.engine import BlockStats
+from leanfm.compress.engine import BlockLoader, BlockStats
 from leanfm.compress.modegpt import ModegptConfig, mlp_nystrom
 from leanfm.compress.surgery import gather_rows, load_block_weights, qkv_params
 from leanfm.config import option, register_method
@@ -171,13 +171,16 @@ def compress_block(model: nn.Module, index: int, stats: BlockStats, keep: float,
     return spec
 
 
-def compress_modegpt_heads(model: nn.Module, tokenizer: Any, config: ModegptHeadsConfig) -> CompressionReport:
-    """Compress ``model`` in place with ``modegpt-heads`` (the ``compress`` family's entry point)."""
+def compress_modegpt_heads(model: nn.Module, tokenizer: Any, config: ModegptHeadsConfig,
+                           stream: BlockLoader | None = None) -> CompressionReport:
+    """Compress ``model`` in place with ``modegpt-heads`` (the ``compress`` family's entry point). ``stream``: the
+    model's blocks are read one at a time from its checkpoint (:func:`leanfm.compress.base.compress`)."""
     block_fn = functools.partial(compress_block, ridge=config.ridge, solve_ridge=config.solve_ridge,
                                  reconstruct=config.reconstruct, width_multiple=config.width_multiple)
-    return compress_layerwise(model, tokenizer, config, "modegpt-heads", block_fn)
+    return compress_layerwise(model, tokenizer, config, "modegpt-heads", block_fn, stream)
 
 
 register_method("modegpt-heads", "compress", ModegptHeadsConfig, compress_modegpt_heads,
                 description="ours: MoDeGPT type I on the MLP + whole-head selection (Nyström on o_proj), "
-                            "exportable to llama.cpp GGUF")
+                            "exportable to llama.cpp GGUF",
+                streams=True)

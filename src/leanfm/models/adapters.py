@@ -180,6 +180,23 @@ class _CapturedError(Exception):
     pass
 
 
+class _KwargsRecorder(nn.Module):
+    """Stands in for a block while :func:`layer_type_kwargs` runs: records the keyword arguments the block would
+    receive and passes the hidden states on, so no block computes (a streamed model's blocks have no weights)."""
+
+    def __init__(self, kind: str, seen: dict[str, dict[str, Any]], kinds: int) -> None:
+        super().__init__()
+        self.kind, self.seen, self.kinds = kind, seen, kinds
+
+    def forward(self, hidden_states: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if self.kind not in self.seen:
+            self.seen[self.kind] = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}
+            self.seen[self.kind]["use_cache"] = False
+        if len(self.seen) == self.kinds:
+            raise _CapturedError
+        return hidden_states
+
+
 @torch.no_grad()
 def layer_type_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[nn.Module, dict[str, Any]]:
     """Each block's own keyword arguments when blocks of one model receive different ones, else ``{}``.
@@ -187,33 +204,25 @@ def layer_type_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[nn.Module, di
     Why: the layer-wise compressors replay blocks on captured inputs with the keyword arguments block 0 got.
     Gemma-3 gives each layer the mask (sliding window or global) and rotary cos/sin (base 1e4 or 1e6) of its
     ``config.layer_types`` entry, so replaying a global layer with block 0's would be wrong. One row of ``ids``
-    is run until the first block of every layer type has been reached; its mask has batch size 1 and
-    broadcasts over any calibration batch. The cache is dropped and ``use_cache=False`` set, as for block 0.
+    is run with every block replaced by a recorder (the masks and rotary tables are computed before the first
+    block and do not depend on block outputs) until every layer type has been seen; its mask has batch size 1
+    and broadcasts over any calibration batch. The cache is dropped and ``use_cache=False`` set, as for block 0.
     """
     layer_types = list(getattr(getattr(model, "config", None), "layer_types", None) or [])
     blocks = get_adapter(model).blocks(model)
     if len(set(layer_types)) < 2 or len(layer_types) != len(blocks):
         return {}
     seen: dict[str, dict[str, Any]] = {}
-    handles = []
-    for index, block in enumerate(blocks):
-        if layer_types[index] in layer_types[:index]:
-            continue
-
-        def hook(_module: nn.Module, _args: tuple, kw: dict, kind: str = layer_types[index]) -> None:
-            seen[kind] = {k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values")}
-            seen[kind]["use_cache"] = False
-            if len(seen) == len(set(layer_types)):
-                raise _CapturedError
-
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    originals = list(blocks)
+    for index, kind in enumerate(layer_types):
+        blocks[index] = _KwargsRecorder(kind, seen, len(set(layer_types)))
     try:
         model(input_ids=ids[:1], use_cache=False)
     except _CapturedError:
         pass
     finally:
-        for handle in handles:
-            handle.remove()
+        for index, block in enumerate(originals):
+            blocks[index] = block
     return {block: seen[kind] for block, kind in zip(blocks, layer_types, strict=True)}
 
 

