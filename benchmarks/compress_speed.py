@@ -134,6 +134,13 @@ def markdown(result: dict, command: str) -> str:
     lines += ["Compression cost (fresh process): " + ", ".join(
         f"{k} {v['seconds']:.0f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in result["cost"].items())
         + f" (float32 SmolLM2 = {result['model_mb']:.0f} MB).", ""]
+    memory = Path("results/compress_memory.json")  # /usr/bin/time runs of the streaming CLI (see the file)
+    if memory.is_file():
+        record = json.loads(memory.read_text())
+        lines.append(f"Peak memory of `{record['command']}` ({record['cpu']}): " + "; ".join(
+            f"{r['label']} {r['max_rss_mib']:.0f} MiB in {r['wall_s']:.0f} s" for r in record["runs"])
+            + f" (2x the float32 model = {2 * record['float32_model_mib']} MiB; {record['identical_checkpoints']}).")
+        lines.append("")
     for path in sorted(EARLIER.parent.glob(EARLIER.name)):  # the same benchmark run on other machines
         earlier = json.loads(path.read_text())
         lines.append(f"Earlier run on another CPU ({earlier.get('cpu', '?')}; {earlier['threads']} thread(s)), "
