@@ -26,3 +26,10 @@ def smollm2():
     from leanfm import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh $LEANFM_HOME, so caches written by the test (renders, synthesised speech) are its own."""
+    monkeypatch.setenv("LEANFM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

@@ -27,20 +27,7 @@ from leanfm.eval.t2i import (
 )
 from leanfm.models import t2i as model_lib
 from leanfm.training import Runtime, TrainingInterrupted, load_checkpoint
-
-TINY = {"width": 8, "heads": 2, "text_encoder": "tiny-bert", "cross_attention_dim": 32}
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A fresh $LEANFM_HOME, so render caches are this test's own."""
-    monkeypatch.setenv("LEANFM_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-def tiny_model(seed: int = 0) -> model_lib.T2IModel:
-    torch.manual_seed(seed)
-    return model_lib.T2IModel(model_lib.T2IConfig(**TINY))
+from t2i_fixtures import tiny_model
 
 
 def tiny_config(**overrides) -> trainer.T2IPretrainConfig:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanfm.adapt.t2i_continual as seq
+import t2i_fixtures
 from leanfm.cli import main
 from leanfm.data.t2i import held_out_concepts
 from leanfm.errors import LeanfmError
@@ -20,7 +21,6 @@ from leanfm.models import t2i as model_lib
 from leanfm.models.lora import ContinualAdapter, factor
 from leanfm.training import Runtime, TrainingInterrupted, load_checkpoint
 
-TINY = {"width": 8, "heads": 2, "text_encoder": "tiny-bert", "cross_attention_dim": 32}
 TARGETS = ("attn2.to_k", "attn2.to_v")
 
 
@@ -34,15 +34,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEANFM_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def tiny_model(seed: int = 0) -> model_lib.T2IModel:
-    torch.manual_seed(seed)
-    return model_lib.T2IModel(model_lib.T2IConfig(**TINY)).eval()
+    return t2i_fixtures.tiny_model(seed).eval()
 
 
 @pytest.fixture
