@@ -108,3 +108,16 @@ def test_minilm_loads_and_embeds():
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     assert emb.shape == (3, 384)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2  # a real sentence encoder, not random weights
+
+
+def test_folder_without_a_tokenizer(tmp_path):
+    """A tiny SmolLM2-vocabulary checkpoint saved without a tokenizer gets SmolLM2's; a Gemma-vocabulary one is an
+    error that says so (transformers itself would hand back a 5-token tokenizer for a gemma3_text config)."""
+    build_tiny("tiny-llama").save_pretrained(tmp_path / "llama")
+    _, tokenizer = load_model(str(tmp_path / "llama"))
+    assert tokenizer.vocab_size == 49152 and len(tokenizer("Emma Woodhouse, handsome")["input_ids"]) > 3
+    gemma = build_tiny("tiny-gemma3")
+    gemma.config.vocab_size = 262144  # only the config is read before the error
+    gemma.config.save_pretrained(tmp_path / "gemma")
+    with pytest.raises(LeanfmError, match=r"has no tokenizer .* vocabulary \(262144\) is not SmolLM2's"):
+        load_model(str(tmp_path / "gemma"))

@@ -153,12 +153,29 @@ def _from_pretrained(source: str) -> tuple[nn.Module, Any]:
     config = AutoConfig.from_pretrained(source)
     causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
     factory = AutoModelForCausalLM if causal else AutoModel
-    model = factory.from_pretrained(source, dtype=torch.float32)
-    return model, folder_tokenizer(source)
+    tokenizer = folder_tokenizer(source)  # first: a folder without a usable one fails before the weights load
+    return factory.from_pretrained(source, dtype=torch.float32), tokenizer
+
+
+# Files a saved tokenizer leaves in a folder (fast, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def folder_tokenizer(source: str | Path) -> Any:
-    """The tokenizer saved with a checkpoint; SmolLM2's where there is none (leanfm checkpoints of tiny models)."""
+    """The tokenizer saved with a checkpoint; SmolLM2's where a local folder has none and its vocabulary is
+    SmolLM2's (leanfm checkpoints of the tiny models).
+
+    Why the vocabulary check: for a folder without tokenizer files transformers does not always raise — a
+    ``gemma3_text`` config gives a 5-token GemmaTokenizer, which would turn calibration text into one token per
+    window. Any other folder without a tokenizer is an error that says so.
+    """
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        vocab = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
+        if vocab != smollm2_tokenizer().vocab_size:
+            raise LeanfmError(f"checkpoint folder '{source}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}) "
+                              f"and its vocabulary ({vocab}) is not SmolLM2's; save the tokenizer with the model")
+        return smollm2_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
