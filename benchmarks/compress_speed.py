@@ -11,7 +11,9 @@ models in every round in one process: prefill of 1 x 512 tokens computing only t
 (``logits_to_keep=1``, as a serving stack does) and greedy decode of 64 tokens at batch 1 (prefill subtracted);
 medians over rounds, ratios to the dense model of the same round. Cost: ``leanfm compress`` of SmolLM2 at 0.3 in a
 fresh process (wall seconds, peak RSS of the child, compared with the float32 model's size). The load average is
-recorded before and after.
+recorded before and after. ``--memory`` runs only the peak-memory stage: the CLI's streamed compression, the same
+without its fixed mmap threshold, and the model loaded whole, one after the other in child processes, their
+checkpoints compared tensor for tensor (results/compress_memory.json, quoted in the section).
 """
 
 from __future__ import annotations
@@ -56,6 +58,57 @@ def compress(name: str, base: str, method: str, ratio: float, extra: list[str], 
     cost = {"seconds": time.perf_counter() - tick, "peak_rss_mb": usage.ru_maxrss / 1024}
     atomic_write_json(cost_file, cost)
     return out, cost
+
+
+# The three ways of compressing SmolLM2 at 0.3 whose peak memory ``--memory`` compares, each run as a child
+# ``python -c`` so that the child's own peak RSS is what ``os.wait4`` reports. The patches are of module attributes
+# the CLI reads at call time: ``release_memory_eagerly`` (the CLI's fixed 1 MiB mmap threshold) and
+# ``open_model_stream`` (a reason string instead of a stream makes ``compress_checkpoint`` load the model whole).
+MEMORY_VARIANTS = {
+    "streamed": ("streamed, 1 MiB mmap threshold (the CLI's default)", ""),
+    "streamed-dynamic-threshold": ("streamed, glibc's dynamic mmap threshold (release_memory_eagerly disabled)",
+                                   "import leanfm.cli.compress as c; c.release_memory_eagerly = lambda: False; "),
+    "in-memory": ("in memory (the model loaded whole, then compressed; 1 MiB threshold)",
+                  "import leanfm.compress.api as a; "
+                  "a.open_model_stream = lambda name, device: 'benchmark: in-memory variant'; "),
+}
+
+
+def run_child(code: str) -> dict[str, float]:
+    """Run ``python -c code``; its wall, user and system seconds and its own peak RSS (MiB)."""
+    tick = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code])
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark child failed ({os.waitstatus_to_exitcode(status)}): {code}")
+    return {"wall_s": time.perf_counter() - tick, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+            "max_rss_mib": usage.ru_maxrss / 1024}
+
+
+def memory_stage(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS and wall time of the three variants, one after the other; checkpoints compared tensor for tensor."""
+    from safetensors.torch import load_file
+
+    root = leanfm_home() / "bench" / "compress-memory"
+    cli = ["--quiet", "--threads", str(args.threads), "compress", SMOL, "--method", "modegpt", "--ratio", "0.3",
+           "--overwrite", "--out"]
+    runs, tensors = [], {}
+    load_before = os.getloadavg()[0]
+    for name, (label, patch) in MEMORY_VARIANTS.items():
+        out = root / name
+        argv = [*cli, str(out)]
+        measured = run_child(f"import sys; {patch}from leanfm.cli import main; sys.exit(main({argv!r}))")
+        runs.append({"label": label, **measured, "load": os.getloadavg()[0]})
+        print(json.dumps(runs[-1]), flush=True)
+        tensors[name] = load_file(str(out / "model.safetensors"))
+    reference = tensors["in-memory"]
+    same = {name: sorted(t) == sorted(reference) and all(torch.equal(t[k], reference[k]) for k in reference)
+            for name, t in tensors.items() if name != "in-memory"}
+    dense, _ = load_model(SMOL, dtype="float32")
+    return {"command": "leanfm " + " ".join(cli) + " DIR", "cpu": cpu_description(), "threads": args.threads,
+            "load_before": load_before, "runs": runs, "tensors": len(reference),
+            "float32_model_mib": round(sum(p.numel() * 4 for p in dense.parameters()) / 2**20),
+            "identical_checkpoints": same}
 
 
 def cpu_description() -> str:
@@ -134,12 +187,17 @@ def markdown(result: dict, command: str) -> str:
     lines += ["Compression cost (fresh process): " + ", ".join(
         f"{k} {v['seconds']:.0f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in result["cost"].items())
         + f" (float32 SmolLM2 = {result['model_mb']:.0f} MB).", ""]
-    memory = Path("results/compress_memory.json")  # /usr/bin/time runs of the streaming CLI (see the file)
+    memory = Path("results/compress_memory.json")  # written by --memory (see memory_stage)
     if memory.is_file():
         record = json.loads(memory.read_text())
-        lines.append(f"Peak memory of `{record['command']}` ({record['cpu']}): " + "; ".join(
-            f"{r['label']} {r['max_rss_mib']:.0f} MiB in {r['wall_s']:.0f} s" for r in record["runs"])
-            + f" (2x the float32 model = {2 * record['float32_model_mib']} MiB; {record['identical_checkpoints']}).")
+        same = ", ".join(f"{name} {'equal' if equal else 'DIFFERENT'}"
+                         for name, equal in record["identical_checkpoints"].items())
+        lines.append(f"Peak memory of `{record['command']}` ({record['cpu']}, {record['threads']} threads, load "
+                     f"{record['load_before']:.1f} before), one variant after the other: " + "; ".join(
+                         f"{r['label']} {r['max_rss_mib']:.0f} MiB in {r['wall_s']:.0f} s" for r in record["runs"])
+                     + f" (2x the float32 model = {2 * record['float32_model_mib']} MiB). Checkpoints against the "
+                     f"in-memory one, all {record['tensors']} tensors: {same}. Regenerate: "
+                     "`python benchmarks/compress_speed.py --memory`.")
         lines.append("")
     for path in sorted(EARLIER.parent.glob(EARLIER.name)):  # the same benchmark run on other machines
         earlier = json.loads(path.read_text())
@@ -166,9 +224,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/compress_speed"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--memory", action="store_true",
+                        help="only the peak-memory stage: three compressions in child processes "
+                             "-> results/compress_memory.json (~15 min on 2 cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
+    if args.memory:
+        atomic_write_json(Path("results/compress_memory.json"), memory_stage(args))
+        return
     load_before = os.getloadavg()[0]
     found = models(args)
     dtypes = args.dtypes
