@@ -30,7 +30,8 @@ class Judge:
     """The windows every model is scored on (built once per tokenizer), and the scoring."""
 
     def __init__(self, tokenizer: object, args: argparse.Namespace, split: str = "test") -> None:
-        self.suite = domain_windows(tokenizer, args.data, 512, args.windows, split=split)
+        seqlen = getattr(args, "eval_seqlen", 512)  # Gemma-3's 512-token sliding windows need >= 1024 to matter
+        self.suite = domain_windows(tokenizer, args.data, seqlen, args.windows, split=split)
         self.items = cloze_items(corpus("austen", "eval"), count=args.cloze) if split == "test" and args.cloze else []
         self.tokenizer = tokenizer
 

@@ -21,6 +21,7 @@ Parts (``--part``, default all):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -59,7 +60,7 @@ ABLATIONS = ("modegpt-no-recon", "wanda-dims")
 
 def compress_row(label: str, ratio: float, settings: dict, judge: Judge, args: argparse.Namespace) -> dict:
     """Compress a fresh dense model with one variant and score it."""
-    model, tokenizer = load_model(MODEL)
+    model, tokenizer = load_model(args.model)
     dense_params = count_parameters(model)
     row: dict = {"label": label, "ratio": ratio}
     if label != "dense":
@@ -104,7 +105,7 @@ BASELINE_CHOICES: dict[str, list[dict]] = {
 def run_sweep(args: argparse.Namespace) -> dict:
     """Calibration size x solve ridge, then ε, for MoDeGPT at 0.3 on validation text; then each baseline's own
     alternatives (:data:`BASELINE_CHOICES`). Returns every row and the choices."""
-    tokenizer = load_model(MODEL)[1]
+    tokenizer = load_model(args.model)[1]
     judge = Judge(tokenizer, args, split="val")
 
     def row(name: str, label: str, settings: dict) -> dict:
@@ -138,8 +139,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
 
 def measure_speed(args: argparse.Namespace) -> dict:
     """Dense vs MoDeGPT-0.3 prefill (8 x 512) and decode (batch 1) tokens/s, alternating, medians of rounds."""
-    dense, tokenizer = load_model(MODEL)
-    compressed, _ = load_model(MODEL)
+    dense, tokenizer = load_model(args.model)
+    compressed, _ = load_model(args.model)
     compress_model(compressed, tokenizer, ratio=0.3, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
     windows = token_windows(split_token_ids(tokenizer, "austen", "eval"), 512, 8)
     samples: dict[str, list[float]] = {k: [] for k in ("dense_prefill", "mg_prefill", "dense_decode", "mg_decode")}
@@ -159,7 +160,7 @@ def measure_cost(args: argparse.Namespace) -> dict:
     so they must not be read off a process that already evaluated other models)."""
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run(
-            [sys.executable, "-m", "leanfm", "--quiet", "--threads", "2", "compress", MODEL, "--ratio", "0.3",
+            [sys.executable, "-m", "leanfm", "--quiet", "--threads", "2", "compress", args.model, "--ratio", "0.3",
              "--out", f"{tmp}/mg", "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
              "--json", "-"],
             capture_output=True, text=True, check=True,
@@ -171,7 +172,7 @@ def measure_cost(args: argparse.Namespace) -> dict:
             "dense_model_mb": report["params_before"] * 4 / 2**20, "compressed_file_mb": model_bytes / 2**20}
 
 
-def plot(rows: list[dict], dense: dict) -> bytes:
+def plot(rows: list[dict], dense: dict, model: str = MODEL) -> bytes:
     import io
 
     import matplotlib
@@ -192,7 +193,7 @@ def plot(rows: list[dict], dense: dict) -> bytes:
         ax.set(title=title, xlabel="block parameters removed", ylabel="perplexity / dense", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: MoDeGPT vs baselines (same calibration mix, same windows)")
+    fig.suptitle(f"{model}: MoDeGPT vs baselines (same calibration mix, same windows)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -209,14 +210,18 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
              args: argparse.Namespace, command: str) -> str:
     d = dense["perplexity"]
     held = "heldout" in d
+    other = args.model != MODEL  # another LM (Gemma-3-270M): its own section, the SmolLM2 sweep's settings
     lines = [
-        "## MoDeGPT (compress)", "",
+        f"## MoDeGPT on {args.model} (compress)" if other else "## MoDeGPT (compress)", "",
         "Claim (paper): training-free modular decomposition keeps 90-95% of zero-shot accuracy at 25-30% compression, "
         "beats structured-pruning baselines (SliceGPT, FLAP, ...) at every ratio, and the global allocation beats a "
         "uniform one (LLaMA-2 7B, 30%: 7.51 vs 9.06 perplexity); up to 46% more throughput.", "",
-        f"Setting: SmolLM2-135M float32; every method calibrates on the same {args.calib_samples} x "
-        f"{args.calib_seqlen} tokens (the default mix: Austen + Python docs `calib` splits, seed 0). Perplexity over "
-        f"up to {args.windows} x 512-token windows of each text: `austen` (Persuasion, a novel no split calibrates "
+        f"Setting: {'SmolLM2-135M' if not other else args.model} float32; every method calibrates on the same "
+        f"{args.calib_samples} x {args.calib_seqlen} tokens (the default mix: Austen + Python docs `calib` splits, "
+        f"seed 0)" + (f"; each method's settings are those SmolLM2's validation sweep chose (`{args.tuned}`), not "
+                     "re-tuned on this model" if other else "") + ". Perplexity over "
+        f"up to {args.windows} x {args.eval_seqlen}-token windows of each text: `austen` (Persuasion, a novel no "
+        "split calibrates "
         "on), "
         "`pydocs` (its `eval` files) and, in no calibration mix, `held-out` = geometric mean over reviews (SST-2 + CR "
         "test), news (AG News test) and questions (TREC test); cloze = last-word accuracy on "
@@ -268,7 +273,7 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
                   f"medians: prefill (8 x 512) {m['dense_prefill']:.0f} -> {m['mg_prefill']:.0f} tokens/s "
                   f"(**{speed['prefill_speedup']:.2f}x**); greedy decode (batch 1) {m['dense_decode']:.1f} -> "
                   f"{m['mg_decode']:.1f} tokens/s (**{speed['decode_speedup']:.2f}x**)."]
-    lines += ["", "![MoDeGPT vs baselines](results/modegpt.png)", "", f"Regenerate: `{command}`"]
+    lines += ["", f"![MoDeGPT vs baselines]({args.out.with_suffix('.png').as_posix()})", "", f"Regenerate: `{command}`"]
     return "\n".join(lines)
 
 
@@ -304,6 +309,10 @@ def verdict(rows: list[dict], dense: dict) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=default_data(), help="16-shot data folder (held-out text)")
+    parser.add_argument("--model", default=MODEL, help="the dense LM (another one gets its own BENCHMARKS section)")
+    parser.add_argument("--eval-seqlen", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="sweep.json whose baseline settings to use [default OUT/sweep.json]")
     parser.add_argument("--part", choices=("all", "sweep", "rows", "render"), default="all")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -320,7 +329,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (speed is always measured with 2)")
     parser.add_argument("--no-cost", dest="measure_cost", action="store_false", help="skip the fresh-process cost run")
     parser.add_argument("--out", type=Path, default=Path("results/modegpt"))
-    parser.add_argument("--disp-rows", type=Path, default=Path("results/disp/rows"))
+    parser.add_argument("--disp-rows", type=Path, default=None,
+                        help="DISP rows to show beside [default results/disp/rows for SmolLM2, none otherwise]")
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     return parser.parse_args()
 
@@ -337,8 +347,10 @@ def main() -> None:
     if args.part == "sweep":
         return
     if args.part in ("all", "rows"):
-        tuned = json.loads(sweep_path.read_text()).get("baseline_settings", {}) if sweep_path.is_file() else {}
-        tokenizer = load_model(MODEL)[1]
+        tuned_path = args.tuned or sweep_path
+        tuned: dict[str, dict] = (json.loads(tuned_path.read_text()).get("baseline_settings", {})
+                                  if tuned_path.is_file() else {})
+        tokenizer = load_model(args.model)[1]
         judge = Judge(tokenizer, args, split="test")
         cached(args.out / "rows" / "dense.json", lambda: compress_row("dense", 0.0, {}, judge, args))
         for ratio in args.ratios:
@@ -347,10 +359,11 @@ def main() -> None:
                     continue
                 chosen = {k: v for k, v in tuned.get(label, {}).items() if k not in ("calib_samples", "calib_seqlen")}
                 cached(args.out / "rows" / f"{label}-{ratio:.2f}.json",
-                       lambda label=label, ratio=ratio, chosen=chosen: compress_row(label, ratio, chosen, judge, args))
+                       functools.partial(compress_row, label, ratio, chosen, judge, args))
     rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))]
-    if args.disp_rows.is_dir():
-        rows += [json.loads(p.read_text()) for p in sorted(args.disp_rows.glob("*.json"))]
+    disp_rows = args.disp_rows or (Path("results/disp/rows") if args.model == MODEL else None)
+    if disp_rows is not None and disp_rows.is_dir():
+        rows += [json.loads(p.read_text()) for p in sorted(disp_rows.glob("*.json"))]
     dense = next(r for r in rows if r["label"] == "dense")
     rows = [r for r in rows if r["label"] != "dense" and isinstance(r.get("perplexity"), dict)]
     sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
@@ -362,12 +375,14 @@ def main() -> None:
         atomic_write_json(cost_path, measure_cost(args))
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else None
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
-    summary = {"model": MODEL, "dense": dense, "rows": rows, "sweep": sweep, "speed": speed, "cost": cost,
+    summary = {"model": args.model, "dense": dense, "rows": rows, "sweep": sweep, "speed": speed, "cost": cost,
                "settings": {k: str(v) for k, v in vars(args).items()}, "load_average": os.getloadavg()}
     atomic_write_json(args.out.with_suffix(".json"), summary)
-    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, dense))
-    command = "python benchmarks/modegpt.py --data ../shared/data"
-    write_section(args.benchmarks_md, "modegpt", markdown(rows, dense, sweep, speed, cost, args, command))
+    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, dense, args.model))
+    command = "python benchmarks/modegpt.py --data ../shared/data" + ("" if args.model == MODEL else " " + " ".join(
+        sys.argv[1:]).replace(f"--data {args.data} ", ""))
+    section = "modegpt" if args.model == MODEL else f"modegpt-{args.model}"
+    write_section(args.benchmarks_md, section, markdown(rows, dense, sweep, speed, cost, args, command))
 
 
 if __name__ == "__main__":
