@@ -46,8 +46,8 @@ def compress(name: str, base: str, method: str, ratio: float, extra: list[str], 
     """``leanfm compress`` into the cache folder in a fresh process: (folder, wall seconds and child peak RSS)."""
     out = leanfm_home() / "bench" / "compress-speed" / name
     cost_file = out.parent / f"{name}.cost.json"  # not with_suffix: "modegpt-0.3" has a dot
-    if (out / "config.json").is_file() and cost_file.is_file():
-        return out, json.loads(cost_file.read_text())
+    if (out / "config.json").is_file():  # reused; its cost only where one was recorded with it
+        return out, json.loads(cost_file.read_text()) if cost_file.is_file() else {}
     tick = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "leanfm", "--quiet", "--threads", str(threads), "compress", base,
                               "--method", method, "--ratio", str(ratio), "--out", str(out), "--overwrite", *extra])
@@ -55,7 +55,8 @@ def compress(name: str, base: str, method: str, ratio: float, extra: list[str], 
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"leanfm compress {base} --method {method} failed ({child.returncode})")
-    cost = {"seconds": time.perf_counter() - tick, "peak_rss_mb": usage.ru_maxrss / 1024}
+    cost = {"seconds": time.perf_counter() - tick, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "threads": threads, "load": os.getloadavg()[0]}
     atomic_write_json(cost_file, cost)
     return out, cost
 
@@ -166,6 +167,10 @@ def measure(args: argparse.Namespace, found: dict[str, tuple[str, str]], dtype: 
         model = loaded[label][0]
         row["parameters"] = sum(p.numel() for p in model.parameters())
         row["ratios"] = dict(getattr(model.config, "leanfm_compression", {}) or {})
+        report = Path(found[label][0]) / "compression.json"
+        if report.is_file():  # how the folder was made: a trained method's steps say what the row stands for
+            training = json.loads(report.read_text()).get("training") or {}
+            row["training_steps"] = training.get("steps")
         out[label] = row
     return out
 
@@ -181,12 +186,14 @@ def markdown(result: dict, command: str) -> str:
         lines += [f"**{dtype}**", "", "| model | parameters | prefill tok/s | speed-up | decode tok/s | speed-up |",
                   "|---|---|---|---|---|---|"]
         for label, r in rows.items():
-            lines.append(f"| {label} | {r['parameters']:,} | {r['prefill']:.0f} | {r['prefill_speedup']:.2f}x | "
+            made = f" ({r['training_steps']} training steps)" if r.get("training_steps") else ""
+            lines.append(f"| {label}{made} | {r['parameters']:,} | {r['prefill']:.0f} | {r['prefill_speedup']:.2f}x | "
                          f"{r['decode']:.1f} | {r['decode_speedup']:.2f}x |")
         lines.append("")
-    lines += ["Compression cost (fresh process): " + ", ".join(
-        f"{k} {v['seconds']:.0f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in result["cost"].items())
-        + f" (float32 SmolLM2 = {result['model_mb']:.0f} MB).", ""]
+    if result["cost"]:  # SmolLM2's own compression cost is the --memory stage's (below)
+        lines += ["Compression cost (`leanfm compress` in a fresh process): " + ", ".join(
+            f"{k} {v['seconds']:.0f} s at {v.get('threads', '?')} threads (load {v.get('load', float('nan')):.1f}), "
+            f"peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in result["cost"].items()) + ".", ""]
     memory = Path("results/compress_memory.json")  # written by --memory (see memory_stage)
     if memory.is_file():
         record = json.loads(memory.read_text())
