@@ -13,7 +13,6 @@ not) and read back its loss history and trained weights, and in which module the
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import functools
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import leanfm.align.trainer as align_trainer
 import leanfm.compress.disp as disp
 import leanfm.decode.training as dynamo
 import leanfm.vision.train as vit
+from conftest import ctrl_c_fit
 from czsl_fixtures import make_base, make_czsl
 from fewshot_data import make_fewshot
 from leanfm import load_model
@@ -220,18 +220,8 @@ IDS = [c.name for c in CONTRACTS]
 
 def _interrupted(contract: Contract, monkeypatch, folder: Path, at: int = 2, **overrides: Any) -> TrainingInterrupted:
     """Run with Ctrl-C at step ``at`` (inside the step function, as a real Ctrl-C would arrive)."""
-    real_fit = contract.module.fit
-
-    def fit(task, *args, **kwargs):
-        def loss(step, batch):
-            if step == at:
-                raise KeyboardInterrupt
-            return task.loss(step, batch)
-
-        return real_fit(dataclasses.replace(task, loss=loss), *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(contract.module, "fit", fit)
+        patch.setattr(contract.module, "fit", ctrl_c_fit(contract.module.fit, at))
         with pytest.raises(TrainingInterrupted) as caught:
             contract.run(contract.config(**overrides), folder, False)
     return caught.value

@@ -3,7 +3,6 @@ the concept classifier, and one-line errors of ``leanfm t2i``."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanfm.adapt.t2i as trainer
+from conftest import ctrl_c_fit
 from leanfm.cli import main
 from leanfm.data import t2i as data
 from leanfm.errors import LeanfmError
@@ -177,18 +177,8 @@ def _run(config, folder, resume=False):
 def test_pretraining_resumes_exactly_after_ctrl_c(home, tmp_path, monkeypatch):
     history, weights = _run(tiny_config(), tmp_path / "straight")
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    real_fit = trainer.fit
-
-    def fit(task, *args, **kwargs):
-        def loss(step, batch):
-            if step == 2:
-                raise KeyboardInterrupt
-            return task.loss(step, batch)
-
-        return real_fit(dataclasses.replace(task, loss=loss), *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "fit", fit)
+        patch.setattr(trainer, "fit", ctrl_c_fit(trainer.fit, 2))
         with pytest.raises(TrainingInterrupted):
             _run(tiny_config(), tmp_path / "cut")
     assert load_checkpoint(tmp_path / "cut" / "out.training")["step"] == 2

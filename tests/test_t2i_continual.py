@@ -4,7 +4,6 @@ save/load reproducing samples, exact resume of a sequence, fidelity bookkeeping 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 import leanfm.adapt.t2i_continual as seq
 import t2i_fixtures
+from conftest import ctrl_c_fit
 from leanfm.cli import main
 from leanfm.data.t2i import held_out_concepts
 from leanfm.errors import LeanfmError
@@ -221,21 +221,8 @@ def test_resume_of_a_sequence_equals_an_uninterrupted_one(home, base, tmp_path, 
     config = tiny_config(base, method="stamina")
     straight, weights = _run(config, tmp_path / "straight")
     assert [len(h) for h in straight["histories"]] == [4, 4] and "density" in straight["histories"][0][0]
-    real_fit = seq.fit
-    calls = []
-
-    def fit(task, *args, **kwargs):
-        calls.append(task.name)
-
-        def loss(step, batch):
-            if len(calls) == 2 and step == 2:  # Ctrl-C inside the second concept
-                raise KeyboardInterrupt
-            return task.loss(step, batch)
-
-        return real_fit(dataclasses.replace(task, loss=loss), *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(seq, "fit", fit)
+        patch.setattr(seq, "fit", ctrl_c_fit(seq.fit, 2, call=2))  # Ctrl-C inside the second concept
         with pytest.raises(TrainingInterrupted):
             _run(config, tmp_path / "cut")
     training = tmp_path / "cut" / "out.training"
