@@ -257,8 +257,8 @@ def main() -> None:
               "model_mb": sum(p.numel() * 4 for p in dense.parameters()) / 2**20}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)
-    command = "python benchmarks/compress_speed.py" + ("" if args.out == Path("results/compress_speed")
-                                                       else f" --out {args.out}")
+    command = " ".join(["python benchmarks/compress_speed.py", *sys.argv[1:]]).replace(str(leanfm_home()),
+                                                                                    "$LEANFM_HOME")
     write_section(args.benchmarks_md, "compress-speed", markdown(result, command))
 
 
