@@ -379,8 +379,12 @@ def main() -> None:
                "settings": {k: str(v) for k, v in vars(args).items()}, "load_average": os.getloadavg()}
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, dense, args.model))
-    command = "python benchmarks/modegpt.py --data ../shared/data" + ("" if args.model == MODEL else " " + " ".join(
-        sys.argv[1:]).replace(f"--data {args.data} ", ""))
+    command = "python benchmarks/modegpt.py --data ../shared/data"
+    if args.model != MODEL:  # the rows run that fills this section (``--part render`` re-renders it)
+        command += (f" --model {args.model} --part rows --eval-seqlen {args.eval_seqlen} --calib-seqlen "
+                    f"{args.calib_seqlen} --ratios {' '.join(f'{r:g}' for r in args.ratios)} --variants "
+                    f"{' '.join(args.variants)} --windows {args.windows} --cloze {args.cloze} --out {args.out}"
+                    + (f" --tuned {args.tuned}" if args.tuned else "") + f" --threads {args.threads}")
     section = "modegpt" if args.model == MODEL else f"modegpt-{args.model}"
     write_section(args.benchmarks_md, section, markdown(rows, dense, sweep, speed, cost, args, command))
 
