@@ -29,6 +29,7 @@ from leanfm.models.gemma import ensure_checkpoint as gemma_checkpoint
 from leanfm.models.gemma import load_gemma
 from leanfm.models.smollm2 import ensure_checkpoint
 from leanfm.models.streaming import BlockStream, open_stream
+from leanfm.models.tiny import VOCAB as TINY_VOCAB
 from leanfm.models.tiny import build_tiny, tiny_configs
 from leanfm.models.whisper import ensure_checkpoint as whisper_checkpoint
 from leanfm.models.whisper import load_whisper
@@ -172,7 +173,7 @@ def folder_tokenizer(source: str | Path) -> Any:
     folder = Path(source)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         vocab = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
-        if vocab != smollm2_tokenizer().vocab_size:
+        if vocab != TINY_VOCAB:  # the tiny models use SmolLM2's vocabulary (no need to load SmolLM2 to know it)
             raise LeanfmError(f"checkpoint folder '{source}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}) "
                               f"and its vocabulary ({vocab}) is not SmolLM2's; save the tokenizer with the model")
         return smollm2_tokenizer()
