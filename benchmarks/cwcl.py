@@ -60,10 +60,10 @@ def _matches(meta: dict, loss: str, other: str, power: float, seed: int, steps: 
 
 
 def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = None, tau_lr: float = 0.0,
-        validation: float = 0.0) -> dict:
+        validation: float = 0.0, train: bool = True) -> dict | None:
     """One ``leanfm align`` run (reused when a finished one matches); ``tau``: a fixed temperature (None: learned
     from 0.07, the paper's CLIP set-up, at the encoder's rate or ``tau_lr``); ``validation``: image runs only, the
-    fraction of training combinations held out to choose τ on."""
+    fraction of training combinations held out to choose τ on; ``train`` off: None for a run not finished yet."""
     kind, loss, other, power = RUNS[label]
     name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
     suffix = f"-tau{tau:g}" if tau is not None else (f"-taulr{tau_lr:g}" if tau_lr else "")
@@ -71,6 +71,8 @@ def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = Non
     out = args.models / f"{name}-s{seed}{suffix}"
     done = (out / "align.json").is_file() and _matches(json.loads((out / "align.json").read_text()), loss, other,
                                                         power, seed, args.steps, tau, tau_lr, validation)
+    if not done and not train:
+        return None
     if not done:
         cmd = [sys.executable, "-m", "leanfm", "--quiet", "--threads", str(args.threads), "align", kind, "--out",
                str(out), "--loss", loss, "--other", other, "--weight-power", str(power), "--steps", str(args.steps),
@@ -113,19 +115,38 @@ HELD_OUT = {"speech": 0.0, "image": 0.1}
 def tau_sweep(args: argparse.Namespace) -> dict:
     """Each loss at each temperature, seed ``args.seeds[0]``; the best per (kind, loss) by the validation metric
     (held-out spoken spans in validation voices, :func:`leanfm.align.pipeline.validate_speech`), never a test."""
-    rows = []
+    rows, missing = [], []
     for kind in args.sweep_kinds:
         for label in (f"{kind} clip", f"{kind} cwcl"):
             for tau, tau_lr in SWEEP_TAUS:
-                rows.append(run(label, args.seeds[0], args, tau, tau_lr, HELD_OUT[kind]))
-                print(json.dumps({k: rows[-1][k] for k in ("label", "tau_setting", "metrics", "tau")}), flush=True)
+                row = run(label, args.seeds[0], args, tau, tau_lr, HELD_OUT[kind], train=not args.finished_only)
+                if row is None:
+                    missing.append(f"{label} τ " + (f"{tau:g}" if tau is not None else f"learned, lr {tau_lr:g}"
+                                                    if tau_lr else "learned"))
+                    continue
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("label", "tau_setting", "metrics", "tau")}), flush=True)
     chosen = {}
     for kind in args.sweep_kinds:
         for label in (f"{kind} clip", f"{kind} cwcl"):
             group = [r for r in rows if r["label"] == label]
-            best = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])
-            chosen[label] = best["tau_setting"]
-    return {"rows": rows, "chosen": chosen, "validation": VALIDATION, "seed": args.seeds[0], "steps": args.steps}
+            if group:
+                chosen[label] = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])["tau_setting"]
+    return {"rows": rows, "chosen": chosen, "missing": missing, "validation": VALIDATION, "seed": args.seeds[0],
+            "steps": args.steps, "landscape": [row for kind in args.sweep_kinds for row in loss_landscape(kind)]}
+
+
+def chosen_temperature(sweep: dict, label: str) -> tuple[float | None, float]:
+    """``(tau, tau_lr)`` for :func:`run` from the sweep's choice for ``label``'s loss (a variant takes its base
+    loss's choice: ``speech cwcl (power=10)`` runs at ``speech cwcl``'s τ)."""
+    kind, loss = RUNS[label][:2]
+    key = f"{kind} {loss}"
+    if key not in sweep["chosen"]:
+        raise SystemExit(f"cwcl: the sweep chose no temperature for '{key}'; run `--sweep --sweep-kinds {kind}` first")
+    setting = sweep["chosen"][key]
+    if isinstance(setting, (int, float)):
+        return float(setting), 0.0
+    return None, float(setting.split("lr ")[1]) if "lr " in setting else 0.0
 
 
 def sweep_markdown(sweep: dict) -> str:
@@ -133,6 +154,9 @@ def sweep_markdown(sweep: dict) -> str:
              "Each loss with a fixed τ (and learned from 0.07, logit scale without weight decay), seed "
              f"{sweep['seed']}, {sweep['steps']} steps; the τ with the best validation score is chosen per loss. "
              "The test columns are shown, not used for the choice.", ""]
+    if sweep.get("missing"):
+        lines += [f"**Partial sweep**: {len(sweep['missing'])} runs not trained yet ({'; '.join(sweep['missing'])}); "
+                  "a choice marked here is the best among the runs shown.", ""]
     kinds = [k for k in ("speech", "image") if any(r["kind"] == k for r in sweep["rows"])]
     for kind in kinds:
         if kind == "speech":
@@ -150,15 +174,25 @@ def sweep_markdown(sweep: dict) -> str:
         for r in (r for r in sweep["rows"] if r["kind"] == kind):
             m = r["metrics"]
             tau = r["tau_setting"] if isinstance(r["tau_setting"], str) else f"{r['tau_setting']:g}"
-            star = " **(chosen)**" if sweep["chosen"][r["label"]] == r["tau_setting"] else ""
+            star = " **(chosen)**" if sweep["chosen"].get(r["label"]) == r["tau_setting"] else ""
             cells = ([m["span_retrieval_accuracy"], m["intent_accuracy"], m["keyword_accuracy"],
                       m["smart_home_intent_accuracy"]] if kind == "speech" else
                      [m["validation_accuracy"], m["heldout_accuracy_all"], m["heldout_accuracy_unseen"]])
             lines.append(f"| {r['label']} | {tau}{star} | " + " | ".join(f"{c:.3f}" for c in cells)
                          + f" | {r['tau']:.3f} | {r['final_loss']:.3f} |")
         lines.append("")
-    lines += ["Chance: span retrieval 1/150 = 0.007, intent 0.083, keyword 0.033, image 1/180 = 0.006 (all "
-              "captions). Regenerate: `python benchmarks/cwcl.py --sweep --sweep-kinds " + " ".join(kinds) + "`"]
+    lines += ["The mechanism, measured without training: each loss on random training batches of 128 with the "
+              "trainable side set by hand to the frozen embeddings (`p = q`, perfect alignment), to random unit "
+              "vectors, or collapsed onto the batch's mean direction (mean of 20 batches). Training can only move "
+              "towards alignment where `p = q` is the lowest of the three.", "",
+              "| kind | loss | τ | p = q | random | collapsed | p = q lowest? |", "|---|---|---|---|---|---|---|"]
+    for row in sweep.get("landscape", []):
+        best = row["aligned"] < min(row["random"], row["collapsed"])
+        lines.append(f"| {row['kind']} | {row['loss']} | {row['tau']:g} | {row['aligned']:.3f} | "
+                     f"{row['random']:.3f} | {row['collapsed']:.3f} | {'yes' if best else '**no**'} |")
+    lines += ["", "Chance: span retrieval 1/150 = 0.007, intent 0.083, keyword 0.033, image 1/180 = 0.006 (all "
+              "captions). Regenerate: `python benchmarks/cwcl.py --sweep --sweep-kinds " + " ".join(kinds) + "`"
+              + (" (`--finished-only` reports the runs trained so far)" if sweep.get("missing") else "")]
     return "\n".join(lines)
 
 
@@ -173,15 +207,47 @@ def target_information(weights: torch.Tensor) -> float:
     return float((math.log(weights.shape[0]) - entropy).mean())
 
 
-def weight_diversity(kind: str, batch: int = 128, batches: int = 20) -> dict:
-    """Statistics of CWCL's off-diagonal weights on random training batches of the frozen embeddings."""
-    from leanfm.align.cwcl import intra_modal_weights
+def frozen_side(kind: str) -> tuple[list[str], torch.Tensor]:
+    """The training texts of ``kind`` and their unit-norm frozen MiniLM embeddings."""
     from leanfm.data import shapes, speech
     from leanfm.models.encoders import embed_texts, text_encoder
 
     texts = speech.training_texts(PHRASES) if kind == "speech" else [
         shapes.caption(c) for c in shapes.split_combinations(0)[0]]
-    q = embed_texts(text_encoder(), texts)
+    return texts, embed_texts(text_encoder(), texts)
+
+
+def loss_landscape(kind: str, taus: tuple[float, ...] = (0.07, 0.2, 0.5, 1.0, 2.0), batch: int = 128,
+                   batches: int = 20) -> list[dict]:
+    """Each loss at each τ with the trainable side set by hand, on random training batches of frozen embeddings:
+    ``p = q`` (perfect alignment), ``p`` random unit vectors, ``p`` collapsed onto the batch's mean direction.
+
+    A loss can only train towards alignment at a τ where ``p = q`` is its lowest point of the three; this is the
+    mechanism behind the sweep's verdict, measured without training anything.
+    """
+    from leanfm.align.cwcl import clip_loss, cwcl_loss
+
+    _, q_all = frozen_side(kind)
+    generator = torch.Generator().manual_seed(0)
+    sums: dict[tuple[str, float, str], float] = {}
+    for _ in range(batches):
+        q = q_all[torch.randint(len(q_all), (batch,), generator=generator)]
+        noise = torch.nn.functional.normalize(torch.randn(q.shape, generator=generator), dim=-1)
+        collapsed = torch.nn.functional.normalize(q.mean(0, keepdim=True), dim=-1).expand_as(q)
+        for tau in taus:
+            for point, p in (("aligned", q), ("random", noise), ("collapsed", collapsed)):
+                for loss, value in (("cwcl", cwcl_loss(p, q, tau)), ("clip", clip_loss(p, q, tau))):
+                    sums[loss, tau, point] = sums.get((loss, tau, point), 0.0) + float(value) / batches
+    return [{"kind": kind, "loss": loss, "tau": tau, **{point: sums[loss, tau, point]
+                                                         for point in ("aligned", "random", "collapsed")}}
+            for loss in ("cwcl", "clip") for tau in taus]
+
+
+def weight_diversity(kind: str, batch: int = 128, batches: int = 20) -> dict:
+    """Statistics of CWCL's off-diagonal weights on random training batches of the frozen embeddings."""
+    from leanfm.align.cwcl import intra_modal_weights
+
+    texts, q = frozen_side(kind)
     generator = torch.Generator().manual_seed(0)
     off, signal, signal10 = [], [], []
     for _ in range(batches):
@@ -234,6 +300,9 @@ def paired_differences(rows: list[dict], label: str, reference: str, metric: str
 
 def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, command: str) -> str:
     seeds = sorted({r["seed"] for r in rows})
+    settings = sorted({f"{r['label'].split(' (')[0]} τ {r['tau_setting']}" for r in rows})
+    temperature = ("temperature per loss as chosen on validation (section below): " + ", ".join(settings)
+                   if args.at_chosen_tau else "learnable temperature (init 0.07)")
     lines = [
         "## CWCL (align)", "",
         "Claim (paper): weighting every pair by the frozen tower's own similarity (instead of CLIP's one-hot "
@@ -241,7 +310,7 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
         "image classification.", "",
         f"Setting: trainable speech encoder (3 strided convs + 3-layer transformer, 128 wide) or ViT (patch 4, 3 "
         f"layers, 128 wide) aligned to frozen all-MiniLM-L6-v2; {args.steps} steps, batch 128, AdamW 1e-3 cosine, "
-        f"learnable temperature (init 0.07); seeds {seeds}; identical data, steps and seeds for every loss. Speech "
+        f"{temperature}; seeds {seeds}; identical data, steps and seeds for every loss. Speech "
         f"training data: {PHRASES} random 1-4 word spans of the Austen training text spoken once each by one of 30 "
         "espeak-ng training voices (random speed/pitch), minus spans equal to an evaluation command or keyword. "
         "Zero-shot tests in 3 unseen voices: `intent` = 12 household intents worded in the training text's "
@@ -287,7 +356,7 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
                      f"~{100 / (1 + 127 * d['mean_power10']):.0f}%). What the loss can teach (log N minus the "
                      f"target's entropy): {d['target_information']:.3f} nats for CWCL, "
                      f"{d['target_information_power10']:.2f} with power=10, {d['log_batch']:.2f} for CLIP.")
-    if "speech" in diversity and any(r["label"] == "speech cwcl" for r in rows):
+    if "speech" in diversity and any(r["label"] == "speech cwcl" for r in rows) and not args.at_chosen_tau:
         d = diversity["speech"]
         final = statistics.mean(r["final_loss"] for r in rows if r["label"] == "speech cwcl")
         lines += ["", f"Reading: with the paper's weights the speech CWCL loss ends at {final:.3f}, i.e. at "
@@ -314,6 +383,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="only the temperature sweep on validation (results/cwcl_tau.json)")
     parser.add_argument("--sweep-kinds", nargs="+", default=["speech"], choices=list(VALIDATION))
+    parser.add_argument("--finished-only", action="store_true",
+                        help="with --sweep: report the runs already trained, list the rest, train nothing")
+    parser.add_argument("--at-chosen-tau", type=Path, default=None, metavar="SWEEP_JSON",
+                        help="train each loss at the temperature the sweep chose on validation (e.g. "
+                             "results/cwcl_tau.json); default: learned from 0.07 at the encoder's rate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.sweep:
@@ -321,20 +395,23 @@ def main() -> None:
         atomic_write_json(args.out.with_name(args.out.name + "_tau.json"), sweep)
         write_section(args.benchmarks_md, "cwcl-tau", sweep_markdown(sweep))
         return
+    sweep = json.loads(args.at_chosen_tau.read_text()) if args.at_chosen_tau else None
     rows = []
     ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else args.seeds[:1]
     for seed in args.seeds:
         for label in args.runs:
             if label not in BASE_RUNS and seed not in ablation_seeds:
                 continue  # variants (other=clip, power=10) run on the ablation seeds only
-            rows.append(run(label, seed, args))
+            tau, tau_lr = chosen_temperature(sweep, label) if sweep else (None, 0.0)
+            rows.append(run(label, seed, args, tau, tau_lr))
             print(json.dumps({k: rows[-1][k] for k in ("label", "seed", "metrics")}), flush=True)
     diversity = {kind: weight_diversity(kind) for kind in ("speech", "image")}
     atomic_write_json(args.out.with_suffix(".json"), {"rows": rows, "diversity": diversity,
                                                       "settings": {k: str(v) for k, v in vars(args).items()}})
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows))
     command = f"python benchmarks/cwcl.py --seeds {' '.join(map(str, args.seeds))} --ablation-seeds " + " ".join(
-        map(str, ablation_seeds)) + ("" if args.out == Path("results/cwcl") else f" --out {args.out}")
+        map(str, ablation_seeds)) + ("" if args.out == Path("results/cwcl") else f" --out {args.out}") + (
+        f" --at-chosen-tau {args.at_chosen_tau}" if args.at_chosen_tau else "")
     write_section(args.benchmarks_md, "cwcl", markdown(rows, diversity, args, command))
 
 
