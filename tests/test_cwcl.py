@@ -40,6 +40,12 @@ def test_weights_are_in_unit_interval_with_ones_on_the_diagonal():
     assert w.min() >= 0 and w.max() <= 1
     torch.testing.assert_close(torch.diagonal(w), torch.ones(20))
     torch.testing.assert_close(w, w.T)
+    # opposite embeddings: cos/2 + 1/2 rounds to about -1e-7 for some pairs; a weight must never be negative
+    # (a fractional power of one is NaN)
+    opposite = torch.cat([q, -q])
+    assert (opposite @ opposite.T / 2 + 0.5).min() < 0  # the rounding this guards against happens here
+    assert intra_modal_weights(opposite).min() >= 0
+    assert not intra_modal_weights(opposite, power=0.5).isnan().any()
 
 
 def test_weight_power_sharpens_and_keeps_the_paper_weights_at_one():
@@ -192,6 +198,36 @@ def test_cwcl_equals_a_hand_computation_with_uneven_weights():
     assert cwcl_loss(p, q, tau).item() == pytest.approx(expected, rel=1e-5)
     clip_other = (direction(p, q) + float(torch.nn.functional.cross_entropy(q @ p.T / tau, torch.arange(5)))) / 2
     assert cwcl_loss(p, q, tau, other="clip").item() == pytest.approx(clip_other, rel=1e-5)
+
+
+def test_each_row_is_normalised_by_its_own_weight_sum():
+    """Scaling row i of w by any s_i > 0 leaves CWCL unchanged only if every row is divided by its own Σ_j w_ij
+    (not by a column sum, the global sum, or nothing) — in both directions."""
+    p, q = _unit(9, seed=11), _unit(9, seed=12)
+    w = intra_modal_weights(q)
+    scaled = torch.linspace(0.2, 5.0, 9)[:, None] * w
+    for other in ("cwcl", "clip"):
+        torch.testing.assert_close(cwcl_loss(p, q, 0.2, other=other, weights=scaled),
+                                   cwcl_loss(p, q, 0.2, other=other, weights=w))
+    assert not torch.isclose(cwcl_loss(p, q, 0.2, weights=scaled), cwcl_loss(p, q, 0.2, weights=scaled.T))
+
+
+def test_loss_module_normalises_both_sides_and_uses_its_kind_and_temperature():
+    """ContrastiveLoss = the functional loss of its kind on row-normalised inputs at its τ (paper weights by
+    default); the learned scale is capped at 100 (τ >= 0.01), as CLIP."""
+    g = torch.Generator().manual_seed(13)
+    p = torch.randn(10, 6, generator=g) * torch.linspace(0.5, 4.0, 10)[:, None]
+    q = torch.randn(10, 6, generator=g) * torch.linspace(3.0, 0.2, 10)[:, None]
+    pn, qn = nn.functional.normalize(p, dim=-1), nn.functional.normalize(q, dim=-1)
+    torch.testing.assert_close(ContrastiveLoss("clip", tau=0.3, learn_tau=False)(p, q), clip_loss(pn, qn, 0.3))
+    torch.testing.assert_close(ContrastiveLoss("cwcl", tau=0.3)(p, q), cwcl_loss(pn, qn, 0.3))
+    torch.testing.assert_close(ContrastiveLoss("cwcl", tau=0.3, other="clip", power=4.0)(p, q),
+                               cwcl_loss(pn, qn, 0.3, other="clip", power=4.0))
+    assert not torch.isclose(cwcl_loss(pn, qn, 0.3), clip_loss(pn, qn, 0.3))  # the dispatch is visible
+    assert float(ContrastiveLoss(tau=0.5).tau.detach()) == pytest.approx(0.5)
+    assert float(ContrastiveLoss(tau=0.001).tau.detach()) == pytest.approx(0.01)
+    with pytest.raises(LeanfmError, match="unknown loss 'triplet'"):
+        ContrastiveLoss("triplet")
 
 
 def test_temperature_is_fixed_or_learned_without_weight_decay():
