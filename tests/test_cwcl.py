@@ -230,6 +230,13 @@ def test_loss_module_normalises_both_sides_and_uses_its_kind_and_temperature():
         ContrastiveLoss("triplet")
 
 
+def test_mismatched_or_non_matrix_embeddings_are_refused():
+    for p, q in ((torch.ones(4, 3), torch.ones(4, 2)), (torch.ones(4, 2), torch.ones(4, 3)),
+                 (torch.ones(3, 2), torch.ones(4, 2)), (torch.ones(2, 4, 2), torch.ones(2, 4, 2))):
+        with pytest.raises(LeanfmError, match="p and q must be"):
+            cwcl_loss(p, q, 0.1)
+
+
 def test_temperature_is_fixed_or_learned_without_weight_decay():
     """--no-learn-tau keeps τ; a learned τ sits in its own group without weight decay, at --tau-lr's rate."""
     from leanfm.align.trainer import AlignConfig, train_aligned
