@@ -365,6 +365,9 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
                   "variant that learns does so through a term with a peaked target (CLIP's in the other "
                   "direction, or sharpened weights). Compare the differences above with the paper's +20-30 "
                   "points."]
+    if not args.at_chosen_tau:
+        lines += ["", "These runs learn τ from 0.07 at the encoder's rate, so it stays near 0.07; each loss at its own "
+                  "temperature, chosen on validation, is in the next section."]
     lines += ["", "![CWCL](results/cwcl.png)", "", f"Regenerate: `{command}`"]
     return "\n".join(lines)
 
