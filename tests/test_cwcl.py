@@ -56,8 +56,9 @@ def test_weight_power_sharpens_and_keeps_the_paper_weights_at_one():
     assert sharp.min() >= 0 and (sharp <= w + 1e-7).all()  # off-diagonal mass only shrinks
     p = _unit(20, seed=6)
     torch.testing.assert_close(cwcl_loss(p, q, 0.1, power=10), cwcl_loss(p, q, 0.1, weights=sharp))
-    with pytest.raises(LeanfmError, match="weight power"):
-        cwcl_loss(p, q, 0.1, power=0)
+    for power in (0, -1.0):
+        with pytest.raises(LeanfmError, match="weight power"):
+            cwcl_loss(p, q, 0.1, power=power)
 
 
 def test_cwcl_rewards_similar_neighbours_unlike_clip():
@@ -225,6 +226,7 @@ def test_loss_module_normalises_both_sides_and_uses_its_kind_and_temperature():
                                cwcl_loss(pn, qn, 0.3, other="clip", power=4.0))
     assert not torch.isclose(cwcl_loss(pn, qn, 0.3), clip_loss(pn, qn, 0.3))  # the dispatch is visible
     assert float(ContrastiveLoss(tau=0.5).tau.detach()) == pytest.approx(0.5)
+    assert float(ContrastiveLoss().tau.detach()) == pytest.approx(0.07)  # CLIP's initial temperature
     assert float(ContrastiveLoss(tau=0.001).tau.detach()) == pytest.approx(0.01)
     with pytest.raises(LeanfmError, match="unknown loss 'triplet'"):
         ContrastiveLoss("triplet")
@@ -232,7 +234,8 @@ def test_loss_module_normalises_both_sides_and_uses_its_kind_and_temperature():
 
 def test_mismatched_or_non_matrix_embeddings_are_refused():
     for p, q in ((torch.ones(4, 3), torch.ones(4, 2)), (torch.ones(4, 2), torch.ones(4, 3)),
-                 (torch.ones(3, 2), torch.ones(4, 2)), (torch.ones(2, 4, 2), torch.ones(2, 4, 2))):
+                 (torch.ones(3, 2), torch.ones(4, 2)), (torch.ones(2, 4, 2), torch.ones(2, 4, 2)),
+                 (torch.ones(4), torch.ones(4))):
         with pytest.raises(LeanfmError, match="p and q must be"):
             cwcl_loss(p, q, 0.1)
 
