@@ -227,8 +227,9 @@ def loss_landscape(kind: str, taus: tuple[float, ...] = (0.07, 0.2, 0.5, 1.0, 2.
     """Each loss at each τ with the trainable side set by hand, on random training batches of frozen embeddings:
     ``p = q`` (perfect alignment), ``p`` random unit vectors, ``p`` collapsed onto the batch's mean direction.
 
-    A loss can only train towards alignment at a τ where ``p = q`` is its lowest point of the three; this is the
-    mechanism behind the sweep's verdict, measured without training anything.
+    Where ``p = q`` is not the lowest of the three, perfect alignment is not the loss's optimum (CWCL's optimum has
+    ``<p_i, q_j> / τ ≈ log w_ij + const``); this is the mechanism behind the sweep's verdict, measured without
+    training anything.
     """
     from leanfm.align.cwcl import clip_loss, cwcl_loss
 
