@@ -229,7 +229,8 @@ def markdown(rows: list[dict], dense: dict, sweep: dict | None, speed: dict | No
         + (f", held-out **{d['heldout']:.2f}**" if held else " (held-out skipped: no `--data` folder)")
         + f", cloze **{dense.get('cloze_accuracy', 0):.2f}**, {dense['params'] / 1e6:.1f}M parameters. "
         "`ratio` = fraction of block parameters removed; `model` = fraction of all parameters removed (embedding "
-        "and LM head included: SliceGPT unties and slices them). Ablations (dashed in the plot): `modegpt-no-recon` = "
+        "and LM head included" + (": SliceGPT unties and slices them" if any(r["method"] == "slicegpt" for r in rows)
+                                  else "") + "). Ablations (dashed in the plot): `modegpt-no-recon` = "
         "MoDeGPT's selection with the MLP down projection copied instead of solved; `wanda-dims` = Wanda scores on "
         "single q/k head dims (the old baseline, not a published granularity).", "",
         "| method | ratio | model | austen | pydocs | held-out | reviews | news | questions | cloze |",
