@@ -39,9 +39,15 @@ RUNS = {  # label -> (kind, loss, other direction, weight power)
     "image clip": ("image", "clip", "cwcl", 1.0),
     "image cwcl": ("image", "cwcl", "cwcl", 1.0),
     "image cwcl (power=10)": ("image", "cwcl", "cwcl", 10.0),
+    "whisper clip": ("whisper", "clip", "cwcl", 1.0),  # `align speech --tower whisper`: pretrained Whisper tiny.en
+    "whisper cwcl": ("whisper", "cwcl", "cwcl", 1.0),
 }
-BASE_RUNS = ("speech clip", "speech cwcl", "image clip", "image cwcl")  # the rest are variants (ablation seeds)
-METRICS = {"speech": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy"),
+# the rest (the loss variants and the Whisper-tower rows, ~45 min a run here) run on the ablation seeds only
+BASE_RUNS = ("speech clip", "speech cwcl", "image clip", "image cwcl")
+# speech: the three zero-shot tests, then the validation metric (held-out spans in validation voices)
+METRICS = {"speech": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy", "span_retrieval_accuracy"),
+           "whisper": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy",
+                       "span_retrieval_accuracy"),
            "image": ("heldout_accuracy_all", "heldout_accuracy_unseen")}
 PHRASES = 20000
 
@@ -74,15 +80,16 @@ def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = Non
     if not done and not train:
         return None
     if not done:
-        cmd = [sys.executable, "-m", "leanfm", "--quiet", "--threads", str(args.threads), "align", kind, "--out",
+        cmd = [sys.executable, "-m", "leanfm", "--quiet", "--threads", str(args.threads), "align",
+               "image" if kind == "image" else "speech", "--out",
                str(out), "--loss", loss, "--other", other, "--weight-power", str(power), "--steps", str(args.steps),
                "--seed", str(seed)]
         if tau is not None:
             cmd += ["--tau", str(tau), "--no-learn-tau"]
         elif tau_lr:
             cmd += ["--tau-lr", str(tau_lr)]
-        if kind == "speech":
-            cmd += ["--phrases", str(PHRASES)]
+        if kind != "image":
+            cmd += ["--phrases", str(PHRASES)] + (["--tower", "whisper"] if kind == "whisper" else [])
         if validation:
             cmd += ["--validation", str(validation)]
         training = out.with_name(out.name + ".training")
@@ -106,10 +113,10 @@ def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = Non
 # at 0.05 (Adam moves log τ ~0.05 per step, so 0.07 -> 1 is reachable in ~50 steps)
 SWEEP_TAUS: tuple[tuple[float | None, float], ...] = ((0.07, 0.0), (0.2, 0.0), (0.5, 0.0), (1.0, 0.0), (2.0, 0.0),
                                                         (None, 0.0), (None, 0.05))
-VALIDATION = {"speech": "span_retrieval_accuracy", "image": "validation_accuracy"}
+VALIDATION = {"speech": "span_retrieval_accuracy", "whisper": "span_retrieval_accuracy", "image": "validation_accuracy"}
 # image: 10% of the training combinations (14 of 144) are held out of the sweep's training to validate on; the
 # speech validation set is separate data by construction (validation voices and spans), so nothing is held out
-HELD_OUT = {"speech": 0.0, "image": 0.1}
+HELD_OUT = {"speech": 0.0, "whisper": 0.0, "image": 0.1}
 
 
 def tau_sweep(args: argparse.Namespace) -> dict:
@@ -134,14 +141,18 @@ def tau_sweep(args: argparse.Namespace) -> dict:
                 chosen[label] = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])["tau_setting"]
     return {"rows": rows, "chosen": chosen, "missing": missing, "validation": VALIDATION, "seed": args.seeds[0],
             "steps": args.steps, "kinds": list(args.sweep_kinds),
-            "landscape": [row for kind in args.sweep_kinds for row in loss_landscape(kind)]}
+            "landscape": [row for kind in dict.fromkeys("image" if k == "image" else "speech" for k in args.sweep_kinds)
+                          for row in loss_landscape(kind)]}
 
 
 def chosen_temperature(sweep: dict, label: str) -> tuple[float | None, float]:
     """``(tau, tau_lr)`` for :func:`run` from the sweep's choice for ``label``'s loss (a variant takes its base
-    loss's choice: ``speech cwcl (power=10)`` runs at ``speech cwcl``'s τ)."""
+    loss's choice: ``speech cwcl (power=10)`` runs at ``speech cwcl``'s τ). The Whisper tower takes the scratch
+    speech tower's choice unless the sweep covered it (``--sweep-kinds whisper``, 7 x ~45 min a loss here)."""
     kind, loss = RUNS[label][:2]
     key = f"{kind} {loss}"
+    if kind == "whisper" and key not in sweep["chosen"]:
+        key = f"speech {loss}"
     if key not in sweep["chosen"]:
         raise SystemExit(f"cwcl: the sweep chose no temperature for '{key}'; run `--sweep --sweep-kinds {kind}` first")
     setting = sweep["chosen"][key]
@@ -158,11 +169,12 @@ def sweep_markdown(sweep: dict) -> str:
     if sweep.get("missing"):
         lines += [f"**Partial sweep**: {len(sweep['missing'])} runs not trained yet ({'; '.join(sweep['missing'])}); "
                   "a choice marked here is the best among the runs shown.", ""]
-    kinds = [k for k in ("speech", "image") if any(r["kind"] == k for r in sweep["rows"])]
+    kinds = [k for k in ("speech", "whisper", "image") if any(r["kind"] == k for r in sweep["rows"])]
     asked = sweep.get("kinds", kinds)
     for kind in kinds:
-        if kind == "speech":
-            lines += ["Speech validation: top-1 retrieval of 150 held-out spoken Austen spans (3-4 words of the "
+        if kind != "image":
+            lines += [("Whisper tower (pretrained, frozen but for its top layer). " if kind == "whisper" else "")
+                      + "Speech validation: top-1 retrieval of 150 held-out spoken Austen spans (3-4 words of the "
                       "`calib` split, none in the tests) in 3 validation voices (training accents, variants no "
                       "training or test voice uses) among their 150 texts.", "",
                       "| run | τ | validation: span retrieval | intent | keyword | smart-home intent | final τ | "
@@ -178,7 +190,7 @@ def sweep_markdown(sweep: dict) -> str:
             tau = r["tau_setting"] if isinstance(r["tau_setting"], str) else f"{r['tau_setting']:g}"
             star = " **(chosen)**" if sweep["chosen"].get(r["label"]) == r["tau_setting"] else ""
             cells = ([m["span_retrieval_accuracy"], m["intent_accuracy"], m["keyword_accuracy"],
-                      m["smart_home_intent_accuracy"]] if kind == "speech" else
+                      m["smart_home_intent_accuracy"]] if kind != "image" else
                      [m["validation_accuracy"], m["heldout_accuracy_all"], m["heldout_accuracy_unseen"]])
             lines.append(f"| {r['label']} | {tau}{star} | " + " | ".join(f"{c:.3f}" for c in cells)
                          + f" | {r['tau']:.3f} | {r['final_loss']:.3f} |")
@@ -217,7 +229,7 @@ def frozen_side(kind: str) -> tuple[list[str], torch.Tensor]:
     from leanfm.data import shapes, speech
     from leanfm.models.encoders import embed_texts, text_encoder
 
-    texts = speech.training_texts(PHRASES) if kind == "speech" else [
+    texts = speech.training_texts(PHRASES) if kind != "image" else [
         shapes.caption(c) for c in shapes.split_combinations(0)[0]]
     return texts, embed_texts(text_encoder(), texts)
 
@@ -278,8 +290,9 @@ def plot(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), dpi=110)
-    for ax, kind in zip(axes, ("speech", "image"), strict=True):
+    kinds = [k for k in ("speech", "whisper", "image") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), dpi=110, squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
         labels = [label for label in RUNS if RUNS[label][0] == kind]
         labels = [label for label in labels if any(r["label"] == label for r in rows)]
         width = 0.8 / len(METRICS[kind])
@@ -310,10 +323,11 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
     temperature = ("temperature per loss as chosen on validation (section below): " + ", ".join(settings)
                    if args.at_chosen_tau else "learnable temperature (init 0.07)")
     lines = [
-        "## CWCL (align)", "",
-        "Claim (paper): weighting every pair by the frozen tower's own similarity (instead of CLIP's one-hot "
-        "target) gains 20-30 points absolute in zero-shot speech-to-intent and keyword accuracy, 5-8 in zero-shot "
-        "image classification.", "",
+        "### Each loss at its own temperature" if args.at_chosen_tau else "## CWCL (align)", "",
+        "The comparison above again, each loss at the temperature the sweep chose for it on validation." if
+        args.at_chosen_tau else "Claim (paper): weighting every pair by the frozen tower's own similarity (instead "
+        "of CLIP's one-hot target) gains 20-30 points absolute in zero-shot speech-to-intent and keyword accuracy, "
+        "5-8 in zero-shot image classification.", "",
         f"Setting: trainable speech encoder (3 strided convs + 3-layer transformer, 128 wide) or ViT (patch 4, 3 "
         f"layers, 128 wide) aligned to frozen all-MiniLM-L6-v2; {args.steps} steps, batch 128, AdamW 1e-3 cosine, "
         f"{temperature}; seeds {seeds}; identical data, steps and seeds for every loss. Speech "
@@ -323,9 +337,15 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
         "vocabulary (48 commands x 3 voices), `smart_home_intent` = 12 modern smart-home intents whose key words "
         "(lights, volume, phone...) never occur in Austen, `keyword` = 30 single words. `power=10` is our "
         "sharpened-weight variant (w ** 10), not the paper's. Values are means over seeds (min-max in brackets "
-        "when several).", "",
-        "| run | " + " | ".join(f"metric {i + 1}" for i in range(3)) + " | final loss | train time |",
-        "|---|---|---|---|---|---|",
+        "when several). The Whisper rows (`--tower whisper`) align pretrained Whisper tiny.en (cropped to 3 s, "
+        "frozen but for its top layer and a projection) instead of the scratch encoder, same data and tests.", "",
+    ]
+    if args.missing:
+        lines += [f"**Partial**: {len(args.missing)} runs not trained yet ({'; '.join(args.missing)}); the rows "
+                  "below are the runs finished so far.", ""]
+    lines += [
+        "| run | " + " | ".join(f"metric {i + 1}" for i in range(4)) + " | final loss | train time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label in RUNS:
         group = [r for r in rows if r["label"] == label]
@@ -336,7 +356,7 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
             values = [r["metrics"][metric] for r in group]
             spread = f" [{min(values):.3f}-{max(values):.3f}]" if len(values) > 1 else ""
             cells.append(f"{metric} **{statistics.mean(values):.3f}**{spread}")
-        cells += [""] * (3 - len(cells))
+        cells += [""] * (4 - len(cells))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(r['final_loss'] for r in group):.3f} "
                      f"| {statistics.mean(r['train_seconds'] for r in group) / 60:.1f} min |")
     lines += ["", f"Chance: intent {1 / 12:.3f}, keyword {1 / 30:.3f}, held-out captions {1 / 180:.4f} (all) / "
@@ -353,7 +373,7 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
         if parts:
             lines.append(f"- {label} minus {kind} clip: " + "; ".join(parts))
     lines.append("")
-    for kind, d in diversity.items():
+    for kind, d in diversity.items() if not args.at_chosen_tau else ():  # the main section has them
         lines.append(f"Frozen-side weight diversity ({kind}, random batches of 128): off-diagonal w_ij mean "
                      f"{d['mean']:.3f}, std {d['std']:.3f}, 5-95% [{d['p05']:.3f}, {d['p95']:.3f}], "
                      f"{100 * d['frac_above_0.75']:.1f}% above 0.75 ({d['distinct_texts']} distinct texts); the "
@@ -373,8 +393,8 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
                   "points."]
     if not args.at_chosen_tau:
         lines += ["", "These runs learn τ from 0.07 at the encoder's rate, so it stays near 0.07; each loss at its own "
-                  "temperature, chosen on validation, is in the next section."]
-    lines += ["", "![CWCL](results/cwcl.png)", "", f"Regenerate: `{command}`"]
+                  "temperature, chosen on validation, is in the next two sections."]
+    lines += ["", f"![CWCL]({args.out.with_suffix('.png')})", "", f"Regenerate: `{command}`"]
     return "\n".join(lines)
 
 
@@ -383,7 +403,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--out", type=Path, default=Path("results/cwcl"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results path without suffix [results/cwcl; results/cwcl_chosen with --at-chosen-tau]")
     parser.add_argument("--models", type=Path, default=leanfm_home() / "bench" / "cwcl")
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--threads", type=int, default=2)
@@ -393,35 +414,43 @@ def main() -> None:
                         help="only the temperature sweep on validation (results/cwcl_tau.json)")
     parser.add_argument("--sweep-kinds", nargs="+", default=["speech"], choices=list(VALIDATION))
     parser.add_argument("--finished-only", action="store_true",
-                        help="with --sweep: report the runs already trained, list the rest, train nothing")
+                        help="report the runs already trained (sweep or comparison), list the rest, train nothing")
     parser.add_argument("--at-chosen-tau", type=Path, default=None, metavar="SWEEP_JSON",
                         help="train each loss at the temperature the sweep chose on validation (e.g. "
                              "results/cwcl_tau.json); default: learned from 0.07 at the encoder's rate")
     args = parser.parse_args()
+    args.out = args.out or Path("results/cwcl_chosen" if args.at_chosen_tau else "results/cwcl")
     torch.set_num_threads(args.threads)
     if args.sweep:
-        sweep = tau_sweep(args)
-        atomic_write_json(args.out.with_name(args.out.name + "_tau.json"), sweep)
-        write_section(args.benchmarks_md, "cwcl-tau", sweep_markdown(sweep))
+        swept = tau_sweep(args)
+        atomic_write_json(args.out.with_name(args.out.name + "_tau.json"), swept)
+        write_section(args.benchmarks_md, "cwcl-tau", sweep_markdown(swept))
         return
-    sweep = json.loads(args.at_chosen_tau.read_text()) if args.at_chosen_tau else None
-    rows = []
+    sweep: dict | None = json.loads(args.at_chosen_tau.read_text()) if args.at_chosen_tau else None
+    rows: list[dict] = []
+    args.missing = []
     ablation_seeds = args.ablation_seeds if args.ablation_seeds is not None else args.seeds[:1]
     for seed in args.seeds:
         for label in args.runs:
             if label not in BASE_RUNS and seed not in ablation_seeds:
-                continue  # variants (other=clip, power=10) run on the ablation seeds only
+                continue  # variants (other=clip, power=10) and Whisper rows run on the ablation seeds only
             tau, tau_lr = chosen_temperature(sweep, label) if sweep else (None, 0.0)
-            rows.append(run(label, seed, args, tau, tau_lr))
+            row = run(label, seed, args, tau, tau_lr, train=not args.finished_only)
+            if row is None:
+                args.missing.append(f"{label} seed {seed}")
+                continue
+            rows.append(row)
             print(json.dumps({k: rows[-1][k] for k in ("label", "seed", "metrics")}), flush=True)
     diversity = {kind: weight_diversity(kind) for kind in ("speech", "image")}
     atomic_write_json(args.out.with_suffix(".json"), {"rows": rows, "diversity": diversity,
                                                       "settings": {k: str(v) for k, v in vars(args).items()}})
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows))
     command = f"python benchmarks/cwcl.py --seeds {' '.join(map(str, args.seeds))} --ablation-seeds " + " ".join(
-        map(str, ablation_seeds)) + ("" if args.out == Path("results/cwcl") else f" --out {args.out}") + (
-        f" --at-chosen-tau {args.at_chosen_tau}" if args.at_chosen_tau else "")
-    write_section(args.benchmarks_md, "cwcl", markdown(rows, diversity, args, command))
+        map(str, ablation_seeds)) + ("" if args.out.name in ("cwcl", "cwcl_chosen") else f" --out {args.out}") + (
+        f" --at-chosen-tau {args.at_chosen_tau}" if args.at_chosen_tau else "") + (
+        " --finished-only" if args.missing else "")
+    write_section(args.benchmarks_md, "cwcl-chosen" if args.at_chosen_tau else "cwcl",
+                  markdown(rows, diversity, args, command))
 
 
 if __name__ == "__main__":
