@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.leanfm-installed
-APT_PKGS := espeak-ng dataset-fashion-mnist python3.11-doc fonts-noto-color-emoji cmake g++
+APT_PKGS := espeak-ng flite dataset-fashion-mnist python3.11-doc fonts-noto-color-emoji cmake g++
 export LEANFM_HOME ?= $(HOME)/.cache/leanfm
 
 .PHONY: run test test-fast setup lint typecheck clean-cache mutate

@@ -155,6 +155,11 @@ def test_align_speech_cli_end_to_end(tmp_path, capsys):
     assert 0 <= metrics["span_retrieval_accuracy"] <= 1 and metrics["span_retrieval_chance"] == 1 / 150
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics  # the saved encoder reproduces its metrics
+    assert main(["--quiet", "align", "eval", str(out), "--synthesiser", "flite", "--json", "-"]) == 0
+    flite = json.loads(capsys.readouterr().out)  # the same tests spoken by another engine, 4 voices
+    assert flite["intent_items"] == 48 * 4 and flite["keyword_items"] == 90 and "span_retrieval_accuracy" not in flite
+    assert flite["intent_accuracy"] != metrics["intent_accuracy"] or flite["keyword_accuracy"] != metrics[
+        "keyword_accuracy"]
 
 
 @pytest.mark.parametrize(
@@ -163,13 +168,18 @@ def test_align_speech_cli_end_to_end(tmp_path, capsys):
         (["align", "speech", "--frozen", "clip-vit", "--out", "{tmp}/x"], "unknown frozen model 'clip-vit'"),
         (["align", "image", "--loss", "triplet", "--out", "{tmp}/x"], "unknown loss 'triplet'"),
         (["align", "eval", "{tmp}"], "is not an aligned encoder"),
+        (["align", "eval", "{tmp}", "--synthesiser", "festival"], "invalid choice: 'festival'"),
         (["align", "image", "--weight-power", "0", "--out", "{tmp}/x"], "weight power 0.0 is invalid"),
         (["align", "speech", "--phrases", "0", "--out", "{tmp}/x"], "leave no training speech"),
         (["align", "image", "--validation", "0.5", "--out", "{tmp}/x"], "validation 0.5 is invalid"),
     ],
 )
 def test_bad_align_inputs_give_one_line_errors(args, message, tmp_path, capsys):
-    assert main(["--quiet", *[a.replace("{tmp}", str(tmp_path)) for a in args]]) == 2
+    try:
+        code = main(["--quiet", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
+    except SystemExit as exit_:  # argparse's own errors (an unknown choice) exit from the parser
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
@@ -284,3 +294,5 @@ def test_align_image_holds_validation_combinations_out_and_scores_them(tmp_path,
     assert 0 <= metrics["validation_accuracy"] <= 1 and metrics["validation_items"] == 140
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics  # evaluation re-derives the same validation split
+    assert main(["--quiet", "align", "eval", str(out), "--synthesiser", "flite"]) == 2
+    assert "synthesiser 'flite' is for speech encoders" in capsys.readouterr().err

@@ -110,3 +110,37 @@ def test_bad_speech_inputs(monkeypatch):
     monkeypatch.setattr(speech.shutil, "which", lambda _name: None)
     with pytest.raises(LeanfmError, match="apt-get install espeak-ng"):
         speech.synthesize("hello")
+
+
+@pytest.mark.speech
+def test_flite_is_another_synthesiser_at_the_same_rate_whose_speed_stretches_time():
+    slow = speech.synthesize("bring the carriage round", "flite:slt", 130, 50)
+    fast = speech.synthesize("bring the carriage round", "flite:slt", 200, 50)
+    assert slow.dim() == 1 and 0.05 < slow.abs().max() <= 1.0
+    # 22.05 kHz like espeak-ng (flite writes 16 kHz): ~1.5-3 s for four words; duration scales with 1 / speed
+    assert 1.0 < slow.numel() / speech.SAMPLE_RATE < 4.0
+    assert slow.numel() / fast.numel() == pytest.approx(200 / 130, rel=0.15)
+    other = speech.synthesize("bring the carriage round", "en-us", 130, 50)
+    n = min(other.numel(), slow.numel())
+    assert not torch.allclose(speech.log_mel(other[:n]), speech.log_mel(slow[:n]), atol=1.0)
+    assert not {v.removeprefix(speech.FLITE) for v in speech.UNSEEN_SYNTH_VOICES} & {
+        v.split("+")[0] for v in (*speech.train_voices(), *speech.EVAL_VOICES, *speech.VALIDATION_VOICES)}
+
+
+@pytest.mark.speech
+def test_flite_voice_sets_are_built_and_cached_apart_from_espeak_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANFM_HOME", str(tmp_path))
+    flite = speech.keyword_set(voices=speech.UNSEEN_SYNTH_VOICES[:2])
+    espeak = speech.keyword_set()
+    assert len(flite) == len(espeak) == 3 * len(speech.KEYWORDS) and flite.labels == espeak.labels
+    assert flite.features.shape != espeak.features.shape or not torch.equal(flite.features, espeak.features)
+    assert len(list((tmp_path / "speech").iterdir())) == 2
+
+
+def test_missing_or_unknown_flite_is_a_one_line_error(monkeypatch):
+    with pytest.raises(LeanfmError, match="unknown flite voice 'nobody'; accepted: flite:slt, flite:rms"):
+        speech.synthesize("hello", "flite:nobody")
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None if name == "flite" else f"/usr/bin/{name}")
+    with pytest.raises(LeanfmError, match="apt-get install flite"):
+        speech.check_synthesisers(("en-us", "flite:slt"))
+    speech.check_synthesisers(("en-us",))  # espeak-ng voices alone do not need flite

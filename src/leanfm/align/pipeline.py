@@ -138,7 +138,7 @@ def whisper_speech_set(tower: WhisperTower, texts: list[str], labels: list[str],
         stored = load_file(str(folder / "hidden.safetensors"))
         meta = json.loads((folder / "meta.json").read_text())
         return WhisperFeatures(stored["hidden"], stored["offsets"], [j[0] for j in jobs], out_labels, meta["seconds"])
-    speech.espeak_binary()
+    speech.check_synthesisers(voices)
     hidden, offsets, samples = _body_outputs(tower, jobs, dtype, name)
     result = WhisperFeatures(hidden, offsets, [j[0] for j in jobs], out_labels, samples / whisper.SAMPLE_RATE)
     if cache:
@@ -170,20 +170,22 @@ def validate_speech(encoder: nn.Module, text_model: TextEncoder, count: int = 15
             "span_retrieval_chance": 1 / len(texts)}
 
 
-def _speech_test_sets(encoder: nn.Module) -> list[speech.SpeechSet | WhisperFeatures]:
+def _speech_test_sets(encoder: nn.Module, voices: tuple[str, ...]) -> list[speech.SpeechSet | WhisperFeatures]:
     """Intents, keywords and smart-home intents (seeds 1, 2, 1); for a Whisper tower the same utterances re-read."""
-    sets = [speech.intent_set(seed=1), speech.keyword_set(seed=2),
-            speech.intent_set(seed=1, intents=speech.SMART_HOME_INTENTS)]
+    sets = [speech.intent_set(seed=1, voices=voices), speech.keyword_set(seed=2, voices=voices),
+            speech.intent_set(seed=1, intents=speech.SMART_HOME_INTENTS, voices=voices)]
     if not isinstance(encoder, WhisperTower):
         return list(sets)
-    return [whisper_speech_set(encoder, data.texts, data.labels, speech.EVAL_VOICES, seed=seed, name=name)
+    return [whisper_speech_set(encoder, data.texts, data.labels, voices, seed=seed, name=name)
             for data, seed, name in zip(sets, (1, 2, 1), ("intents", "keywords", "smart-home"), strict=True)]
 
 
 @torch.no_grad()
-def evaluate_speech(encoder: nn.Module, text_model: TextEncoder) -> dict[str, float]:
-    """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts), for either speech tower."""
-    intents, keywords, smart_home = _speech_test_sets(encoder)
+def evaluate_speech(encoder: nn.Module, text_model: TextEncoder,
+                    voices: tuple[str, ...] = speech.EVAL_VOICES) -> dict[str, float]:
+    """Zero-shot speech-to-intent and keyword accuracy (unseen voices and texts), for either speech tower;
+    ``voices`` :data:`leanfm.data.speech.UNSEEN_SYNTH_VOICES` is the same test spoken by another synthesiser."""
+    intents, keywords, smart_home = _speech_test_sets(encoder, voices)
     descriptions, smart_descriptions = list(speech.INTENTS), list(speech.SMART_HOME_INTENTS)
     words = list(speech.KEYWORDS)
     return {
@@ -388,12 +390,22 @@ def align_pool(config: PoolAlignConfig, images: torch.Tensor, captions: list[str
     return meta
 
 
-def evaluate_folder(folder: str | Path) -> dict[str, Any]:
-    """Re-run the zero-shot evaluation of a saved encoder."""
+SYNTHESISERS = {"espeak-ng": speech.EVAL_VOICES, "flite": speech.UNSEEN_SYNTH_VOICES}
+
+
+def evaluate_folder(folder: str | Path, synthesiser: str = "espeak-ng") -> dict[str, Any]:
+    """Re-run the zero-shot evaluation of a saved encoder; a speech one's tests spoken by ``synthesiser``
+    (``flite``: an engine no training voice comes from; its tests only, validation is espeak-ng's)."""
+    if synthesiser not in SYNTHESISERS:
+        raise LeanfmError(f"unknown synthesiser '{synthesiser}'; accepted: {', '.join(SYNTHESISERS)}")
     encoder, meta = load_encoder(folder)
     text_model = text_encoder(meta["frozen"])
     if meta["kind"] in ("speech", "whisper"):
+        if synthesiser != "espeak-ng":
+            return evaluate_speech(encoder, text_model, SYNTHESISERS[synthesiser])
         return {**evaluate_speech(encoder, text_model), **validate_speech(encoder, text_model)}
+    if synthesiser != "espeak-ng":
+        raise LeanfmError(f"synthesiser '{synthesiser}' is for speech encoders; '{folder}' holds an image encoder")
     seed = meta["train"]["seed"]
     train_combos, _ = shapes.split_combinations(seed)
     _, validation_combos = shapes.split_validation(train_combos, meta["train"].get("validation", 0.0), seed)

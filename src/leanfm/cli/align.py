@@ -6,7 +6,14 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from leanfm.align.pipeline import ImageAlignConfig, SpeechAlignConfig, align_image, align_speech, evaluate_folder
+from leanfm.align.pipeline import (
+    SYNTHESISERS,
+    ImageAlignConfig,
+    SpeechAlignConfig,
+    align_image,
+    align_speech,
+    evaluate_folder,
+)
 from leanfm.cli.common import (
     Parser,
     add_config_flags,
@@ -34,6 +41,8 @@ def add_parsers(sub: Any) -> None:
         t.set_defaults(handler=cmd_align, kind=kind)
     e = asub.add_parser("eval", help="zero-shot metrics of an aligned encoder")
     e.add_argument("model", help="folder written by 'leanfm align speech|image'")
+    e.add_argument("--synthesiser", choices=list(SYNTHESISERS), default="espeak-ng",
+                   help="who speaks a speech encoder's tests: espeak-ng (unseen voices) or flite (an unseen engine)")
     add_json_flag(e, "the metrics")
     e.set_defaults(handler=cmd_eval)
 
@@ -50,5 +59,5 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     check_json_target(args)
-    emit(args, evaluate_folder(args.model))
+    emit(args, evaluate_folder(args.model, args.synthesiser))
     return 0

@@ -7,6 +7,10 @@ voices and texts never seen in training, classified only by embeddings of the ca
 speech encoder lives in :mod:`leanfm.models.encoders`; CWCL (``leanfm.align``) and the spoken-language methods
 to come read the same sets from here.
 
+A second synthesiser, flite (CMU, Debian ``flite``), speaks the same test commands for the open-world test: a
+voice ``flite:NAME`` (:data:`UNSEEN_SYNTH_VOICES`) is another engine's prosody and spectra altogether, which
+espeak-ng's voice variants never are. Nothing trains on it.
+
 Features: 64 log-mel bands, 25 ms windows, 10 ms hop, from ``torch.stft`` and an HTK mel filterbank (torchaudio's
 PyPI build does not load beside our CPU torch, and librosa would pull numba for one 15-line matrix).
 """
@@ -19,6 +23,7 @@ import math
 import re
 import shutil
 import subprocess
+import tempfile
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +47,9 @@ TRAIN_VARIANTS = ("", "+m1", "+m3", "+f1", "+f2", "+f4")
 EVAL_VOICES = ("en-gb-x-rp+f3", "en-us-nyc+m7", "en-gb-x-gbcwmd+klatt")  # accents and variants unseen in training
 # Validation (choosing a temperature): training accents with variants neither training nor the tests use.
 VALIDATION_VOICES = ("en-us+m5", "en-gb+f3", "en-029+m6")
+# Another synthesiser altogether (flite's built-in voices: US female, US male, Scottish male, US male diphone).
+UNSEEN_SYNTH_VOICES = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16")
+FLITE = "flite:"
 
 INTENTS: dict[str, tuple[str, ...]] = {  # description (what MiniLM sees) -> spoken commands (never trained on)
     # Requests a household of the novels' world makes, worded with words the Austen training text contains: an
@@ -97,10 +105,44 @@ def espeak_binary() -> str:
     return path
 
 
+def check_synthesisers(voices: tuple[str, ...]) -> None:
+    """A one-line error before any work when a synthesiser ``voices`` need (espeak-ng, flite) is missing."""
+    if any(not v.startswith(FLITE) for v in voices):
+        espeak_binary()
+    if any(v.startswith(FLITE) for v in voices):
+        flite_binary()
+
+
+def flite_binary() -> str:
+    """Path of flite, or a one-line error saying how to install it."""
+    path = shutil.which("flite")
+    if path is None:
+        raise LeanfmError("flite is not installed; install it with 'apt-get install flite' (make setup does)")
+    return path
+
+
+def _flite(text: str, voice: str, speed: int) -> torch.Tensor:
+    """flite's rendition at 22.05 kHz (resampled from its 16 kHz): speed as a duration stretch around espeak-ng's
+    default 175 words a minute; flite's voices have no pitch control comparable to espeak-ng's, so pitch is unused."""
+    if FLITE + voice not in UNSEEN_SYNTH_VOICES:  # flite itself falls back to its default voice without a word
+        raise LeanfmError(f"unknown flite voice '{voice}'; accepted: {', '.join(UNSEEN_SYNTH_VOICES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "in.txt").write_text(text, encoding="utf-8")  # a file: text is never an option
+        done = subprocess.run([flite_binary(), "-voice", voice, "--setf", f"duration_stretch={175 / speed:.3f}",
+                               "-f", str(Path(tmp) / "in.txt"), "-o", str(Path(tmp) / "out.wav")],
+                              capture_output=True, check=False)
+        if done.returncode != 0 or not (Path(tmp) / "out.wav").is_file():
+            raise LeanfmError(f"flite failed for voice '{voice}': {done.stderr.decode(errors='replace').strip()}")
+        samples, rate = read_wav(Path(tmp) / "out.wav")
+    return torch.from_numpy(resample(samples, rate, SAMPLE_RATE))
+
+
 def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> torch.Tensor:
-    """Mono float waveform in [-1, 1] at 22.05 kHz of ``text`` spoken by espeak-ng."""
+    """Mono float waveform in [-1, 1] at 22.05 kHz of ``text`` spoken by espeak-ng (or flite for ``flite:NAME``)."""
     if not text or not text.strip():
         raise LeanfmError("cannot synthesise empty text; pass at least one word")
+    if voice.startswith(FLITE):
+        return _flite(text, voice.removeprefix(FLITE), speed)
     done = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", "--stdin"],
                           input=text.encode(), capture_output=True, check=False)  # stdin: text is never an option
     if done.returncode != 0 or len(done.stdout) <= 44:
@@ -268,7 +310,7 @@ def build_speech_set(texts: list[str], labels: list[str], voices: tuple[str, ...
         data = torch.load(folder / "features.pt", weights_only=True)
         meta = json.loads((folder / "meta.json").read_text())
         return SpeechSet(data["features"].float(), data["offsets"], meta["texts"], meta["labels"])
-    espeak_binary()
+    check_synthesisers(voices)
     generator = torch.Generator().manual_seed(seed)
     pairs = [(t, lab) for t, lab in zip(texts, labels, strict=True) for _ in range(renditions)]
     jobs = []
@@ -293,17 +335,19 @@ def train_voices() -> tuple[str, ...]:
     return tuple(v + var for v in TRAIN_VOICES for var in TRAIN_VARIANTS)
 
 
-def intent_set(seed: int = 1, intents: dict[str, tuple[str, ...]] | None = None) -> SpeechSet:
-    """Spoken commands (labels = intent descriptions) in the evaluation voices, each command in each voice."""
+def intent_set(seed: int = 1, intents: dict[str, tuple[str, ...]] | None = None,
+               voices: tuple[str, ...] = EVAL_VOICES) -> SpeechSet:
+    """Spoken commands (labels = intent descriptions) in the evaluation ``voices``, each command as often as there
+    are voices (each rendition a seeded draw of voice, speed and pitch)."""
     intents = INTENTS if intents is None else intents
-    texts = [c for cmds in intents.values() for c in cmds for _ in EVAL_VOICES]
-    labels = [d for d, cmds in intents.items() for _ in cmds for _ in EVAL_VOICES]
-    return build_speech_set(texts, labels, EVAL_VOICES, seed=seed, name="intents")
+    texts = [c for cmds in intents.values() for c in cmds for _ in voices]
+    labels = [d for d, cmds in intents.items() for _ in cmds for _ in voices]
+    return build_speech_set(texts, labels, voices, seed=seed, name="intents")
 
 
-def keyword_set(seed: int = 2) -> SpeechSet:
-    """Single spoken words (labels = the word) in the evaluation voices, three renditions each."""
-    return build_speech_set(list(KEYWORDS), list(KEYWORDS), EVAL_VOICES, seed=seed, renditions=3, name="keywords")
+def keyword_set(seed: int = 2, voices: tuple[str, ...] = EVAL_VOICES) -> SpeechSet:
+    """Single spoken words (labels = the word) in the evaluation ``voices``, three renditions each."""
+    return build_speech_set(list(KEYWORDS), list(KEYWORDS), voices, seed=seed, renditions=3, name="keywords")
 
 
 def validation_texts(count: int = 150, seed: int = 3) -> list[str]:
