@@ -66,10 +66,11 @@ def _matches(meta: dict, loss: str, other: str, power: float, seed: int, steps: 
 
 
 def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = None, tau_lr: float = 0.0,
-        validation: float = 0.0, train: bool = True) -> dict | None:
+        validation: float = 0.0, train: bool = True, open_world: bool = False) -> dict | None:
     """One ``leanfm align`` run (reused when a finished one matches); ``tau``: a fixed temperature (None: learned
     from 0.07, the paper's CLIP set-up, at the encoder's rate or ``tau_lr``); ``validation``: image runs only, the
-    fraction of training combinations held out to choose τ on; ``train`` off: None for a run not finished yet."""
+    fraction of training combinations held out to choose τ on; ``train`` off: None for a run not finished yet;
+    ``open_world``: a speech run's tests spoken by flite too (metrics ``flite_*``, kept in the run's folder)."""
     kind, loss, other, power = RUNS[label]
     name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
     suffix = f"-tau{tau:g}" if tau is not None else (f"-taulr{tau_lr:g}" if tau_lr else "")
@@ -101,6 +102,12 @@ def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = Non
         from leanfm.align.pipeline import evaluate_folder
 
         metrics = evaluate_folder(out)
+    if open_world and kind != "image":
+        from leanfm.align.pipeline import evaluate_folder
+
+        if not (out / "flite.json").is_file():
+            atomic_write_json(out / "flite.json", evaluate_folder(out, "flite"))
+        metrics = {**metrics, **{f"flite_{k}": v for k, v in json.loads((out / "flite.json").read_text()).items()}}
     return {"label": label, "seed": seed, "kind": kind, "loss": loss, "other": other, "power": power,
             "tau_setting": tau if tau is not None else (f"learned, lr {tau_lr:g}" if tau_lr else "learned"),
             "metrics": metrics,
@@ -372,6 +379,21 @@ def markdown(rows: list[dict], diversity: dict, args: argparse.Namespace, comman
                 parts.append(f"{metric} {statistics.mean(diffs):+.1f} ({', '.join(f'{d:+.1f}' for d in diffs)})")
         if parts:
             lines.append(f"- {label} minus {kind} clip: " + "; ".join(parts))
+    flite = [label for label in RUNS if any(r["label"] == label and "flite_intent_accuracy" in r["metrics"]
+                                             for r in rows)]
+    if flite:
+        lines += ["", "Open world: the same tests spoken by another synthesiser, flite (4 voices: slt, rms, awb, "
+                  "kal16; `leanfm align eval MODEL --synthesiser flite`), which no training or validation utterance "
+                  "comes from. espeak-ng's figure (unseen voices of the training engine) beside flite's:", "",
+                  "| run | intent: espeak-ng / flite | keyword: espeak-ng / flite | smart-home: espeak-ng / flite |",
+                  "|---|---|---|---|"]
+        for label in flite:
+            group = [r for r in rows if r["label"] == label and "flite_intent_accuracy" in r["metrics"]]
+            cells = [f"{statistics.mean(r['metrics'][m] for r in group):.3f} / "
+                     f"**{statistics.mean(r['metrics']['flite_' + m] for r in group):.3f}**"
+                     for m in METRICS[group[0]["kind"]][:3]]
+            lines.append(f"| {label} ({len(group)} seed{'s' if len(group) > 1 else ''}) | " + " | ".join(cells) + " |")
+        lines += ["", "Chance: intent and smart-home 0.083, keyword 0.033."]
     lines.append("")
     for kind, d in diversity.items() if not args.at_chosen_tau else ():  # the main section has them
         lines.append(f"Frozen-side weight diversity ({kind}, random batches of 128): off-diagonal w_ij mean "
@@ -435,7 +457,7 @@ def main() -> None:
             if label not in BASE_RUNS and seed not in ablation_seeds:
                 continue  # variants (other=clip, power=10) and Whisper rows run on the ablation seeds only
             tau, tau_lr = chosen_temperature(sweep, label) if sweep else (None, 0.0)
-            row = run(label, seed, args, tau, tau_lr, train=not args.finished_only)
+            row = run(label, seed, args, tau, tau_lr, train=not args.finished_only, open_world=True)
             if row is None:
                 args.missing.append(f"{label} seed {seed}")
                 continue
