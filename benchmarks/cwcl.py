@@ -45,9 +45,8 @@ RUNS = {  # label -> (kind, loss, other direction, weight power)
 # the rest (the loss variants and the Whisper-tower rows, ~45 min a run here) run on the ablation seeds only
 BASE_RUNS = ("speech clip", "speech cwcl", "image clip", "image cwcl")
 # speech: the three zero-shot tests, then the validation metric (held-out spans in validation voices)
-METRICS = {"speech": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy", "span_retrieval_accuracy"),
-           "whisper": ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy",
-                       "span_retrieval_accuracy"),
+SPEECH_METRICS = ("intent_accuracy", "keyword_accuracy", "smart_home_intent_accuracy", "span_retrieval_accuracy")
+METRICS = {"speech": SPEECH_METRICS, "whisper": SPEECH_METRICS,
            "image": ("heldout_accuracy_all", "heldout_accuracy_unseen")}
 PHRASES = 20000
 
@@ -98,18 +97,17 @@ def run(label: str, seed: int, args: argparse.Namespace, tau: float | None = Non
         subprocess.run(cmd, check=True)
     meta = json.loads((out / "align.json").read_text())
     metrics = meta["metrics"]
-    if kind == "speech" and "span_retrieval_accuracy" not in metrics:  # saved before validation existed
-        from leanfm.align.pipeline import evaluate_folder
+    from leanfm.align.pipeline import evaluate_folder  # loads the speech stack: only once a run is reported
 
+    if kind == "speech" and "span_retrieval_accuracy" not in metrics:  # saved before validation existed
         metrics = evaluate_folder(out)
     if open_world and kind != "image":
-        from leanfm.align.pipeline import evaluate_folder
-
         if not (out / "flite.json").is_file():
             atomic_write_json(out / "flite.json", evaluate_folder(out, "flite"))
         metrics = {**metrics, **{f"flite_{k}": v for k, v in json.loads((out / "flite.json").read_text()).items()}}
     return {"label": label, "seed": seed, "kind": kind, "loss": loss, "other": other, "power": power,
             "tau_setting": tau if tau is not None else (f"learned, lr {tau_lr:g}" if tau_lr else "learned"),
+            "tau_fixed": tau, "tau_lr": tau_lr,
             "metrics": metrics,
             "train_seconds": meta["training"]["seconds"],
             "steps": meta["training"]["steps"], "final_loss": meta["training"]["history"][-1]["loss"],
@@ -140,13 +138,16 @@ def tau_sweep(args: argparse.Namespace) -> dict:
                     continue
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("label", "tau_setting", "metrics", "tau")}), flush=True)
-    chosen = {}
+    chosen, settings = {}, {}
     for kind in args.sweep_kinds:
         for label in (f"{kind} clip", f"{kind} cwcl"):
             group = [r for r in rows if r["label"] == label]
             if group:
-                chosen[label] = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])["tau_setting"]
-    return {"rows": rows, "chosen": chosen, "missing": missing, "validation": VALIDATION, "seed": args.seeds[0],
+                best = max(group, key=lambda r: r["metrics"][VALIDATION[kind]])
+                chosen[label] = best["tau_setting"]  # for the reader
+                settings[label] = [best["tau_fixed"], best["tau_lr"]]  # for chosen_temperature
+    return {"rows": rows, "chosen": chosen, "chosen_settings": settings, "missing": missing,
+            "validation": VALIDATION, "seed": args.seeds[0],
             "steps": args.steps, "kinds": list(args.sweep_kinds),
             "landscape": [row for kind in dict.fromkeys("image" if k == "image" else "speech" for k in args.sweep_kinds)
                           for row in loss_landscape(kind)]}
@@ -162,7 +163,10 @@ def chosen_temperature(sweep: dict, label: str) -> tuple[float | None, float]:
         key = f"speech {loss}"
     if key not in sweep["chosen"]:
         raise SystemExit(f"cwcl: the sweep chose no temperature for '{key}'; run `--sweep --sweep-kinds {kind}` first")
-    setting = sweep["chosen"][key]
+    if key in sweep.get("chosen_settings", {}):
+        tau, tau_lr = sweep["chosen_settings"][key]
+        return (None if tau is None else float(tau)), float(tau_lr)
+    setting = sweep["chosen"][key]  # a sweep file written before chosen_settings: its display string
     if isinstance(setting, (int, float)):
         return float(setting), 0.0
     return None, float(setting.split("lr ")[1]) if "lr " in setting else 0.0
@@ -298,8 +302,12 @@ def plot(rows: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ("speech", "whisper", "image") if any(r["kind"] == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), dpi=110, squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(6.5 * max(1, len(kinds)), 4.5), dpi=110,
+                             squeeze=False)
+    if not kinds:  # --finished-only before any run finished: say so rather than fail
+        axes[0][0].text(0.5, 0.5, "no finished runs yet", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for ax, kind in zip(axes[0][: len(kinds)], kinds, strict=True):
         labels = [label for label in RUNS if RUNS[label][0] == kind]
         labels = [label for label in labels if any(r["label"] == label for r in rows)]
         width = 0.8 / len(METRICS[kind])
