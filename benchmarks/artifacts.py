@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from leanfm.data.images import fashion_mnist
 from leanfm.models.artifacts import write_artifact
 from leanfm.paths import leanfm_home
 from leanfm.progress import set_quiet
+from leanfm.training import checkpoint_path, restore_committed
 from leanfm.vision.train import ViTTrainConfig, accuracy_and_throughput, load_vit, train_vit
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -66,10 +66,9 @@ def main() -> None:
     set_quiet(True)
     for name, (config, parent, _) in STAGES.items():
         run = args.runs / name
-        committed = ARTIFACTS / f"{name}.training"
-        training = run.parent / f"{run.name}.training"
-        if committed.is_dir() and not training.is_dir() and not (run / "metrics.json").is_file():
-            shutil.copytree(committed, training)  # continue the interrupted stage from the committed checkpoint
+        training = checkpoint_path(run)
+        if not (run / "metrics.json").is_file():  # continue an interrupted stage from its committed checkpoint
+            restore_committed(ARTIFACTS / f"{name}.training", run)
         if not args.export_only and not (run / "metrics.json").is_file():
             if parent is not None:
                 start = args.runs / parent if (args.runs / parent / "metrics.json").is_file() else ARTIFACTS / parent

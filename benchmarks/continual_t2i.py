@@ -12,8 +12,9 @@ sample grid (results/continual_t2i/<row>.png: rows concepts, columns noise seeds
 (results/continual_t2i.png) and the BENCHMARKS.md section.
 
 The judge is the concept classifier of :mod:`leanfm.eval.t2i` trained on real renders of every pretraining concept
-and the 40 held-out emoji (``--classifier``; default the one benchmarks/t2i_pretrain.py trained, rebuilt with the
-same recipe when absent). ``--base`` must be a pretrained model folder; a missing one is refused in one line.
+and the 40 held-out emoji (``--classifier``; default the one benchmarks/t2i_pretrain.py trained and committed,
+``artifacts/t2i-classifier``, else its run's copy, else rebuilt with the same recipe). ``--base`` must be a
+pretrained model folder; a missing one is refused in one line.
 
 Cost (measured on the default-size U-Net with random weights, one thread, shared 2-core machine): ~1 s per
 training step (batch 16, MiniLM forward/backward of the token's caption included) and ~23 s per 16 samples (25 DDIM
@@ -243,7 +244,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=BASE, help="the pretrained t2i model folder")
     parser.add_argument("--plan", nargs="+", default=None, help="rows N:METHOD[@field=value,...]")
     parser.add_argument("--classifier", type=Path, default=None,
-                        help="concept classifier folder [default: $LEANFM_HOME/t2i-pretrain/classifier]")
+                        help="concept classifier folder [default: artifacts/t2i-classifier, else "
+                             "$LEANFM_HOME/t2i-pretrain/classifier]")
     parser.add_argument("--runs", type=Path, default=None, help="run folders [$LEANFM_HOME/bench/continual_t2i]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -264,8 +266,10 @@ def main() -> None:
     elif not (args.base / "t2i.json").is_file():
         sys.exit(f"continual_t2i: base model '{args.base}' is missing (no t2i.json); pretrain it with "
                  "benchmarks/t2i_pretrain.py, pass --base DIR, or try --smoke")
-    args.classifier = build_classifier(args.classifier or (args.runs / "classifier" if args.smoke
-                                                           else home / "t2i-pretrain" / "classifier"), args.smoke)
+    committed = REPO / "artifacts" / "t2i-classifier"
+    default = (args.runs / "classifier" if args.smoke else committed if (committed / "classifier.json").is_file()
+               else home / "t2i-pretrain" / "classifier")
+    args.classifier = build_classifier(args.classifier or default, args.smoke)
     load_classifier(args.classifier)
     (args.results / "continual_t2i").mkdir(parents=True, exist_ok=True)
     path = args.results / "continual_t2i.json"

@@ -2,6 +2,12 @@
 
     nice -n 5 python benchmarks/t2i_pretrain.py --threads 1 >> /work/logs/t2i-pretrain.log 2>&1   # resumable
     python benchmarks/t2i_pretrain.py --export-only     # write artifacts/t2i-emoji-shapes from the finished run
+    nice -n 5 python benchmarks/t2i_pretrain.py --hours 2   # a session's share; then, to carry it on:
+    python benchmarks/t2i_pretrain.py --commit-checkpoint  # artifacts/t2i-emoji-shapes.training (exact resume)
+
+Across machines: the classifier is committed once trained (``artifacts/t2i-classifier``) and an unfinished run's
+training checkpoint with ``--commit-checkpoint``; a fresh machine starts from both (results/t2i_pretrain.json
+holds the curve so far), so the run continues where the last session stopped, not from step 0.
 
 Stages, each resumable (run folders under ``--runs``, default ``$LEANFM_HOME/t2i-pretrain``):
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +46,7 @@ import torch
 
 from leanfm.adapt.t2i import T2IPretrainConfig, train_t2i
 from leanfm.data.t2i import held_out_concepts, image_grid, pretraining_concepts, render_concepts, write_png
+from leanfm.errors import LeanfmError
 from leanfm.eval.t2i import (
     ClassifierConfig,
     ConceptClassifier,
@@ -51,20 +59,25 @@ from leanfm.eval.t2i import (
     train_classifier,
 )
 from leanfm.models.t2i import T2IModel, load_t2i, sample, write_t2i_artifact
-from leanfm.paths import atomic_write_json, leanfm_home
+from leanfm.paths import atomic_directory, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
-from leanfm.training import checkpoint_path
+from leanfm.training import checkpoint_path, commit_checkpoint, restore_committed
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "t2i_pretrain.json"
 ARTIFACT = ROOT / "artifacts" / "t2i-emoji-shapes"
+CHECKPOINT = ARTIFACT.with_name(ARTIFACT.name + ".training")  # an unfinished run, carried to the next machine
+CLASSIFIER = ROOT / "artifacts" / "t2i-classifier"  # the judge of this script and benchmarks/continual_t2i.py
 COMMAND = "nice -n 5 python benchmarks/t2i_pretrain.py --threads 1"
 log = logging.getLogger("t2i_pretrain")
 
 
 def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Namespace) -> tuple[ConceptClassifier,
                                                                                                    dict]:
-    """Train (or reload) the classifier on every concept; returns it and its record."""
+    """Train (or reload: the run's own, else the committed one) the classifier on every concept; returns it and its
+    record. A classifier trained here is committed too, so a later machine judges with the same weights."""
+    if not (folder / "classifier.json").is_file() and (CLASSIFIER / "classifier.json").is_file():
+        copy_folder(CLASSIFIER, folder)
     if (folder / "classifier.json").is_file():
         return load_classifier(folder)
     concepts = pretraining_concepts(config.captions, config.emoji_concepts) + held_out_concepts()
@@ -78,8 +91,15 @@ def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Nam
               "train_seconds": summary["train_seconds"], "accuracy_fresh_renders": accuracy,
               "final_loss": summary["history"][-1]["loss"]}
     save_classifier(classifier, folder, record)
+    copy_folder(folder, CLASSIFIER)
     log.info("classifier: %d concepts, accuracy on fresh renders %.3f", len(concepts), accuracy)
     return load_classifier(folder)
+
+
+def copy_folder(source: Path, target: Path) -> None:
+    """Replace ``target`` with a copy of ``source``, atomically."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def monitored(config: T2IPretrainConfig, count: int) -> list[str]:
@@ -163,6 +183,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS.parent)
     parser.add_argument("--artifact", type=Path, default=ARTIFACT)
     parser.add_argument("--export-only", action="store_true", help="train nothing; export the run as it is")
+    parser.add_argument("--hours", type=float, default=None,
+                        help="start no stretch after this many hours (an unfinished run is then neither exported nor "
+                             "judged finished; `--commit-checkpoint` carries it to the next machine)")
+    parser.add_argument("--commit-checkpoint", action="store_true",
+                        help=f"train nothing; copy the run's training checkpoint to {CHECKPOINT.relative_to(ROOT)}, "
+                             "from which a fresh machine continues exactly")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
@@ -170,6 +196,15 @@ def main() -> None:
     config = T2IPretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                autocast=not args.no_autocast, device=args.device)
     run = args.runs / "t2i"
+    if args.commit_checkpoint:
+        try:
+            print(f"committed {commit_checkpoint(run, CHECKPOINT)}", flush=True)
+        except LeanfmError as err:
+            sys.exit(f"t2i_pretrain: {err}")
+        return
+    if not (run / "t2i.json").is_file():
+        restore_committed(CHECKPOINT, run)  # a fresh machine continues the committed run
+    started = time.time()
     classifier, classifier_info = build_classifier(config, args.runs / "classifier", args)
     captions = monitored(config, args.eval_captions)
     real = real_renders(config, captions, args.eval_n, seed=3)
@@ -184,9 +219,14 @@ def main() -> None:
                              "guidance": args.guidance, "target": args.target}})
     results.setdefault("curve", [])
     step = results["curve"][-1]["step"] if results["curve"] else 0
+    finished = True
     while not args.export_only and step < args.steps:
         reached = bool(results["curve"]) and results["curve"][-1]["recognised"] >= args.target
         if reached:
+            break
+        if args.hours is not None and time.time() - started > 3600 * args.hours:
+            log.info("stopping at step %d: --hours %g spent (not finished; resumable)", step, args.hours)
+            finished = False
             break
         step = min(args.steps, step + args.eval_every)
         resume = checkpoint_path(run).is_dir()
@@ -202,7 +242,7 @@ def main() -> None:
                  summary["steps"], results["curve"][-1]["loss"], metrics["recognised"], metrics["recognised_emoji"],
                  metrics["recognised_shapes"], metrics["kid"], summary["train_seconds"])
         write(results, images, args)
-    if (run / "t2i.json").is_file():
+    if finished and (run / "t2i.json").is_file():
         export(run, classifier, captions, real, results, args)
     write(results, None, args)
 

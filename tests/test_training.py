@@ -17,11 +17,13 @@ from leanfm.training import (
     Task,
     TrainingInterrupted,
     checkpoint_path,
+    commit_checkpoint,
     fit,
     init_distributed,
     load_checkpoint,
     local_device,
     prepare_run,
+    restore_committed,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -162,6 +164,25 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_weights(tmp
     torch.rand(9, generator=task.generators["data"])
     again = fit(task, config, Runtime(), checkpoint=tmp_path / "b", resume=True)
     assert again.resumed_from == 3 and again.history == done.history
+    assert all(torch.equal(a, b) for a, b in zip(_weights(straight).values(), _weights(resumed).values(), strict=True))
+
+
+def test_a_committed_checkpoint_resumes_on_another_machine_to_the_uninterrupted_weights(tmp_path):
+    config = ToyConfig()
+    task, straight = toy(config, Runtime())
+    fit(task, config, Runtime())
+    task, _ = toy(config, Runtime(), fail_at=3)
+    with pytest.raises(TrainingInterrupted):
+        fit(task, config, Runtime(), checkpoint=checkpoint_path(tmp_path / "here" / "run"))
+    committed = commit_checkpoint(tmp_path / "here" / "run", tmp_path / "artifacts" / "run.training")
+    with pytest.raises(LeanfmError, match="no training checkpoint"):
+        commit_checkpoint(tmp_path / "here" / "other", tmp_path / "artifacts" / "other.training")
+    assert restore_committed(committed, tmp_path / "there" / "run")  # a fresh machine: nothing of its own yet
+    assert not restore_committed(committed, tmp_path / "there" / "run")  # its own checkpoint is never replaced
+    assert not restore_committed(tmp_path / "artifacts" / "missing.training", tmp_path / "there" / "new")
+    task, resumed = toy(config, Runtime())
+    again = fit(task, config, Runtime(), checkpoint=checkpoint_path(tmp_path / "there" / "run"), resume=True)
+    assert again.resumed_from == 3
     assert all(torch.equal(a, b) for a, b in zip(_weights(straight).values(), _weights(resumed).values(), strict=True))
 
 

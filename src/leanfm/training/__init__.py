@@ -2,6 +2,7 @@
 
 - :func:`fit` runs a :class:`Task` (a method's step function) on a :class:`Runtime` (device, autocast, rank);
 - :func:`prepare_run` applies the resume/overwrite rule to ``OUT`` and its checkpoint ``OUT.training``;
+- :func:`commit_checkpoint` / :func:`restore_committed` carry a checkpoint across machines (``artifacts/``);
 - :class:`TrainingInterrupted` is the Ctrl-C that saved a checkpoint first;
 - :func:`init_distributed` joins torchrun's process group with the backend the device needs.
 """
@@ -10,8 +11,10 @@ from leanfm.training.checkpoint import (
     STATE_FILE,
     TrainingInterrupted,
     checkpoint_path,
+    commit_checkpoint,
     load_checkpoint,
     prepare_run,
+    restore_committed,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -28,11 +31,13 @@ __all__ = [
     "TrainingInterrupted",
     "average_gradients",
     "checkpoint_path",
+    "commit_checkpoint",
     "fit",
     "init_distributed",
     "load_checkpoint",
     "local_device",
     "prepare_run",
+    "restore_committed",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

@@ -73,6 +73,35 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp / STATE_FILE)
 
 
+def restore_committed(committed: Path, out: Path) -> bool:
+    """Copy a committed training checkpoint (e.g. ``artifacts/<name>.training``) to ``OUT.training`` when ``OUT``
+    has none of its own; True when copied.
+
+    Why: a run longer than one working session continues on a fresh machine from the copy a session committed
+    (:func:`commit_checkpoint`), and resumes exactly, since the checkpoint holds the optimizer and RNG state.
+    """
+    target = checkpoint_path(out)
+    if not (Path(committed) / STATE_FILE).is_file() or target.exists():
+        return False
+    with atomic_directory(target) as tmp:
+        shutil.copy2(Path(committed) / STATE_FILE, tmp / STATE_FILE)
+    log.info("continuing from the committed checkpoint %s", committed)
+    return True
+
+
+def commit_checkpoint(out: Path, committed: Path) -> Path:
+    """Replace ``committed`` with a copy of ``OUT``'s current training checkpoint, atomically; returns it.
+
+    A missing checkpoint is a one-line error.
+    """
+    source = checkpoint_path(out) / STATE_FILE
+    if not source.is_file():
+        raise LeanfmError(f"no training checkpoint at '{source}' to commit")
+    with atomic_directory(Path(committed)) as tmp:
+        shutil.copy2(source, tmp / STATE_FILE)
+    return Path(committed)
+
+
 def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The state saved by :func:`save_checkpoint`, or None when there is none (tensors only, no pickled code).
 
