@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +30,12 @@ from leanfm.vision.bench import patch_for
 from leanfm.vision.patch import expand_r, token_count, vit_layers
 from leanfm.vision.train import ViTTrainConfig, accuracy_and_throughput, load_vit, read_metrics, train_vit
 
-VARIANTS = {  # label -> (method, tofu kwargs)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (method, tofu kwargs)
     "tome": ("tome", {}),
     "tofu": ("tofu", {"merge": "mlerp"}),
     "tofu-average": ("tofu", {"merge": "average"}),
+    # ours, an ablation: a pruned token's size goes to its matched partner, so proportional attention keeps its mass
+    "tofu-transfer": ("tofu", {"merge": "mlerp", "size_transfer": True}),
 }
 
 
@@ -65,7 +69,7 @@ def images_per_s(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
-def plot(rows: list[dict], base: dict) -> bytes:
+def plot(rows: list[dict], base: dict, threads: int) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +81,7 @@ def plot(rows: list[dict], base: dict) -> bytes:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.scatter([base["images_per_s"]], [base["accuracy"] * 100], color="black", zorder=3, label="no reduction")
-    ax.set(xlabel="images/s (batch 64, 2 threads)", ylabel="test accuracy (%)",
+    ax.set(xlabel=f"images/s (batch 64, {threads} threads)", ylabel="test accuracy (%)",
            title="ViT on Fashion-MNIST: token reduction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--schedule-rs", type=int, nargs="+", default=[24, 32, 40],
                         help="mean r of ToMe's decreasing schedule (r, -1): 2r tokens off the first layer, 0 the last")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the timed forwards")
     parser.add_argument("--speed-batches", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/tofu"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
@@ -105,8 +110,9 @@ def main() -> None:
 
         write_section(args.benchmarks_md, "tofu", markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     set_quiet(True)
+    load_before = os.getloadavg()[0]
     folder = args.model or default_vit()
     trained = read_metrics(folder)
     model = load_vit(folder)
@@ -140,9 +146,10 @@ def main() -> None:
                          "tokens_per_layer": list(model._leanfm_reduction.state.tokens)})
             print(rows[-1], flush=True)
     patch_for(model, "none")
-    summary = {"trained": trained, "base": base, "linearity_profile": profile, "linearity_split": split, "rows": rows}
+    summary = {"trained": trained, "base": base, "linearity_profile": profile, "linearity_split": split, "rows": rows,
+               "threads": args.threads, "load_average": [load_before, os.getloadavg()[0]]}
     atomic_write_json(args.out.with_suffix(".json"), summary)
-    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base))
+    atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base, args.threads))
     write_section(args.benchmarks_md, "tofu", markdown(summary, args))
 
 
@@ -174,7 +181,8 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
     stages = ", then ".join(f"{h['epochs']} epochs at peak lr {h['lr']:g} ({h['accuracy'] * 100:.1f}%)"
                             for h in history)
     minutes = sum(h["train_seconds"] for h in history) / 60
-    labels = [*VARIANTS, "tofu-linearity"]
+    labels = [label for label in [*VARIANTS, "tofu-linearity"] if any(r["label"] == label for r in summary["rows"])]
+    load = summary.get("load_average")
     lines = [
         "## ToFu (accelerate)", "",
         "Claim (paper): ToFu's accuracy >= ToMe's at equal speed; >= 1.6x images/s at <= 1 point accuracy loss "
@@ -185,11 +193,15 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         f"test accuracy **{base['accuracy'] * 100:.2f}%** at "
         f"{base['images_per_s']:.0f} images/s. r = tokens removed per layer; `r@-1` is ToMe's decreasing schedule "
         "(2r in the first layer down to 0 in the last, mean r). Accuracy on the full 10k test set; throughput: "
-        f"batch 64, 2 threads, methods alternated in {args.rounds} rounds, medians; speed-up vs no reduction in "
-        "the same rounds. ToFu split (prune in the first layers, MLERP later): `tofu` uses half depth; "
+        f"batch 64, {summary.get('threads', 2)} threads, methods alternated in {args.rounds} rounds, medians"
+        + (f" (load average {load[0]:.1f} before, {load[1]:.1f} after)" if load else "")
+        + "; speed-up vs no reduction in the same rounds. ToFu split (prune in the first layers, MLERP later): "
+        "`tofu` uses half depth; "
         "`tofu-linearity` uses the paper's criterion (layer nonlinearity on interpolated calibration inputs: "
         f"{', '.join(f'{e:.3f}' for e in summary['linearity_profile'])} -> prune the first "
-        f"{summary['linearity_split']} layers); `tofu-average` is the ablation with plain averaging.", "",
+        f"{summary['linearity_split']} layers); `tofu-average` is the ablation with plain averaging; `tofu-transfer` "
+        "(ours, an ablation) prunes as `tofu` but adds each pruned token's size to its matched kept token, so "
+        "proportional attention keeps the pruned mass.", "",
         "| r | " + " | ".join(f"{v} acc % / speed-up" for v in labels) + " |",
         "|---|" + "---|" * len(labels),
     ]
@@ -211,6 +223,11 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
              for b in rows if b["label"] == "tofu-average" and b["r"] == a["r"]]
     if pairs:
         reading.append(f"MLERP minus plain averaging (ToFu, same r): {min(pairs):+.2f} to {max(pairs):+.2f} points.")
+    moved = [(a["accuracy"] - b["accuracy"]) * 100 for a in rows if a["label"] == "tofu-transfer"
+             for b in rows if b["label"] == "tofu" and b["r"] == a["r"]]
+    if moved:
+        reading.append("Pruning with size transfer minus plain pruning (same r): median "
+                       f"{statistics.median(moved):+.2f} points (range {min(moved):+.2f} to {max(moved):+.2f}).")
     for label in labels:
         best = best_within(rows, label, base["accuracy"])
         reading.append(f"`{label}`: fastest setting within 1 point of the unreduced model: " + (
