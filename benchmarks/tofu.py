@@ -104,6 +104,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/tofu"))
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--render-only", action="store_true", help="rewrite the section from OUT.json, no runs")
+    parser.add_argument("--transfer-only", action="store_true",
+                        help="only the size-transfer ablation: accuracy of tofu and tofu-transfer at every r (same "
+                             "token counts, so no timing), to OUT_transfer.json and its own section")
+    parser.add_argument("--transfer-splits", choices=["half", "both"], default="half",
+                        help="prune splits of the ablation: half depth, or also the linearity criterion's")
     args = parser.parse_args()
     if args.render_only:
         import json
@@ -121,10 +126,17 @@ def main() -> None:
     profile = tofu.linearity_profile(model, calib)
     split = tofu.split_by_linearity(profile)
     variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
+    if args.transfer_only:
+        splits: list[int | str] = ["half", split] if args.transfer_splits == "both" else ["half"]
+        transfer = {"model": str(folder), "rows": transfer_ablation(model, images, labels, args, splits)}
+        atomic_write_json(args.out.with_name(args.out.name + "_transfer.json"), transfer)
+        write_section(args.benchmarks_md, "tofu-transfer", transfer_markdown(transfer))
+        return
     batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
     base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none"), images, labels)}
     rows = []
-    sweeps = [(r, r) for r in args.rs] + [((r, -1), f"{r}@-1") for r in args.schedule_rs]
+    sweeps: list[tuple[int | tuple[int, float], int | str]] = [(r, r) for r in args.rs] + [
+        ((r, -1), f"{r}@-1") for r in args.schedule_rs]
     for r, r_label in list(sweeps):  # refuse infeasible settings before any timing (one-line reason each)
         try:
             expand_r(r, len(vit_layers(model)), token_count(model))
@@ -151,6 +163,54 @@ def main() -> None:
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base, args.threads))
     write_section(args.benchmarks_md, "tofu", markdown(summary, args))
+
+
+def sweep_points(args: argparse.Namespace) -> list[tuple[int | tuple[int, float], str]]:
+    """The r settings of a run: constant r, then ToMe's decreasing schedule ``(r, -1)``."""
+    return [(r, str(r)) for r in args.rs] + [((r, -1), f"{r}@-1") for r in args.schedule_rs]
+
+
+def transfer_ablation(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+                      splits: list[int | str]) -> list[dict]:
+    """ToFu with plain pruning vs pruning that hands each pruned token's size to its matched kept token, at each r
+    and each split in ``splits`` (e.g. half depth, the linearity criterion's). Same token counts: accuracy alone."""
+    rows = []
+    for r, r_label in sweep_points(args):
+        for prune_layers in dict.fromkeys(splits):
+            for transfer in (False, True):
+                patched = patch_for(model, "tofu", **r_settings(r), merge="mlerp", prune_layers=prune_layers,
+                                    size_transfer=transfer)
+                accuracy = accuracy_and_throughput(patched, images, labels)["accuracy"]
+                rows.append({"r": r_label, "prune_layers": prune_layers, "size_transfer": transfer,
+                             "accuracy": accuracy})
+                print(rows[-1], flush=True)
+    patch_for(model, "none")
+    return rows
+
+
+def transfer_markdown(summary: dict) -> str:
+    rows = summary["rows"]
+    splits = list(dict.fromkeys(row["prune_layers"] for row in rows))
+    lines = ["### Pruning with size transfer (ablation)", "",
+             "ToFu prunes in its early layers: the pruned token is dropped and its size (the number of patches it "
+             "stands for) with it, so proportional attention no longer counts that mass. `transfer` adds the pruned "
+             "token's size to the kept token it matched (ours; the paper does not). Accuracy on the full 10k test "
+             f"set, MLERP in the merging layers, `{summary['model']}`; token counts are identical, so speed is too.",
+             "", "| r | " + " | ".join(f"prune {s} layers: plain / transfer %" for s in splits) + " |",
+             "|---|" + "---|" * len(splits)]
+    gains = []
+    for r in dict.fromkeys(row["r"] for row in rows):
+        cells = []
+        for split in splits:
+            plain, moved = (next(x["accuracy"] for x in rows if x["r"] == r and x["prune_layers"] == split
+                                 and x["size_transfer"] is t) for t in (False, True))
+            gains.append((moved - plain) * 100)
+            cells.append(f"{plain * 100:.2f} / {moved * 100:.2f}")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", f"Transfer minus plain pruning: median {statistics.median(gains):+.2f} points over {len(gains)} "
+              f"settings (range {min(gains):+.2f} to {max(gains):+.2f}).", "",
+              "Regenerate: `python benchmarks/tofu.py --transfer-only --threads 1`"]
+    return "\n".join(lines)
 
 
 def best_within(rows: list[dict], label: str, base_accuracy: float, loss_points: float = 1.0) -> dict | None:
