@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import time
@@ -111,9 +112,12 @@ def main() -> None:
                         help="prune splits of the ablation: half depth, or also the linearity criterion's")
     args = parser.parse_args()
     if args.render_only:
-        import json
-
-        write_section(args.benchmarks_md, "tofu", markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
+        if args.transfer_only:
+            summary = json.loads(args.out.with_name(args.out.name + "_transfer.json").read_text())
+            write_section(args.benchmarks_md, "tofu-transfer", transfer_markdown(summary))
+        else:
+            write_section(args.benchmarks_md, "tofu", markdown(json.loads(args.out.with_suffix(".json").read_text()),
+                                                                args))
         return
     torch.set_num_threads(args.threads)
     set_quiet(True)
@@ -128,8 +132,10 @@ def main() -> None:
     variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
     if args.transfer_only:
         splits: list[int | str] = ["half", split] if args.transfer_splits == "both" else ["half"]
-        transfer = {"model": str(folder), "rows": transfer_ablation(model, images, labels, args, splits)}
-        atomic_write_json(args.out.with_name(args.out.name + "_transfer.json"), transfer)
+        path = args.out.with_name(args.out.name + "_transfer.json")
+        transfer = {"model": str(folder), "unreduced_accuracy": trained["accuracy"],
+                    "rows": transfer_ablation(model, images, labels, args, splits, path, str(folder))}
+        atomic_write_json(path, transfer)
         write_section(args.benchmarks_md, "tofu-transfer", transfer_markdown(transfer))
         return
     batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
@@ -171,45 +177,62 @@ def sweep_points(args: argparse.Namespace) -> list[tuple[int | tuple[int, float]
 
 
 def transfer_ablation(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
-                      splits: list[int | str]) -> list[dict]:
+                      splits: list[int | str], path: Path, model_name: str) -> list[dict]:
     """ToFu with plain pruning vs pruning that hands each pruned token's size to its matched kept token, at each r
-    and each split in ``splits`` (e.g. half depth, the linearity criterion's). Same token counts: accuracy alone."""
-    rows = []
+    and each split in ``splits`` (e.g. half depth, the linearity criterion's), with ToMe at the same r as the
+    reference. Same token counts: accuracy alone. Rows already in ``path`` for the same model are reused (each
+    is a full 10k-image pass), and ``path`` is rewritten after every row."""
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    rows: list[dict] = cached.get("rows", []) if cached.get("model") == model_name else []
     for r, r_label in sweep_points(args):
-        for prune_layers in dict.fromkeys(splits):
-            for transfer in (False, True):
-                patched = patch_for(model, "tofu", **r_settings(r), merge="mlerp", prune_layers=prune_layers,
-                                    size_transfer=transfer)
-                accuracy = accuracy_and_throughput(patched, images, labels)["accuracy"]
-                rows.append({"r": r_label, "prune_layers": prune_layers, "size_transfer": transfer,
-                             "accuracy": accuracy})
-                print(rows[-1], flush=True)
+        settings = [("tome", None, False)] + [("tofu", s, t) for s in dict.fromkeys(splits) for t in (False, True)]
+        for method, prune_layers, transfer in settings:
+            key = {"r": r_label, "method": method, "prune_layers": prune_layers, "size_transfer": transfer}
+            if any(all(row.get(k, "tofu" if k == "method" else None) == v for k, v in key.items()) for row in rows):
+                continue
+            kwargs = {} if method == "tome" else {"merge": "mlerp", "prune_layers": prune_layers,
+                                                  "size_transfer": transfer}
+            patched = patch_for(model, method, **r_settings(r), **kwargs)
+            rows.append({**key, "accuracy": accuracy_and_throughput(patched, images, labels)["accuracy"]})
+            print(rows[-1], flush=True)
+            atomic_write_json(path, {**cached, "model": model_name, "rows": rows})
     patch_for(model, "none")
     return rows
 
 
 def transfer_markdown(summary: dict) -> str:
-    rows = summary["rows"]
-    splits = list(dict.fromkeys(row["prune_layers"] for row in rows))
+    rows = [{"method": "tofu", **row} for row in summary["rows"]]  # rows of the first run name no method
+    tofu_rows = [row for row in rows if row["method"] == "tofu"]
+    splits = list(dict.fromkeys(row["prune_layers"] for row in tofu_rows))
+    tome = {row["r"]: row["accuracy"] for row in rows if row["method"] == "tome"}
     lines = ["### Pruning with size transfer (ablation)", "",
              "ToFu prunes in its early layers: the pruned token is dropped and its size (the number of patches it "
              "stands for) with it, so proportional attention no longer counts that mass. `transfer` adds the pruned "
              "token's size to the kept token it matched (ours; the paper does not). Accuracy on the full 10k test "
-             f"set, MLERP in the merging layers, `{summary['model']}`; token counts are identical, so speed is too.",
-             "", "| r | " + " | ".join(f"prune {s} layers: plain / transfer %" for s in splits) + " |",
-             "|---|" + "---|" * len(splits)]
-    gains = []
-    for r in dict.fromkeys(row["r"] for row in rows):
+             f"set, MLERP in the merging layers, ToMe at the same r beside them, `{summary['model']}`"
+             + (f" ({summary['unreduced_accuracy'] * 100:.2f}% unreduced)" if "unreduced_accuracy" in summary else "")
+             + "; token counts are identical, so speed is too (ToFu vs ToMe speed: the table above).", "",
+             "| r | " + " | ".join(f"ToFu, prune {s} layers: plain / transfer %" for s in splits)
+             + (" | ToMe % |" if tome else " |"),
+             "|---|" + "---|" * (len(splits) + bool(tome))]
+    gains, plain_gap, moved_gap = [], [], []
+    for r in dict.fromkeys(row["r"] for row in tofu_rows):
         cells = []
         for split in splits:
-            plain, moved = (next(x["accuracy"] for x in rows if x["r"] == r and x["prune_layers"] == split
+            plain, moved = (next(x["accuracy"] for x in tofu_rows if x["r"] == r and x["prune_layers"] == split
                                  and x["size_transfer"] is t) for t in (False, True))
             gains.append((moved - plain) * 100)
+            if r in tome:
+                plain_gap.append((plain - tome[r]) * 100)
+                moved_gap.append((moved - tome[r]) * 100)
             cells.append(f"{plain * 100:.2f} / {moved * 100:.2f}")
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", f"Transfer minus plain pruning: median {statistics.median(gains):+.2f} points over {len(gains)} "
-              f"settings (range {min(gains):+.2f} to {max(gains):+.2f}).", "",
-              "Regenerate: `python benchmarks/tofu.py --transfer-only --threads 1`"]
+        lines.append(f"| {r} | " + " | ".join(cells) + (f" | {tome[r] * 100:.2f} |" if r in tome else " |"))
+    lines += ["", f"- Transfer minus plain pruning: median {statistics.median(gains):+.2f} points over {len(gains)} "
+              f"settings (range {min(gains):+.2f} to {max(gains):+.2f})."]
+    if plain_gap:
+        lines += [f"- ToFu minus ToMe at the same r: plain pruning median {statistics.median(plain_gap):+.2f} points, "
+                  f"with size transfer {statistics.median(moved_gap):+.2f} ({len(plain_gap)} settings)."]
+    lines += ["", "Regenerate: `python benchmarks/tofu.py --transfer-only --threads 1`"]
     return "\n".join(lines)
 
 
