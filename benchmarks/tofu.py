@@ -200,6 +200,12 @@ def transfer_ablation(model: torch.nn.Module, images: torch.Tensor, labels: torc
     return rows
 
 
+def shown(path: str) -> str:
+    """A model folder as the reader's checkout names it (relative to the repository when inside it)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
 def transfer_markdown(summary: dict) -> str:
     rows = [{"method": "tofu", **row} for row in summary["rows"]]  # rows of the first run name no method
     tofu_rows = [row for row in rows if row["method"] == "tofu"]
@@ -209,7 +215,7 @@ def transfer_markdown(summary: dict) -> str:
              "ToFu prunes in its early layers: the pruned token is dropped and its size (the number of patches it "
              "stands for) with it, so proportional attention no longer counts that mass. `transfer` adds the pruned "
              "token's size to the kept token it matched (ours; the paper does not). Accuracy on the full 10k test "
-             f"set, MLERP in the merging layers, ToMe at the same r beside them, `{summary['model']}`"
+             f"set, MLERP in the merging layers, ToMe at the same r beside them, `{shown(summary['model'])}`"
              + (f" ({summary['unreduced_accuracy'] * 100:.2f}% unreduced)" if "unreduced_accuracy" in summary else "")
              + "; token counts are identical, so speed is too (ToFu vs ToMe speed: the table above).", "",
              "| r | " + " | ".join(f"ToFu, prune {s} layers: plain / transfer %" for s in splits)
