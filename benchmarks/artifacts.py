@@ -116,6 +116,8 @@ def main() -> None:
             except TrainingInterrupted as stopped:
                 print(f"{name}: stopped at step {stopped.step}, checkpointed; run again to continue", flush=True)
                 return
+            finally:
+                signal.alarm(0)  # a stage that finished in time: no Ctrl-C during its export
         if (run / "metrics.json").is_file():
             print(f"exported {export(name, run)}", flush=True)
 

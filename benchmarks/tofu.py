@@ -288,9 +288,9 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         "`tofu` uses half depth; "
         "`tofu-linearity` uses the paper's criterion (layer nonlinearity on interpolated calibration inputs: "
         f"{', '.join(f'{e:.3f}' for e in summary['linearity_profile'])} -> prune the first "
-        f"{summary['linearity_split']} layers); `tofu-average` is the ablation with plain averaging; `tofu-transfer` "
-        "(ours, an ablation) prunes as `tofu` but adds each pruned token's size to its matched kept token, so "
-        "proportional attention keeps the pruned mass.", "",
+        f"{summary['linearity_split']} layers); `tofu-average` is the ablation with plain averaging"
+        + ("; `tofu-transfer` (ours, an ablation) prunes as `tofu` but adds each pruned token's size to its matched "
+           "kept token, so proportional attention keeps the pruned mass." if "tofu-transfer" in labels else "."), "",
         "| r | " + " | ".join(f"{v} acc % / speed-up" for v in labels) + " |",
         "|---|" + "---|" * len(labels),
     ]
