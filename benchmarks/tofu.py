@@ -114,10 +114,10 @@ def main() -> None:
     if args.render_only:
         if args.transfer_only:
             summary = json.loads(args.out.with_name(args.out.name + "_transfer.json").read_text())
-            write_section(args.benchmarks_md, "tofu-transfer", transfer_markdown(summary))
+            write_section(args.benchmarks_md, section(args.out) + "-transfer", transfer_markdown(summary))
         else:
-            write_section(args.benchmarks_md, "tofu", markdown(json.loads(args.out.with_suffix(".json").read_text()),
-                                                                args))
+            write_section(args.benchmarks_md, section(args.out),
+                          markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
         return
     torch.set_num_threads(args.threads)
     set_quiet(True)
@@ -136,7 +136,7 @@ def main() -> None:
         transfer = {"model": str(folder), "unreduced_accuracy": trained["accuracy"],
                     "rows": transfer_ablation(model, images, labels, args, splits, path, str(folder))}
         atomic_write_json(path, transfer)
-        write_section(args.benchmarks_md, "tofu-transfer", transfer_markdown(transfer))
+        write_section(args.benchmarks_md, section(args.out) + "-transfer", transfer_markdown(transfer))
         return
     batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
     base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none"), images, labels)}
@@ -168,7 +168,13 @@ def main() -> None:
                "threads": args.threads, "load_average": [load_before, os.getloadavg()[0]]}
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base, args.threads))
-    write_section(args.benchmarks_md, "tofu", markdown(summary, args))
+    write_section(args.benchmarks_md, section(args.out), markdown(summary, args))
+
+
+def section(out: Path) -> str:
+    """The BENCHMARKS.md section of a run: ``tofu`` for the default ``results/tofu``, else named after ``--out``
+    (e.g. ``results/tofu_vit8`` -> ``tofu-vit8``), so a second model's table sits beside the first."""
+    return "tofu" if out.name == "tofu" else out.name.replace("_", "-")
 
 
 def sweep_points(args: argparse.Namespace) -> list[tuple[int | tuple[int, float], str]]:
@@ -273,7 +279,7 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
     labels = [label for label in [*VARIANTS, "tofu-linearity"] if any(r["label"] == label for r in summary["rows"])]
     load = summary.get("load_average")
     lines = [
-        "## ToFu (accelerate)", "",
+        "## ToFu (accelerate)" if section(args.out) == "tofu" else f"### ToFu on `{shown(str(args.model))}`", "",
         "Claim (paper): ToFu's accuracy >= ToMe's at equal speed; >= 1.6x images/s at <= 1 point accuracy loss "
         "(off the shelf, no retraining).", "",
         f"Setting: a transformers ViT ({cfg['layers']} layers, width {cfg['hidden_size']}, MLP {cfg['mlp']}, "
@@ -322,7 +328,8 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         reading.append(f"`{label}`: fastest setting within 1 point of the unreduced model: " + (
             f"r={best['r']}, {best['speedup']:.2f}x at {best['accuracy'] * 100:.2f}%." if best else "none."))
     lines += ["", "Reading (computed from the rows above):", *[f"- {line}" for line in reading],
-              "", "![ToFu vs ToMe](results/tofu.png)", "", "Regenerate: `python benchmarks/tofu.py`"]
+              "", f"![ToFu vs ToMe]({args.out.with_suffix('.png')})", "", "Regenerate: `python benchmarks/tofu.py"
+              + ("`" if section(args.out) == "tofu" else f" --model {shown(str(args.model))} --out {args.out}`")]
     return "\n".join(lines)
 
 
