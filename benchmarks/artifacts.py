@@ -60,7 +60,7 @@ def export(name: str, run: Path) -> Path:
     images, labels = fashion_mnist("test")
     quality = accuracy_and_throughput(bf16, images, labels)
     metrics = json.loads((run / "metrics.json").read_text())
-    config, parent, command = {**STAGES, **DEEP}[name]
+    config, parent, command = next(family[name] for family in FAMILIES.values() if name in family)
     manifest = {
         "name": name, "command": command, "steps": metrics["steps"], "seed": config.seed,
         "data": "Fashion-MNIST train (60000 images, flips and 2-pixel shifts), test (10000) for the metric",

@@ -45,9 +45,10 @@ from leanfm.models.t2i import T2IConfig, T2IModel, save_t2i
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.report.report import write_section
+from t2i_pretrain import ARTIFACT, CLASSIFIER
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "artifacts" / "t2i-emoji-shapes"
+BASE = ARTIFACT  # what benchmarks/t2i_pretrain.py exports
 PLAN = ("10:lora", "10:clora", "10:stamina", "10:clora@token_init=word", "30:lora", "30:clora", "30:stamina")
 SMOKE_PLAN = ("2:lora", "2:clora", "2:stamina", "3:clora")
 SMOKE = {"shots": 2, "steps": 3, "batch_size": 4, "warmup": 1, "samples": 4, "sample_steps": 2, "real": 4}
@@ -266,8 +267,7 @@ def main() -> None:
     elif not (args.base / "t2i.json").is_file():
         sys.exit(f"continual_t2i: base model '{args.base}' is missing (no t2i.json); pretrain it with "
                  "benchmarks/t2i_pretrain.py, pass --base DIR, or try --smoke")
-    committed = REPO / "artifacts" / "t2i-classifier"
-    default = (args.runs / "classifier" if args.smoke else committed if (committed / "classifier.json").is_file()
+    default = (args.runs / "classifier" if args.smoke else CLASSIFIER if (CLASSIFIER / "classifier.json").is_file()
                else home / "t2i-pretrain" / "classifier")
     args.classifier = build_classifier(args.classifier or default, args.smoke)
     load_classifier(args.classifier)

@@ -163,13 +163,11 @@ def chosen_temperature(sweep: dict, label: str) -> tuple[float | None, float]:
         key = f"speech {loss}"
     if key not in sweep["chosen"]:
         raise SystemExit(f"cwcl: the sweep chose no temperature for '{key}'; run `--sweep --sweep-kinds {kind}` first")
-    if key in sweep.get("chosen_settings", {}):
-        tau, tau_lr = sweep["chosen_settings"][key]
-        return (None if tau is None else float(tau)), float(tau_lr)
-    setting = sweep["chosen"][key]  # a sweep file written before chosen_settings: its display string
-    if isinstance(setting, (int, float)):
-        return float(setting), 0.0
-    return None, float(setting.split("lr ")[1]) if "lr " in setting else 0.0
+    if key not in sweep.get("chosen_settings", {}):
+        raise SystemExit(f"cwcl: the sweep file has no chosen_settings for '{key}' (written by an older cwcl.py); "
+                         "rerun `--sweep --finished-only` to rewrite it from its cached runs")
+    tau, tau_lr = sweep["chosen_settings"][key]
+    return (None if tau is None else float(tau)), float(tau_lr)
 
 
 def sweep_markdown(sweep: dict) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ from leanfm.eval.t2i import (
     train_classifier,
 )
 from leanfm.models.t2i import T2IModel, load_t2i, sample, write_t2i_artifact
-from leanfm.paths import atomic_directory, atomic_write_json, leanfm_home
+from leanfm.paths import atomic_write_json, copy_directory, leanfm_home
 from leanfm.progress import set_quiet
 from leanfm.training import checkpoint_path, commit_checkpoint, restore_committed
 
@@ -77,7 +76,7 @@ def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Nam
     """Train (or reload: the run's own, else the committed one) the classifier on every concept; returns it and its
     record. A classifier trained here is committed too, so a later machine judges with the same weights."""
     if not (folder / "classifier.json").is_file() and (CLASSIFIER / "classifier.json").is_file():
-        copy_folder(CLASSIFIER, folder)
+        copy_directory(CLASSIFIER, folder)
     if (folder / "classifier.json").is_file():
         return load_classifier(folder)
     concepts = pretraining_concepts(config.captions, config.emoji_concepts) + held_out_concepts()
@@ -91,15 +90,9 @@ def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Nam
               "train_seconds": summary["train_seconds"], "accuracy_fresh_renders": accuracy,
               "final_loss": summary["history"][-1]["loss"]}
     save_classifier(classifier, folder, record)
-    copy_folder(folder, CLASSIFIER)
+    copy_directory(folder, CLASSIFIER)
     log.info("classifier: %d concepts, accuracy on fresh renders %.3f", len(concepts), accuracy)
     return load_classifier(folder)
-
-
-def copy_folder(source: Path, target: Path) -> None:
-    """Replace ``target`` with a copy of ``source``, atomically."""
-    with atomic_directory(target) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def monitored(config: T2IPretrainConfig, count: int) -> list[str]:

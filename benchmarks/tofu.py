@@ -141,8 +141,8 @@ def main() -> None:
     batches = [to_pixel_values(images[i * 64 : (i + 1) * 64]) for i in range(args.speed_batches)]
     base = {"label": "none", "r": 0, **accuracy_and_throughput(patch_for(model, "none"), images, labels)}
     rows = []
-    sweeps: list[tuple[int | tuple[int, float], int | str]] = [(r, r) for r in args.rs] + [
-        ((r, -1), f"{r}@-1") for r in args.schedule_rs]
+    sweeps: list[tuple[int | tuple[int, float], int | str]] = [  # tofu.json labels a constant r by its int
+        (r, r if isinstance(r, int) else label) for r, label in sweep_points(args)]
     for r, r_label in list(sweeps):  # refuse infeasible settings before any timing (one-line reason each)
         try:
             expand_r(r, len(vit_layers(model)), token_count(model))

@@ -104,6 +104,13 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
+def copy_directory(source: Path, target: Path) -> Path:
+    """Replace ``target`` with a copy of folder ``source``, atomically (old or new, never partial); returns it."""
+    with atomic_directory(Path(target)) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    return Path(target)
+
+
 def read_description(folder: str | Path, name: str, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
     """The JSON object ``folder/name`` whose ``format`` is ``fmt`` (a saved run's or model's description).
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from leanfm.errors import LeanfmError
-from leanfm.paths import atomic_directory, check_output_dir
+from leanfm.paths import atomic_directory, check_output_dir, copy_directory
 from leanfm.training.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,7 @@ def restore_committed(committed: Path, out: Path) -> bool:
     target = checkpoint_path(out)
     if not (Path(committed) / STATE_FILE).is_file() or target.exists():
         return False
-    with atomic_directory(target) as tmp:
-        shutil.copy2(Path(committed) / STATE_FILE, tmp / STATE_FILE)
+    copy_directory(Path(committed), target)
     log.info("continuing from the committed checkpoint %s", committed)
     return True
 
@@ -97,9 +96,7 @@ def commit_checkpoint(out: Path, committed: Path) -> Path:
     source = checkpoint_path(out) / STATE_FILE
     if not source.is_file():
         raise LeanfmError(f"no training checkpoint at '{source}' to commit")
-    with atomic_directory(Path(committed)) as tmp:
-        shutil.copy2(source, tmp / STATE_FILE)
-    return Path(committed)
+    return copy_directory(source.parent, Path(committed))
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any] | None:
