@@ -10,11 +10,12 @@ The ViT of the token-reduction benchmarks is trained in two stages, each a plain
 5 epochs at lr 2e-3 (``vit-fmnist-e5``, ~65 min on one core), then 6 more from those weights at lr 1e-3
 (``vit-fmnist-e11``, ~70 min). Each finished stage is exported as bf16 safetensors with a manifest; its accuracy
 is measured on the bf16 weights as saved (upcast to float32, as :func:`leanfm.vision.train.load_vit` loads them).
-The 8-layer ViT (``vit8``: same width and patches, 16 epochs in one schedule at lr 1e-3 — our guess at a recipe
-for >= 88%, not tuned) exists because in 4 layers reduction in the last layer cannot change the class token, so
-ToFu's "merge late" had almost no late layers to act in. Measured cost here: ~9 s a step on one contended thread
-of this AVX2 machine (float32), ~7500 steps, so ~12+ CPU-hours: a GPU run, or several sessions via the committed
-checkpoint.
+The 8-layer ViT (``vit8-fmnist``) exists because in 4 layers reduction in the last layer cannot change the class
+token, so ToFu's "merge late" had almost no late layers to act in. From scratch it would cost ~12+ CPU-hours here
+(~9 s a step on one contended thread of this AVX2 machine, float32, ~7500 steps for 16 epochs), so it is grown
+from the committed 4-layer ``vit-fmnist-e11``: each layer is followed by a copy whose residual output projections
+are zero (the same function at step 0, :func:`leanfm.vision.train.grow_layers`), then all 8 layers train for 5
+epochs at lr 5e-4 — our recipe, not tuned.
 
 A later session continues from a committed stage instead of starting over — or, when a stage could not finish
 within one session, from its committed training checkpoint ``artifacts/<stage>.training/state.pt`` (model,
@@ -47,8 +48,9 @@ STAGES: Stages = {
                        "--lr 1e-3 --resume"),
 }
 DEEP: Stages = {
-    "vit8-fmnist": (ViTTrainConfig(layers=8, epochs=16, lr=1e-3), None,
-                    "leanfm vision train --out RUNS/vit8-fmnist --layers 8 --epochs 16 --lr 1e-3 --resume"),
+    "vit8-fmnist": (ViTTrainConfig(layers=8, epochs=5, lr=5e-4), "vit-fmnist-e11",
+                    "leanfm vision train --out RUNS/vit8-fmnist --layers 8 --init-from RUNS/vit-fmnist-e11 "
+                    "--epochs 5 --lr 5e-4 --resume"),
 }
 FAMILIES: dict[str, Stages] = {"vit": STAGES, "vit8": DEEP}
 

@@ -240,6 +240,26 @@ def test_init_from_continues_a_trained_vit_and_records_every_stage(trained_vit, 
         train_vit(replace(config, layers=3, init_from=str(out)), tmp_path / "d")
 
 
+@pytest.mark.training
+def test_init_from_a_shallower_vit_grows_it_without_changing_its_function(trained_vit):
+    from leanfm.vision.train import ViTTrainConfig, _load_weights, build_vit, load_vit
+
+    out, _ = trained_vit
+    shallow = load_vit(out)
+    grown = build_vit(ViTTrainConfig(**{**TINY_VIT, "layers": 4, "seed": 5})).eval()
+    _load_weights(grown, str(out))
+    pixels = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(grown(pixel_values=pixels).logits, shallow(pixel_values=pixels).logits)
+    layers = grown.vit.layers
+    for index in (1, 3):  # the copies: zero residual outputs, inner weights of the layer they follow
+        assert not layers[index].mlp.fc2.weight.any() and not layers[index].attention.o_proj.bias.any()
+        torch.testing.assert_close(layers[index].mlp.fc1.weight, shallow.vit.layers[index // 2].mlp.fc1.weight)
+    assert layers[2].mlp.fc2.weight.any()  # the trained layers keep their outputs
+    grown.train()
+    torch.nn.functional.cross_entropy(grown(pixel_values=pixels).logits, torch.arange(4)).backward()
+    assert layers[1].mlp.fc2.weight.grad.abs().sum() > 0  # the copies train from the first step
+
+
 def test_patch_configs_parse_r_and_refuse_bad_settings():
     from leanfm.vision.tofu import TofuConfig
     from leanfm.vision.tome import TomeConfig
