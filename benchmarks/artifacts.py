@@ -11,11 +11,11 @@ The ViT of the token-reduction benchmarks is trained in two stages, each a plain
 (``vit-fmnist-e11``, ~70 min). Each finished stage is exported as bf16 safetensors with a manifest; its accuracy
 is measured on the bf16 weights as saved (upcast to float32, as :func:`leanfm.vision.train.load_vit` loads them).
 The 8-layer ViT (``vit8-fmnist``) exists because in 4 layers reduction in the last layer cannot change the class
-token, so ToFu's "merge late" had almost no late layers to act in. From scratch it would cost ~12+ CPU-hours here
+token, so ToFu's "merge late" had almost no late layers to act in. From scratch it would cost ~19 CPU-hours here
 (~9 s a step on one contended thread of this AVX2 machine, float32, ~7500 steps for 16 epochs), so it is grown
 from the committed 4-layer ``vit-fmnist-e11``: each layer is followed by a copy whose residual output projections
 are zero (the same function at step 0, :func:`leanfm.vision.train.grow_layers`), then all 8 layers train for 5
-epochs at lr 5e-4 — our recipe, not tuned.
+epochs at lr 5e-4 (2345 steps, ~9.5 s each here beside another job: ~6 CPU-hours) — our recipe, not tuned.
 
 A later session continues from a committed stage instead of starting over — or, when a stage could not finish
 within one session, from its committed training checkpoint ``artifacts/<stage>.training/state.pt`` (model,
