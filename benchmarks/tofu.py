@@ -40,6 +40,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (method, tofu kw
 }
 
 
+RS_4_LAYERS = (8, 16, 24, 32, 36, 39)  # the 4-layer ViT's sweep: 32 to 156 of its 196 patch tokens removed in all
+SCHEDULE_RS_4_LAYERS = (24, 32, 40)
+
+
+def scaled_rs(rs_4_layers: tuple[int, ...], layers: int) -> list[int]:
+    """The 4-layer sweep scaled to ``layers``: r * 4 / layers, rounded, so every depth removes about the same
+    number of tokens in all at each point (an 8-layer ViT: 8 -> 4, 39 -> 20)."""
+    return list(dict.fromkeys(max(1, round(r * 4 / layers)) for r in rs_4_layers))
+
+
 def default_vit() -> Path:
     """The benchmark's ViT: 5 epochs at lr 2e-3, then 6 more from those weights at lr 1e-3.
 
@@ -96,9 +106,12 @@ def plot(rows: list[dict], base: dict, threads: int) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="trained ViT folder (default: train/cache one)")
-    parser.add_argument("--rs", type=int, nargs="+", default=[8, 16, 24, 32, 36, 39])
-    parser.add_argument("--schedule-rs", type=int, nargs="+", default=[24, 32, 40],
-                        help="mean r of ToMe's decreasing schedule (r, -1): 2r tokens off the first layer, 0 the last")
+    parser.add_argument("--rs", type=int, nargs="+", default=None,
+                        help=f"constant r per layer [default {list(RS_4_LAYERS)} on a 4-layer ViT, scaled by 4/depth "
+                             "so a deeper ViT is swept over the same total reductions]")
+    parser.add_argument("--schedule-rs", type=int, nargs="+", default=None,
+                        help="mean r of ToMe's decreasing schedule (r, -1): 2r tokens off the first layer, 0 the last "
+                             f"[default {list(SCHEDULE_RS_4_LAYERS)} on a 4-layer ViT, scaled likewise]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timed forwards")
     parser.add_argument("--speed-batches", type=int, default=8)
@@ -127,6 +140,8 @@ def main() -> None:
     model = load_vit(folder)
     images, labels = fashion_mnist("test")
     calib = to_pixel_values(fashion_mnist("train")[0][:64])
+    args.rs = args.rs or scaled_rs(RS_4_LAYERS, len(vit_layers(model)))
+    args.schedule_rs = args.schedule_rs or scaled_rs(SCHEDULE_RS_4_LAYERS, len(vit_layers(model)))
     profile = tofu.linearity_profile(model, calib)
     split = tofu.split_by_linearity(profile)
     variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
