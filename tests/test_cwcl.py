@@ -291,7 +291,7 @@ def test_align_image_holds_validation_combinations_out_and_scores_them(tmp_path,
     meta = json.loads((out / "align.json").read_text())
     assert meta["data"]["validation_combinations"] == 14 and meta["data"]["train_combinations"] == 130
     assert meta["data"]["images"] == 130  # one render per fitted combination: the validation ones never train
-    assert 0 <= metrics["validation_accuracy"] <= 1 and metrics["validation_items"] == 140
+    assert 0 <= metrics["validation_accuracy"] <= 1 and metrics["validation_items"] == 1400  # 100 renders each
     assert main(["--quiet", "align", "eval", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics  # evaluation re-derives the same validation split
     assert main(["--quiet", "align", "eval", str(out), "--synthesiser", "flite"]) == 2
