@@ -219,8 +219,9 @@ def evaluate_image(encoder: nn.Module, text_model: TextEncoder, seed: int = 0,
 
 
 # renders per held-out combination in image validation: 100 (1,400 items at 14 combinations). With 10 (140 items)
-# render noise decided the temperature: image CWCL τ 0.2 led τ 0.5 by 0.300 to 0.279 and trailed it by 0.238 to
-# 0.277 with 100 renders (two render seeds agreeing to 0.005), and its 3-seed test was 5 points worse
+# render noise decided the temperature: image CWCL τ 0.2 led τ 0.5 by 0.300 to 0.279, and trailed it by 0.238 to
+# 0.277 with 100 renders on the same encoders (benchmarks/cwcl.py --sweep, results/cwcl_tau.json before and after);
+# its 3-seed test was 5 points worse
 VALIDATION_RENDERS = 100
 
 
