@@ -123,6 +123,8 @@ def main() -> None:
                              "token counts, so no timing), to OUT_transfer.json and its own section")
     parser.add_argument("--transfer-splits", choices=["half", "both"], default="half",
                         help="prune splits of the ablation: half depth, or also the linearity criterion's")
+    parser.add_argument("--mechanism-only", action="store_true",
+                        help="add MLERP's mechanism (merge_norm_ratios) to OUT.json and rewrite its section")
     args = parser.parse_args()
     if args.render_only:
         if args.transfer_only:
@@ -145,6 +147,12 @@ def main() -> None:
     profile = tofu.linearity_profile(model, calib)
     split = tofu.split_by_linearity(profile)
     variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
+    if args.mechanism_only:
+        summary = json.loads(args.out.with_suffix(".json").read_text())
+        summary["mechanism"] = mechanism(model, images, max(args.rs), str(folder))
+        atomic_write_json(args.out.with_suffix(".json"), summary)
+        write_section(args.benchmarks_md, section(args.out), markdown(summary, args))
+        return
     if args.transfer_only:
         splits: list[int | str] = ["half", split] if args.transfer_splits == "both" else ["half"]
         path = args.out.with_name(args.out.name + "_transfer.json")
@@ -180,7 +188,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     patch_for(model, "none")
     summary = {"trained": trained, "base": base, "linearity_profile": profile, "linearity_split": split, "rows": rows,
-               "threads": args.threads, "load_average": [load_before, os.getloadavg()[0]]}
+               "threads": args.threads, "load_average": [load_before, os.getloadavg()[0]],
+               "mechanism": mechanism(model, images, max(args.rs), str(folder))}
     atomic_write_json(args.out.with_suffix(".json"), summary)
     atomic_write_bytes(args.out.with_suffix(".png"), plot(rows, base, args.threads))
     write_section(args.benchmarks_md, section(args.out), markdown(summary, args))
@@ -219,6 +228,55 @@ def transfer_ablation(model: torch.nn.Module, images: torch.Tensor, labels: torc
             atomic_write_json(path, {**cached, "model": model_name, "rows": rows})
     patch_for(model, "none")
     return rows
+
+
+def mechanism(model: torch.nn.Module, images: torch.Tensor, r: int, model_name: str) -> dict:
+    """The record of :func:`merge_norm_ratios` at the sweep's largest constant r."""
+    return {"model": model_name, "r": r, "images": 512, "layers": merge_norm_ratios(model, images, r, count=512)}
+
+
+@torch.no_grad()
+def merge_norm_ratios(model: torch.nn.Module, images: torch.Tensor, r: int, count: int = 512) -> list[dict]:
+    """Why MLERP and averaging score alike: how much averaging shrinks the tokens it merges.
+
+    MLERP differs from ToMe's size-weighted mean m only where ||m|| < max_i ||x_i||; it rescales m to that norm.
+    For ToFu with plain averaging at constant ``r`` on the first ``count`` test images, each merging layer's mean
+    over merged groups (B tokens that received at least one A token) of ||m|| / max_i ||x_i|| — 1.0 means MLERP
+    changes nothing there — and the mean cosine of the matched pairs' hidden states. Recorded by wrapping the
+    patch's ``reduce_tokens`` for one pass (restored after)."""
+    from leanfm.vision import patch as patch_module
+
+    original = patch_module.reduce_tokens
+    stats: dict[int, list[torch.Tensor]] = {}
+
+    def recording(x: torch.Tensor, size: torch.Tensor, matching: Any, mode: str) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+        if mode == "average":
+            x = x.float()
+            a_x, b_x = x[:, ::2], x[:, 1::2]
+            src_x = a_x.gather(1, matching.src.expand(-1, -1, x.shape[-1]))  # [B, r, C]
+            dst_x = b_x.gather(1, matching.dst.expand(-1, -1, x.shape[-1]))  # [B, r, C]
+            merged, _ = original(x, size, matching, "average")
+            reference, _ = original(x, size, matching, "mlerp")
+            tail = merged.shape[1] - b_x.shape[1]  # merged B tokens sit after the kept A tokens
+            received = torch.zeros(b_x.shape[:2], dtype=torch.bool).scatter(1, matching.dst[..., 0], True)
+            ratio = merged[:, tail:].norm(dim=-1) / reference[:, tail:].norm(dim=-1).clamp_min(1e-6)  # [B, Nb]
+            cosine = torch.nn.functional.cosine_similarity(src_x, dst_x, dim=-1)  # [B, r]
+            stats.setdefault(x.shape[1], []).extend([ratio[received], cosine.flatten()])
+        return original(x, size, matching, mode)
+
+    patch_module.reduce_tokens = recording  # type: ignore[assignment]
+    try:
+        patched = patch_for(model, "tofu", r=r, merge="average")
+        patched(pixel_values=to_pixel_values(images[:count]))
+    finally:
+        patch_module.reduce_tokens = original  # type: ignore[assignment]
+        patch_for(model, "none")
+    layers = sorted(stats, reverse=True)  # tokens entering a layer fall with depth
+    first = len(vit_layers(model)) - len(layers)  # the pruning layers come first and are not recorded
+    return [{"layer": first + i, "tokens_in": n, "norm_ratio": float(stats[n][0].mean()),
+             "min_norm_ratio": float(stats[n][0].min()), "pair_cosine": float(stats[n][1].mean())}
+            for i, n in enumerate(layers)]
 
 
 def shown(path: str) -> str:
@@ -338,6 +396,18 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
     if moved:
         reading.append("Pruning with size transfer minus plain pruning (same r): median "
                        f"{statistics.median(moved):+.2f} points (range {min(moved):+.2f} to {max(moved):+.2f}).")
+    if "mechanism" in summary:
+        found = summary["mechanism"]
+        reading.append(
+            f"Why MLERP and averaging score alike (ToFu with averaging at r={found['r']}, first {found['images']} "
+            "test images): the size-weighted mean of a merged group keeps, on average, "
+            + ", ".join(f"{m['norm_ratio'] * 100:.1f}%" for m in found["layers"])
+            + " of the group's largest norm in merging layers "
+            + ", ".join(str(m["layer"]) for m in found["layers"])
+            + " (lowest single group: " + ", ".join(f"{m['min_norm_ratio'] * 100:.0f}%" for m in found["layers"])
+            + "; mean cosine of the matched pairs' hidden states: "
+            + ", ".join(f"{m['pair_cosine']:.2f}" for m in found["layers"])
+            + "). MLERP rescales the mean to that largest norm, so it can only differ where the mean shrinks.")
     for label in labels:
         best = best_within(rows, label, base["accuracy"])
         reading.append(f"`{label}`: fastest setting within 1 point of the unreduced model: " + (
