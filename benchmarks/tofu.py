@@ -252,14 +252,15 @@ def merge_norm_ratios(model: torch.nn.Module, images: torch.Tensor, r: int, coun
     def recording(x: torch.Tensor, size: torch.Tensor, matching: Any, mode: str) -> tuple[torch.Tensor,
                                                                                           torch.Tensor]:
         if mode == "average":
-            x = x.float()
-            a_x, b_x = x[:, ::2], x[:, 1::2]
-            src_x = a_x.gather(1, matching.src.expand(-1, -1, x.shape[-1]))  # [B, r, C]
-            dst_x = b_x.gather(1, matching.dst.expand(-1, -1, x.shape[-1]))  # [B, r, C]
-            merged, _ = original(x, size, matching, "average")
-            reference, _ = original(x, size, matching, "mlerp")
+            xf = x.float()  # the statistics in float32; the pass itself goes on in the model's dtype
+            a_x, b_x = xf[:, ::2], xf[:, 1::2]
+            src_x = a_x.gather(1, matching.src.expand(-1, -1, xf.shape[-1]))  # [B, r, C]
+            dst_x = b_x.gather(1, matching.dst.expand(-1, -1, xf.shape[-1]))  # [B, r, C]
+            merged, _ = original(xf, size, matching, "average")
+            reference, _ = original(xf, size, matching, "mlerp")
             tail = merged.shape[1] - b_x.shape[1]  # merged B tokens sit after the kept A tokens
-            received = torch.zeros(b_x.shape[:2], dtype=torch.bool).scatter(1, matching.dst[..., 0], True)
+            received = torch.zeros(b_x.shape[:2], dtype=torch.bool, device=x.device)  # [B, Nb]
+            received = received.scatter(1, matching.dst[..., 0], True)  # B tokens that took an A token
             ratio = merged[:, tail:].norm(dim=-1) / reference[:, tail:].norm(dim=-1).clamp_min(1e-6)  # [B, Nb]
             cosine = torch.nn.functional.cosine_similarity(src_x, dst_x, dim=-1)  # [B, r]
             stats.setdefault(x.shape[1], []).extend([ratio[received], cosine.flatten()])
