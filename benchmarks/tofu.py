@@ -144,15 +144,15 @@ def main() -> None:
     calib = to_pixel_values(fashion_mnist("train")[0][:64])
     args.rs = args.rs or scaled_rs(RS_4_LAYERS, len(vit_layers(model)))
     args.schedule_rs = args.schedule_rs or scaled_rs(SCHEDULE_RS_4_LAYERS, len(vit_layers(model)))
-    profile = tofu.linearity_profile(model, calib)
-    split = tofu.split_by_linearity(profile)
-    variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
     if args.mechanism_only:
         summary = json.loads(args.out.with_suffix(".json").read_text())
         summary["mechanism"] = mechanism(model, images, max(args.rs), str(folder))
         atomic_write_json(args.out.with_suffix(".json"), summary)
         write_section(args.benchmarks_md, section(args.out), markdown(summary, args))
         return
+    profile = tofu.linearity_profile(model, calib)
+    split = tofu.split_by_linearity(profile)
+    variants = {**VARIANTS, "tofu-linearity": ("tofu", {"merge": "mlerp", "prune_layers": split})}
     if args.transfer_only:
         splits: list[int | str] = ["half", split] if args.transfer_splits == "both" else ["half"]
         path = args.out.with_name(args.out.name + "_transfer.json")
@@ -230,9 +230,9 @@ def transfer_ablation(model: torch.nn.Module, images: torch.Tensor, labels: torc
     return rows
 
 
-def mechanism(model: torch.nn.Module, images: torch.Tensor, r: int, model_name: str) -> dict:
-    """The record of :func:`merge_norm_ratios` at the sweep's largest constant r."""
-    return {"model": model_name, "r": r, "images": 512, "layers": merge_norm_ratios(model, images, r, count=512)}
+def mechanism(model: torch.nn.Module, images: torch.Tensor, r: int, model_name: str, count: int = 512) -> dict:
+    """The record of :func:`merge_norm_ratios` at the sweep's largest constant r, on the first ``count`` images."""
+    return {"model": model_name, "r": r, "images": count, "layers": merge_norm_ratios(model, images, r, count)}
 
 
 @torch.no_grad()
