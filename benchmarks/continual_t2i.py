@@ -3,11 +3,23 @@
     nice -n 5 python benchmarks/continual_t2i.py --threads 1                 # the grid on artifacts/t2i-emoji-shapes
     python benchmarks/continual_t2i.py --plan 10:clora@token_init=word 30:stamina@steps=150
     python benchmarks/continual_t2i.py --smoke                               # a tiny random base, end to end, < 3 min
+    nice -n 5 python benchmarks/continual_t2i.py --validate                  # tune C-LoRA's lambda (validation rows)
 
 Rows are ``SEQUENCE:METHOD[@field=value,...]`` (``SEQUENCE``: the number of held-out concepts, taken in the fixed
-order; fields of :class:`leanfm.adapt.t2i_continual.T2IContinualConfig`). Each row is one ``leanfm continual t2i``
-run under ``--runs`` (resumable: an interrupted row continues from its checkpoint; a finished row is read back from
-``results/continual_t2i.json`` when its settings match). After every row: results/continual_t2i.json, the row's
+order, or ``val``: the validation sequence; fields of :class:`leanfm.adapt.t2i_continual.T2IContinualConfig`).
+
+Validation (``--validate``, or ``val:`` rows): the methods' own settings are chosen on held-out emoji 31-40
+(:data:`VALIDATION`), which neither test sequence (the first 10, the first 30) contains, never on a test sequence.
+Rule: the highest mean recognised fraction after the whole sequence, ties broken by the lower final KID. The
+default grid is C-LoRA's λ (:data:`REG_GRID`; λ = 0 is sequential LoRA with C-LoRA's token); the validation
+section also gives the raw penalty each unregularised (λ = 0) concept update would have paid against the earlier
+ones, next to its diffusion loss, which places the grid. Test rows of a method that has a validation winner and no
+override of that setting in the plan take the winner's setting (written in the section).
+
+Each row is one ``leanfm continual t2i`` run under ``--runs`` (resumable: an interrupted row continues from its
+checkpoint; a finished row is read back from ``results/continual_t2i.json`` or from its run folder when its
+settings match, so rows can run in parallel processes). After every row: results/continual_t2i.json (validation
+rows: results/continual_t2i_validation.json), the row's
 sample grid (results/continual_t2i/<row>.png: rows concepts, columns noise seeds), the fidelity-vs-concept curves
 (results/continual_t2i.png) and the BENCHMARKS.md section.
 
@@ -36,9 +48,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from leanfm.adapt.t2i_continual import GRID_FILE, RESULT_FILE, T2IContinualConfig, train_t2i_continual
-from leanfm.data.t2i import held_out_concepts, pretraining_concepts, render_concepts
+from leanfm.adapt.t2i_continual import (
+    ADAPTER_FILE,
+    GRID_FILE,
+    RESULT_FILE,
+    T2IContinualConfig,
+    train_t2i_continual,
+)
+from leanfm.data.t2i import HELD_OUT, held_out_concepts, pretraining_concepts, render_concepts
 from leanfm.errors import LeanfmError
 from leanfm.eval.t2i import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from leanfm.models.t2i import T2IConfig, T2IModel, save_t2i
@@ -51,6 +70,9 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ARTIFACT  # what benchmarks/t2i_pretrain.py exports
 PLAN = ("10:lora", "10:clora", "10:stamina", "10:clora@token_init=word", "30:lora", "30:clora", "30:stamina")
 SMOKE_PLAN = ("2:lora", "2:clora", "2:stamina", "3:clora")
+VALIDATION = ",".join(HELD_OUT[30:])  # held-out emoji 31-40: in neither test sequence
+REG_GRID = (0.0, 1e5, 1e6, 1e7)  # C-LoRA's lambda; placed by the measured penalty scale (module docstring)
+VALIDATION_FILE = "continual_t2i_validation.json"
 SMOKE = {"shots": 2, "steps": 3, "batch_size": 4, "warmup": 1, "samples": 4, "sample_steps": 2, "real": 4}
 log = logging.getLogger("continual_t2i")
 
@@ -59,8 +81,9 @@ def parse_row(text: str) -> tuple[str, str, dict[str, Any]]:
     """``SEQUENCE:METHOD[@k=v,...]`` -> (concept count, method, overrides)."""
     count, _, rest = text.partition(":")
     method, _, setting = rest.partition("@")
-    if not count.isdigit() or not method:
-        raise SystemExit(f"bad --plan row {text}; accepted: N:METHOD[@field=value,...], e.g. 10:clora")
+    if not (count.isdigit() or count == "val") or not method:
+        raise SystemExit(f"bad --plan row {text}; accepted: N:METHOD[@field=value,...] or val:METHOD[@...], "
+                         "e.g. 10:clora")
     overrides: dict[str, Any] = {}
     for pair in filter(None, setting.split(",")):
         key, _, value = pair.partition("=")
@@ -71,11 +94,17 @@ def parse_row(text: str) -> tuple[str, str, dict[str, Any]]:
     return count, method, overrides
 
 
+def sequence(settings: dict[str, Any]) -> str:
+    """The row's sequence as shown: a count, or ``val`` for the validation sequence."""
+    return "val" if settings["concepts"] == VALIDATION else str(settings["concepts"])
+
+
 def row_name(settings: dict[str, Any]) -> str:
     extra = {k: v for k, v in settings.items() if k not in ("concepts", "method", "base", "classifier", "device")}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    label = "-".join(f"{k}={v}" for k, v in sorted(extra.items()) if k in ("token_init", "steps", "reg_weight"))
-    return f"{settings['concepts']}-{settings['method']}{'-' + label if label else ''}-{tag}"
+    label = "-".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(extra.items())
+                     if k in ("token_init", "steps", "reg_weight", "sparsity"))
+    return f"{sequence(settings)}-{settings['method']}{'-' + label if label else ''}-{tag}"
 
 
 def build_classifier(folder: Path, smoke: bool) -> Path:
@@ -101,26 +130,77 @@ def smoke_base(folder: Path) -> Path:
 
 
 def run_row(settings: dict[str, Any], overrides: dict[str, Any], runs: Path) -> dict[str, Any]:
+    """Train and judge one row, or read it back from its folder when a finished run of the same settings is there
+    (another process of a parallel ``--plan`` finished it: its wall time and threads are then unknown)."""
     config = T2IContinualConfig(**settings)
     out = runs / row_name(settings)
     training = out.with_name(out.name + ".training")
-    tick = time.time()
-    try:
-        summary = train_t2i_continual(config, out, resume=training.is_dir(), overwrite=True)
-    except LeanfmError as err:  # a checkpoint of other settings (older code): start that row over
-        if "was trained with" not in str(err):
-            raise
-        summary = train_t2i_continual(config, out, resume=False, overwrite=True)
+    tick, threads = time.time(), torch.get_num_threads()
+    done = out / RESULT_FILE
+    summary = json.loads(done.read_text()) if done.is_file() else {}
+    finished = summary.get("config") == json.loads(json.dumps(config.to_dict())) and "metrics" in summary
+    if not finished:
+        try:
+            summary = train_t2i_continual(config, out, resume=training.is_dir(), overwrite=True)
+        except LeanfmError as err:  # a checkpoint of other settings (older code): start that row over
+            if "was trained with" not in str(err):
+                raise
+            summary = train_t2i_continual(config, out, resume=False, overwrite=True)
     return {"settings": settings, "overrides": overrides, "folder": str(out), "concepts": summary["concepts"],
             "metrics": summary["metrics"], "training": summary["training"],
-            "train_seconds": sum(t["seconds"] for t in summary["training"]), "wall_seconds": time.time() - tick,
-            "threads": torch.get_num_threads()}
+            "train_seconds": sum(t["seconds"] for t in summary["training"]),
+            "wall_seconds": None if finished else time.time() - tick, "threads": None if finished else threads}
 
 
 def label(row: dict[str, Any]) -> str:
-    """The method and the row's own overrides from the plan (``clora (token_init=word)``)."""
-    extras = [f"{k}={v}" for k, v in sorted(row["overrides"].items())]
-    return row["settings"]["method"] + (f" ({', '.join(extras)})" if extras else "")
+    """The method, the row's own overrides from the plan and what it took from validation
+    (``clora (token_init=word; reg_weight=1e+06 from validation)``)."""
+    extras = "; ".join(filter(None, [", ".join(f"{k}={v}" for k, v in sorted(row["overrides"].items())),
+                                     ", ".join(f"{k}={v:g} from validation" if isinstance(v, float) else
+                                               f"{k}={v} from validation" for k, v in row.get("tuned", {}).items())]))
+    return row["settings"]["method"] + (f" ({extras})" if extras else "")
+
+
+def plan_text(row: dict[str, Any]) -> str:
+    """The ``--plan`` entry that reproduces ``row``."""
+    extras = ",".join(f"{k}={v}" for k, v in sorted(row["overrides"].items()))
+    return f"{sequence(row['settings'])}:{row['settings']['method']}{'@' + extras if extras else ''}"
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def winners(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, the plan overrides of its best validation row: the highest mean recognised fraction after the
+    whole sequence, ties broken by the lower final KID."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        final = row["metrics"]["mean"]["final"]
+        key = (final["recognised"], -final["kid"])
+        method = row["settings"]["method"]
+        if method not in best or key > best[method]["key"]:
+            best[method] = {"key": key, "overrides": row["overrides"]}
+    return {m: b["overrides"] for m, b in best.items()}
+
+
+def penalty_scale(row: dict[str, Any]) -> list[dict[str, float]]:
+    r"""For an unregularised row (λ = 0): per concept t >= 2, C-LoRA's raw penalty
+    :math:`\sum_{layers} \| |\sum_{t'<t}\Delta_{t'}| \odot \Delta_t \|_F^2` of the update it actually learned,
+    its final diffusion loss, and their ratio: the λ at which the penalty would have matched the loss."""
+    tensors = load_file(str(Path(row["folder"]) / ADAPTER_FILE))
+    tasks = len(row["training"])
+    layers = sorted({k.split(".", 2)[2][:-2] for k in tensors if k.startswith("history.0.") and k.endswith(".A")})
+    past = {name: torch.zeros(()) for name in layers}
+    scale = []
+    for t in range(tasks):
+        deltas = {name: tensors[f"history.{t}.{name}.B"] @ tensors[f"history.{t}.{name}.A"] for name in layers}
+        if t:
+            reg = float(sum(((past[n].abs() * deltas[n]) ** 2).sum() for n in layers))
+            mse = row["training"][t]["final_mse"]
+            scale.append({"concept": t + 1, "reg": reg, "mse": mse, "lambda_matching": mse / reg})
+        past = {n: past[n] + deltas[n] for n in layers}
+    return scale
 
 
 def _f(value: float, digits: int = 3) -> str:
@@ -201,18 +281,25 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    shared = {k: v for k, v in rows[0]["settings"].items() if k not in rows[0]["overrides"]}
+    first = rows[0]
+    shared = {k: v for k, v in first["settings"].items() if k not in first["overrides"] and k not in
+              first.get("tuned", {})}
     config = T2IContinualConfig(**shared)  # the settings every row shares unless its plan entry overrides them
+    lambdas = sorted({T2IContinualConfig(**r["settings"]).reg_weight for r in rows
+                      if r["settings"]["method"] == "clora" and "reg_weight" not in r["overrides"]})
+    tuned = any("reg_weight" in r.get("tuned", {}) for r in rows)
+    lam = (" / ".join(f"{x:g}" for x in lambdas) or f"{config.reg_weight:g}") + (
+        " (chosen on the validation sequence, section below)" if tuned else " (the default, not tuned on validation)")
     lines = [
         "## Continual text-to-image customisation: LoRA, C-LoRA, STAMINA (adapt)" + (" — SMOKE RUN" if args.smoke
                                                                                     else ""), "",
         "**Claims tested** (METHODS.md sections 8-9): C-LoRA forgets less than sequential LoRA; STAMINA keeps "
         "fidelity where C-LoRA saturates over a longer sequence. Setting: the small diffusion U-Net "
-        f"(`{args.base}`) learns the first {' / '.join(sorted({r['settings']['concepts'] for r in rows}, key=int))} "
+        f"(`{args.base}`) learns the first {' / '.join(sorted({sequence(r['settings']) for r in rows}, key=int))} "
         "held-out emoji (never seen in pretraining) one at a time, each "
         f"from {config.shots} renders under its own token (`a picture of <cN>`), {config.steps} steps per concept; "
         f"LoRA r = {config.rank}, α = {config.alpha} on `attn2.to_k` / `attn2.to_v` (cross-attention), folded after "
-        f"each concept; C-LoRA λ = {config.reg_weight:g}; STAMINA β = {config.sparsity}, MLP token "
+        f"each concept; C-LoRA λ = {lam}; STAMINA β = {config.sparsity}, MLP token "
         f"({config.token_hidden} hidden). Tokens: random input embeddings at the word embeddings' scale "
         "(`token_init=word`: from the embedding of 'object').", "",
         *table(rows), "",
@@ -228,16 +315,59 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         + ", ".join(f"[{r['settings']['concepts']} {label(r)}](results/continual_t2i/{row_name(r['settings'])}.png)"
                     for r in rows) + ".", "",
         "Regenerate (rows cached in results/continual_t2i.json, runs resumable): "
-        f"`nice -n 5 python benchmarks/continual_t2i.py --threads 1 --plan {' '.join(args.plan)}`.",
+        f"`nice -n 5 python benchmarks/continual_t2i.py --threads 1 --plan {' '.join(map(plan_text, rows))}` "
+        "(after `--validate`, whose winners the plain rows take).",
     ]
     return "\n".join(lines)
 
 
-def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    atomic_write_json(args.results / "continual_t2i.json", rows)
+def validation_markdown(rows: list[dict[str, Any]]) -> str:
+    chosen = winners(rows)
+    lines = ["### Settings chosen on validation (continual t2i)", "",
+             f"Validation sequence: held-out emoji 31-40 ({VALIDATION.replace(',', ', ')}), in neither test sequence; "
+             "same base, judge, shots, steps and sampling as the test rows. Rule: the highest mean recognised "
+             "fraction after the whole sequence, ties broken by the lower final KID.", "",
+             "| method | setting | recognised after → final | forgetting (recognised) | KID after → final | "
+             "train s | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in sorted(rows, key=lambda r: (r["settings"]["method"], json.dumps(r["overrides"], sort_keys=True))):
+        m = row["metrics"]["mean"]
+        setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                            sorted(row["overrides"].items())) or "defaults"
+        mark = "**yes**" if chosen.get(row["settings"]["method"]) == row["overrides"] else ""
+        lines.append(f"| {row['settings']['method']} | {setting} | {_f(m['after']['recognised'], 2)} → "
+                     f"{_f(m['final']['recognised'], 2)} | {_f(m['forgetting']['recognised'], 2)} | "
+                     f"{_f(m['after']['kid'])} → {_f(m['final']['kid'])} | {row['train_seconds']:.0f} | {mark} |")
+    free = [r for r in rows if r["settings"]["method"] == "clora"
+            and not T2IContinualConfig(**r["settings"]).reg_weight]
+    if free:
+        scale = penalty_scale(free[0])
+        ratios = sorted(x["lambda_matching"] for x in scale)
+        lines += ["", "Where λ acts (from the λ = 0 row, no training): the raw penalty ‖|Σ earlier Δ| ⊙ Δ_t‖² of each "
+                  "concept's unregularised update against the earlier ones, beside its final diffusion loss; λ = "
+                  "loss / penalty is where the two would be equal — median "
+                  f"{ratios[len(ratios) // 2]:.3g} (range {ratios[0]:.3g} to {ratios[-1]:.3g}) over concepts 2-"
+                  f"{len(scale) + 1}."]
+    return "\n".join(lines)
+
+
+def render(args: argparse.Namespace) -> None:
+    """The curves and the section from every row in the results files (so parallel ``--plan`` processes each
+    render all finished rows, not only their own); the validation rows are its last subsection."""
+    rows = load_rows(args.results / "continual_t2i.json")
+    validation = load_rows(args.results / VALIDATION_FILE)
+    parts = []
     if rows:
+        order = {m: i for i, m in enumerate(("lora", "clora", "stamina"))}
+        rows.sort(key=lambda r: (int(r["settings"]["concepts"]), order.get(r["settings"]["method"], 9),
+                                 json.dumps(r["overrides"], sort_keys=True)))
         atomic_write_bytes(args.results / "continual_t2i.png", plot(rows))
-        write_section(args.benchmarks_md, "continual_t2i", markdown(rows, args))
+        parts.append(markdown(rows, args))
+    else:
+        parts.append("## Continual text-to-image customisation: LoRA, C-LoRA, STAMINA (adapt)\n\n"
+                     "No test row has run yet; the validation rows so far are below.")
+    if validation:
+        parts.append(validation_markdown(validation))
+    write_section(args.benchmarks_md, "continual_t2i", "\n\n".join(parts))
 
 
 def main() -> None:
@@ -254,12 +384,17 @@ def main() -> None:
     parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny random base and classifier made on the fly, tiny rows; writes under --runs")
+    parser.add_argument("--validate", action="store_true",
+                        help="run the validation rows (default: C-LoRA's lambda over REG_GRID on held-out emoji "
+                             "31-40) instead of the test plan")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = leanfm_home()
     args.runs = args.runs or home / "bench" / ("continual_t2i-smoke" if args.smoke else "continual_t2i")
+    if args.validate and not args.plan:
+        args.plan = [f"val:clora@reg_weight={x:g}" for x in REG_GRID]
     args.plan = args.plan or list(SMOKE_PLAN if args.smoke else PLAN)
     if args.smoke:  # never the repository's results: a smoke row means nothing
         args.base = smoke_base(args.runs / "base")
@@ -272,27 +407,30 @@ def main() -> None:
     args.classifier = build_classifier(args.classifier or default, args.smoke)
     load_classifier(args.classifier)
     (args.results / "continual_t2i").mkdir(parents=True, exist_ok=True)
-    path = args.results / "continual_t2i.json"
-    cached: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
     rows: list[dict[str, Any]] = []
     for text in args.plan:
         count, method, overrides = parse_row(text)
-        settings = {"base": str(args.base), "classifier": str(args.classifier), "concepts": count,
-                    "method": method, "device": args.device, **(SMOKE if args.smoke else {}), **overrides}
-        row = next((r for r in cached if r["settings"] == settings), None)
+        validating = count == "val"
+        chosen = {} if validating else winners(load_rows(args.results / VALIDATION_FILE)).get(method, {})
+        tuned = {k: v for k, v in chosen.items() if k not in overrides}
+        settings = {"base": str(args.base), "classifier": str(args.classifier),
+                    "concepts": VALIDATION if validating else count, "method": method, "device": args.device,
+                    **(SMOKE if args.smoke else {}), **tuned, **overrides}
+        path = args.results / (VALIDATION_FILE if validating else "continual_t2i.json")
+        row = next((r for r in load_rows(path) if r["settings"] == settings), None)
         if row is None:
-            row = run_row(settings, overrides, args.runs)
+            row = {**run_row(settings, overrides, args.runs), "tuned": tuned}
             log.info("%s: recognised final %.3f, forgetting %.3f, %.0f s", text,
                      row["metrics"]["mean"]["final"]["recognised"], row["metrics"]["mean"]["forgetting"]["recognised"],
                      row["train_seconds"])
-        cached = [r for r in cached if r["settings"] != settings] + [row]
         rows.append(row)
         grid = Path(row["folder"]) / GRID_FILE
         if grid.is_file():
             shutil.copyfile(grid, args.results / "continual_t2i" / f"{row_name(settings)}.png")
-        atomic_write_json(path, cached)
-        render(rows, args)
-    print(json.dumps([{"row": label(r), "concepts": r["settings"]["concepts"], **r["metrics"]["mean"]["final"],
+        # read again just before writing: a parallel process may have added its rows meanwhile
+        atomic_write_json(path, [r for r in load_rows(path) if r["settings"] != settings] + [row])
+        render(args)
+    print(json.dumps([{"row": label(r), "concepts": sequence(r["settings"]), **r["metrics"]["mean"]["final"],
                        "forgetting": r["metrics"]["mean"]["forgetting"]["recognised"]} for r in rows]))
     assert all((Path(r["folder"]) / RESULT_FILE).is_file() for r in rows)
 
