@@ -28,10 +28,10 @@ and the 40 held-out emoji (``--classifier``; default the one benchmarks/t2i_pret
 ``artifacts/t2i-classifier``, else its run's copy, else rebuilt with the same recipe). ``--base`` must be a
 pretrained model folder; a missing one is refused in one line.
 
-Cost (measured on the default-size U-Net with random weights, one thread, shared 2-core machine): ~1 s per
-training step (batch 16, MiniLM forward/backward of the token's caption included) and ~23 s per 16 samples (25 DDIM
-steps, guidance); a 10-concept row is ~1 h (3000 steps + 30 sample sets), a 30-concept row ~3 h, the default plan
-~13 CPU-hours — run it where a GPU is available, or rows in parallel processes with ``--plan``.
+Cost (measured on artifacts/t2i-emoji-shapes, one thread per row, two rows at once on a 2-core AVX-512 machine):
+~0.47 s per training step (batch 16, MiniLM forward/backward of the token's caption included); a 10-concept row
+is ~27 min (3000 steps, 1400 s, + 30 sample sets of 16), a 30-concept row ~1.4 h, the default plan ~6 CPU-hours
+and the validation grid ~2 — run rows in parallel processes with ``--plan``, or where a GPU is available.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ BASE = ARTIFACT  # what benchmarks/t2i_pretrain.py exports
 PLAN = ("10:lora", "10:clora", "10:stamina", "10:clora@token_init=word", "30:lora", "30:clora", "30:stamina")
 SMOKE_PLAN = ("2:lora", "2:clora", "2:stamina", "3:clora")
 VALIDATION = ",".join(HELD_OUT[30:])  # held-out emoji 31-40: in neither test sequence
-REG_GRID = (0.0, 1e5, 1e6, 1e7)  # C-LoRA's lambda; placed by the measured penalty scale (module docstring)
+# C-LoRA's lambda: 0 first; the others placed around the measured scale, lambda ~ loss / raw penalty = 1.0-11.7
+# (median 2.9) over concepts 2-10 of the lambda = 0 validation row on artifacts/t2i-emoji-shapes
+REG_GRID = (0.0, 0.3, 3.0, 30.0)
 VALIDATION_FILE = "continual_t2i_validation.json"
 SMOKE = {"shots": 2, "steps": 3, "batch_size": 4, "warmup": 1, "samples": 4, "sample_steps": 2, "real": 4}
 log = logging.getLogger("continual_t2i")
@@ -165,6 +167,12 @@ def plan_text(row: dict[str, Any]) -> str:
     """The ``--plan`` entry that reproduces ``row``."""
     extras = ",".join(f"{k}={v}" for k, v in sorted(row["overrides"].items()))
     return f"{sequence(row['settings'])}:{row['settings']['method']}{'@' + extras if extras else ''}"
+
+
+def shown(path: Path | str) -> str:
+    """A path as the section shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -295,7 +303,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                                                                                     else ""), "",
         "**Claims tested** (METHODS.md sections 8-9): C-LoRA forgets less than sequential LoRA; STAMINA keeps "
         "fidelity where C-LoRA saturates over a longer sequence. Setting: the small diffusion U-Net "
-        f"(`{args.base}`) learns the first {' / '.join(sorted({sequence(r['settings']) for r in rows}, key=int))} "
+        f"(`{shown(args.base)}`) learns the first "
+        f"{' / '.join(sorted({sequence(r['settings']) for r in rows}, key=int))} "
         "held-out emoji (never seen in pretraining) one at a time, each "
         f"from {config.shots} renders under its own token (`a picture of <cN>`), {config.steps} steps per concept; "
         f"LoRA r = {config.rank}, α = {config.alpha} on `attn2.to_k` / `attn2.to_v` (cross-attention), folded after "
@@ -303,12 +312,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"({config.token_hidden} hidden). Tokens: random input embeddings at the word embeddings' scale "
         "(`token_init=word`: from the embedding of 'object').", "",
         *table(rows), "",
-        f"Judge: the concept classifier of `leanfm.eval.t2i` (`{args.classifier}`), trained on real renders of every "
-        "pretraining concept and the 40 held-out emoji; KID (cubic kernel) and MMD (Gaussian, median bandwidth) on "
-        f"its penultimate features, {config.samples} samples per concept against {config.real} real renders; "
-        "recognised: share of samples it classifies as the concept. After: sampled right after the concept was "
-        "learned; final: after the whole sequence (same noise); forgetting: after − final (recognised), final − "
-        "after (KID); floor: a second set of real renders; base: the base model under the concept's real name.", "",
+        f"Judge: the concept classifier of `leanfm.eval.t2i` (`{shown(args.classifier)}`), trained on real renders "
+        "of every pretraining concept and the 40 held-out emoji; KID (cubic kernel) and MMD (Gaussian, median "
+        f"bandwidth) on its penultimate features, {config.samples} samples per concept against {config.real} real "
+        "renders; recognised: share of samples it classifies as the concept. After: sampled right after the concept "
+        "was learned; final: after the whole sequence (same noise); forgetting: after − final (recognised), final − "
+        "after (KID); floor: a second set of real renders; base: the base model under the concept's real name. "
+        "Noise: a row's mean recognised fraction is over concepts x samples draws (160 for 10 concepts: a binomial "
+        "sd of ~3 points at 15%). train s: seconds of the training steps while 1-4 rows shared the 2 cores, not a "
+        "speed comparison.", "",
         "### The claims, read off these rows", "", *verdicts(rows), "",
         "![fidelity per concept](results/continual_t2i.png)", "",
         "Sample grids (rows: concepts in order; columns: noise seeds): "
@@ -329,7 +341,8 @@ def validation_markdown(rows: list[dict[str, Any]]) -> str:
              "fraction after the whole sequence, ties broken by the lower final KID.", "",
              "| method | setting | recognised after → final | forgetting (recognised) | KID after → final | "
              "train s | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(rows, key=lambda r: (r["settings"]["method"], json.dumps(r["overrides"], sort_keys=True))):
+    for row in sorted(rows, key=lambda r: (r["settings"]["method"], sorted((k, str(v)) if isinstance(v, str) else
+                                                                          (k, v) for k, v in r["overrides"].items()))):
         m = row["metrics"]["mean"]
         setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                             sorted(row["overrides"].items())) or "defaults"

@@ -204,8 +204,9 @@ def section(results: dict[str, Any]) -> str:
         f"{results['classifier']['concepts']} concepts) recognises fresh real renders "
         + (", ".join(f"{k.replace('_', '-')} {v:.1%}" for k, v in ceiling.items()) or
            f"{results['classifier']['accuracy_fresh_renders']:.1%}")
-        + " (a shape caption names size, fill, colour and shape at once: the shapes' ceiling is low); KID(real, real') = "
-        f"{results['kid_real_real']:.3f} against KID(real, samples) {last['kid']:.3f}, so the metric separates them.",
+        + " (a shape caption names size, fill, colour and shape at once: the shapes' ceiling is low); "
+        f"KID(real, real') = {results['kid_real_real']:.3f} against KID(real, samples) {last['kid']:.3f}, so the "
+        "metric separates them.",
     ]
     if "artifact" in results:
         art = results["artifact"]

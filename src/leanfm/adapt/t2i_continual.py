@@ -125,9 +125,9 @@ class T2IContinualConfig(MethodConfig):
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(8.0, "LoRA alpha (update scale alpha / r)")
     targets: str = option("attn2.to_k,attn2.to_v", "Linear layers that get adapters (names or dotted suffixes)")
-    # (unsure) the raw penalty is tiny: 1.6e-11 at concept 2 after 20 steps per concept on a random base; after a
-    # few hundred steps ~1e-7 is expected, so 1e6 puts it near the diffusion loss (~1e-1); tune on the real base
-    reg_weight: float = option(1e6, "C-LoRA's lambda on || |past| * delta ||_F^2 (method clora)")
+    # chosen on validation (benchmarks/continual_t2i.py --validate: held-out emoji 31-40 on artifacts/t2i-emoji-shapes;
+    # grid 0 / 0.3 / 3 / 30, placed where loss / raw penalty of unregularised updates lay, 1.0-11.7)
+    reg_weight: float = option(3.0, "C-LoRA's lambda on || |past| * delta ||_F^2 (method clora)")
     sparsity: float = option(0.1, "STAMINA's weight on the masks' expected density")
     mask_rank: int = option(4, "STAMINA: hidden width of the low-rank mask MLP")
     mask_init: float = option(3.0, "STAMINA: initial mask logit (3: every entry open)")
