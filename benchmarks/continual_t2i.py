@@ -229,25 +229,40 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _noise(*pairs: tuple[float, int]) -> float:
+    """Binomial sd of a sum or difference of independent recognised fractions (p, draws): the yardstick of a claim."""
+    return sum(p * (1 - p) / n for p, n in pairs) ** 0.5
+
+
+def _call(delta: float, sd: float) -> str:
+    return f"Δ {delta:+.2f}, noise sd ~{sd:.2f}" + (": within noise" if abs(delta) < 2 * sd else "")
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """The claims of METHODS.md sections 8-9, read off plain rows (default settings) of each sequence."""
+    """The claims of METHODS.md sections 8-9, read off plain rows (no plan override) of each sequence, each with the
+    binomial noise of its difference (draws: concepts x samples per row; forgetting counts both of its terms)."""
     lines = []
-    plain = {(r["settings"]["concepts"], r["settings"]["method"]): r["metrics"]["mean"] for r in rows
-             if not r["overrides"]}
+    plain = {(r["settings"]["concepts"], r["settings"]["method"]): r for r in rows if not r["overrides"]}
     for count in sorted({c for c, _ in plain}, key=int):
         lora, clora, stamina = (plain.get((count, m)) for m in ("lora", "clora", "stamina"))
         if lora and clora:
-            less = clora["forgetting"]["recognised"] < lora["forgetting"]["recognised"]
-            lines.append(f"- {count} concepts — C-LoRA forgets {'less' if less else 'not less'} than sequential LoRA "
-                         f"(recognised after − final: {_f(clora['forgetting']['recognised'], 2)} vs "
-                         f"{_f(lora['forgetting']['recognised'], 2)}; KID final − after: "
-                         f"{_f(clora['forgetting']['kid'])} vs {_f(lora['forgetting']['kid'])}).")
+            a, b = clora["metrics"]["mean"], lora["metrics"]["mean"]
+            n = int(count) * T2IContinualConfig(**clora["settings"]).samples
+            delta = a["forgetting"]["recognised"] - b["forgetting"]["recognised"]
+            sd = _noise(*((m[k]["recognised"], n) for m in (a, b) for k in ("after", "final")))
+            lines.append(f"- {count} concepts — C-LoRA forgets {'less' if delta < 0 else 'not less'} than sequential "
+                         f"LoRA (recognised after − final: {_f(a['forgetting']['recognised'], 2)} vs "
+                         f"{_f(b['forgetting']['recognised'], 2)}, {_call(delta, sd)}; KID final − after: "
+                         f"{_f(a['forgetting']['kid'])} vs {_f(b['forgetting']['kid'])}).")
         if clora and stamina:
-            keeps = stamina["final"]["recognised"] > clora["final"]["recognised"]
-            lines.append(f"- {count} concepts — STAMINA {'keeps more' if keeps else 'does not keep more'} fidelity "
-                         f"than C-LoRA at the end (recognised {_f(stamina['final']['recognised'], 2)} vs "
-                         f"{_f(clora['final']['recognised'], 2)}; KID {_f(stamina['final']['kid'])} vs "
-                         f"{_f(clora['final']['kid'])}).")
+            a, b = stamina["metrics"]["mean"], clora["metrics"]["mean"]
+            n = int(count) * T2IContinualConfig(**stamina["settings"]).samples
+            delta = a["final"]["recognised"] - b["final"]["recognised"]
+            sd = _noise((a["final"]["recognised"], n), (b["final"]["recognised"], n))
+            lines.append(f"- {count} concepts — STAMINA {'keeps more' if delta > 0 else 'does not keep more'} "
+                         f"fidelity than C-LoRA at the end (recognised {_f(a['final']['recognised'], 2)} vs "
+                         f"{_f(b['final']['recognised'], 2)}, {_call(delta, sd)}; KID {_f(a['final']['kid'])} vs "
+                         f"{_f(b['final']['kid'])}).")
     floors = [(r["metrics"]["mean"]["floor"]["kid"], r["metrics"]["mean"]["base"]["kid"]) for r in rows]
     if floors:
         tells = all(f < 0.5 * b for f, b in floors)
@@ -372,7 +387,7 @@ def render(args: argparse.Namespace) -> None:
     if rows:
         order = {m: i for i, m in enumerate(("lora", "clora", "stamina"))}
         rows.sort(key=lambda r: (int(r["settings"]["concepts"]), order.get(r["settings"]["method"], 9),
-                                 json.dumps(r["overrides"], sort_keys=True)))
+                                 len(r["overrides"]), json.dumps(r["overrides"], sort_keys=True)))
         atomic_write_bytes(args.results / "continual_t2i.png", plot(rows))
         parts.append(markdown(rows, args))
     else:
