@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import shutil
@@ -63,7 +62,7 @@ from leanfm.eval.t2i import ClassifierConfig, load_classifier, save_classifier, 
 from leanfm.models.t2i import T2IConfig, T2IModel, save_t2i
 from leanfm.paths import atomic_write_bytes, atomic_write_json, leanfm_home
 from leanfm.progress import set_quiet
-from leanfm.report.report import write_section
+from leanfm.report.report import figure_png, write_section
 from t2i_pretrain import ARTIFACT, CLASSIFIER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,11 +295,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
         axes[0][col].legend(fontsize=6)
         for ax in axes[:, col]:
             ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

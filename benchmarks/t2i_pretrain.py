@@ -35,7 +35,6 @@ section ``t2i_pretrain``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -62,7 +61,7 @@ from leanfm.eval.t2i import (
 from leanfm.models.t2i import T2IModel, load_t2i, sample, write_t2i_artifact
 from leanfm.paths import atomic_write_bytes, atomic_write_json, copy_directory, leanfm_home
 from leanfm.progress import set_quiet
-from leanfm.report.report import write_section
+from leanfm.report.report import figure_png, write_section
 from leanfm.training import checkpoint_path, commit_checkpoint, restore_committed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,11 +169,7 @@ def curve_plot(results: dict[str, Any]) -> bytes:
     right.legend(fontsize=6)
     for ax in (left, right):
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def section(results: dict[str, Any]) -> str:

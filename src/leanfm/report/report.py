@@ -60,6 +60,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def figure_png(fig: Any, dpi: int | None = None) -> bytes:
+    """A matplotlib figure laid out tightly, as PNG bytes (for an atomic write), and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plot_perplexity_vs_params(rows: list[dict[str, Any]]) -> bytes | None:
     """PNG bytes of perplexity against parameter count (None when no row has both)."""
     points = [r for r in rows if isinstance(r.get("params"), int) and isinstance(r.get("perplexity"), float)]
@@ -81,11 +92,7 @@ def plot_perplexity_vs_params(rows: list[dict[str, Any]]) -> bytes | None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
