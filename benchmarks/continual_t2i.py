@@ -95,6 +95,11 @@ def parse_row(text: str) -> tuple[str, str, dict[str, Any]]:
     return count, method, overrides
 
 
+def _kv(key: str, value: Any) -> str:
+    """A setting as names and sections show it (floats in their shortest form: 1e+06, 0.3)."""
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
 def sequence(settings: dict[str, Any]) -> str:
     """The row's sequence as shown: a count, or ``val`` for the validation sequence."""
     return "val" if settings["concepts"] == VALIDATION else str(settings["concepts"])
@@ -103,7 +108,7 @@ def sequence(settings: dict[str, Any]) -> str:
 def row_name(settings: dict[str, Any]) -> str:
     extra = {k: v for k, v in settings.items() if k not in ("concepts", "method", "base", "classifier", "device")}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    label = "-".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(extra.items())
+    label = "-".join(_kv(k, v) for k, v in sorted(extra.items())
                      if k in ("token_init", "steps", "reg_weight", "sparsity"))
     return f"{sequence(settings)}-{settings['method']}{'-' + label if label else ''}-{tag}"
 
@@ -155,10 +160,10 @@ def run_row(settings: dict[str, Any], overrides: dict[str, Any], runs: Path) -> 
 
 def label(row: dict[str, Any]) -> str:
     """The method, the row's own overrides from the plan and what it took from validation
-    (``clora (token_init=word; reg_weight=1e+06 from validation)``)."""
-    extras = "; ".join(filter(None, [", ".join(f"{k}={v}" for k, v in sorted(row["overrides"].items())),
-                                     ", ".join(f"{k}={v:g} from validation" if isinstance(v, float) else
-                                               f"{k}={v} from validation" for k, v in row.get("tuned", {}).items())]))
+    (``clora (token_init=word; reg_weight=3 from validation)``)."""
+    own = ", ".join(_kv(k, v) for k, v in sorted(row["overrides"].items()))
+    tuned = ", ".join(f"{_kv(k, v)} from validation" for k, v in row.get("tuned", {}).items())
+    extras = "; ".join(filter(None, [own, tuned]))
     return row["settings"]["method"] + (f" ({extras})" if extras else "")
 
 
@@ -354,8 +359,7 @@ def validation_markdown(rows: list[dict[str, Any]]) -> str:
     for row in sorted(rows, key=lambda r: (r["settings"]["method"], sorted((k, str(v)) if isinstance(v, str) else
                                                                           (k, v) for k, v in r["overrides"].items()))):
         m = row["metrics"]["mean"]
-        setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in
-                            sorted(row["overrides"].items())) or "defaults"
+        setting = ", ".join(_kv(k, v) for k, v in sorted(row["overrides"].items())) or "defaults"
         mark = "**yes**" if chosen.get(row["settings"]["method"]) == row["overrides"] else ""
         lines.append(f"| {row['settings']['method']} | {setting} | {_f(m['after']['recognised'], 2)} → "
                      f"{_f(m['final']['recognised'], 2)} | {_f(m['forgetting']['recognised'], 2)} | "

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from leanfm.adapt.t2i import T2IPretrainConfig, train_t2i
-from leanfm.data.t2i import held_out_concepts, image_grid, pretraining_concepts, render_concepts, write_png
+from leanfm.data.t2i import Concept, held_out_concepts, image_grid, pretraining_concepts, render_concepts, write_png
 from leanfm.errors import LeanfmError
 from leanfm.eval.t2i import (
     ClassifierConfig,
@@ -85,9 +85,7 @@ def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Nam
     captions = [c.caption for c in concepts]
     renders = render_concepts(concepts, args.classifier_renders, seed=1, font=config.font)
     classifier, summary = train_classifier(renders, captions, ClassifierConfig(steps=args.classifier_steps))
-    fresh = render_concepts(concepts, 8, seed=2, font=config.font)
-    predicted = predict_concepts(classifier, fresh.flatten(0, 1).float() / 255)
-    accuracy = sum(p == captions[i // 8] for i, p in enumerate(predicted)) / len(predicted)
+    accuracy = fresh_accuracy(classifier, concepts, config)
     record = {"concepts": len(concepts), "renders": args.classifier_renders, "steps": summary["steps"],
               "train_seconds": summary["train_seconds"], "accuracy_fresh_renders": accuracy,
               "final_loss": summary["history"][-1]["loss"]}
@@ -97,19 +95,21 @@ def build_classifier(config: T2IPretrainConfig, folder: Path, args: argparse.Nam
     return load_classifier(folder)
 
 
-def accuracy_by_kind(classifier: ConceptClassifier, config: T2IPretrainConfig, per_concept: int = 8
-                     ) -> dict[str, float]:
-    """The judge's own accuracy on fresh real renders (seed 2), per kind of concept: the ceiling that the
-    recognised fraction of samples is read against (a shape caption names colour, size and shape together)."""
+def fresh_accuracy(classifier: ConceptClassifier, concepts: list[Concept], config: T2IPretrainConfig,
+                   per_concept: int = 8) -> float:
+    """The judge's accuracy on fresh real renders (seed 2) of ``concepts``."""
+    fresh = render_concepts(concepts, per_concept, seed=2, font=config.font)
+    predicted = predict_concepts(classifier, fresh.flatten(0, 1).float() / 255)
+    return sum(p == concepts[i // per_concept].caption for i, p in enumerate(predicted)) / len(predicted)
+
+
+def accuracy_by_kind(classifier: ConceptClassifier, config: T2IPretrainConfig) -> dict[str, float]:
+    """:func:`fresh_accuracy` per kind of concept: the ceiling that the recognised fraction of samples is read
+    against (a shape caption names size, fill, colour and shape at once)."""
     pretraining = pretraining_concepts(config.captions, config.emoji_concepts)
     kinds = {"emoji": [c for c in pretraining if c.source == "emoji"],
              "shapes": [c for c in pretraining if c.source != "emoji"], "held_out": held_out_concepts()}
-    accuracy = {}
-    for kind, concepts in kinds.items():
-        fresh = render_concepts(concepts, per_concept, seed=2, font=config.font)
-        predicted = predict_concepts(classifier, fresh.flatten(0, 1).float() / 255)
-        accuracy[kind] = sum(p == concepts[i // per_concept].caption for i, p in enumerate(predicted)) / len(predicted)
-    return accuracy
+    return {kind: fresh_accuracy(classifier, concepts, config) for kind, concepts in kinds.items()}
 
 
 def monitored(config: T2IPretrainConfig, count: int) -> list[str]:
