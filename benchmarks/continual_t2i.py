@@ -3,7 +3,7 @@
     nice -n 5 python benchmarks/continual_t2i.py --threads 1                 # the grid on artifacts/t2i-emoji-shapes
     python benchmarks/continual_t2i.py --plan 10:clora@token_init=word 30:stamina@steps=150
     python benchmarks/continual_t2i.py --smoke                               # a tiny random base, end to end, < 3 min
-    nice -n 5 python benchmarks/continual_t2i.py --validate                  # tune C-LoRA's lambda (validation rows)
+    nice -n 5 python benchmarks/continual_t2i.py --validate                  # tune lambda and beta (validation rows)
 
 Rows are ``SEQUENCE:METHOD[@field=value,...]`` (``SEQUENCE``: the number of held-out concepts, taken in the fixed
 order, or ``val``: the validation sequence; fields of :class:`leanfm.adapt.t2i_continual.T2IContinualConfig`).
@@ -11,9 +11,10 @@ order, or ``val``: the validation sequence; fields of :class:`leanfm.adapt.t2i_c
 Validation (``--validate``, or ``val:`` rows): the methods' own settings are chosen on held-out emoji 31-40
 (:data:`VALIDATION`), which neither test sequence (the first 10, the first 30) contains, never on a test sequence.
 Rule: the highest mean recognised fraction after the whole sequence, ties broken by the lower final KID. The
-default grid is C-LoRA's λ (:data:`REG_GRID`; λ = 0 is sequential LoRA with C-LoRA's token); the validation
-section also gives the raw penalty each unregularised (λ = 0) concept update would have paid against the earlier
-ones, next to its diffusion loss, which places the grid. Test rows of a method that has a validation winner and no
+default grids are C-LoRA's λ (:data:`REG_GRID`; λ = 0 is sequential LoRA with C-LoRA's token) and STAMINA's β
+(:data:`SPARSITY_GRID`); the validation section also gives the raw penalty each unregularised (λ = 0) concept
+update would have paid against the earlier ones, next to its diffusion loss, which places λ's grid, and the share
+of each update STAMINA's hard masks let through. Test rows of a method that has a validation winner and no
 override of that setting in the plan take the winner's setting (written in the section).
 
 Each row is one ``leanfm continual t2i`` run under ``--runs`` (resumable: an interrupted row continues from its
@@ -73,6 +74,10 @@ VALIDATION = ",".join(HELD_OUT[30:])  # held-out emoji 31-40: in neither test se
 # C-LoRA's lambda: 0 first; the others placed around the measured scale, lambda ~ loss / raw penalty = 1.0-11.7
 # (median 2.9) over concepts 2-10 of the lambda = 0 validation row on artifacts/t2i-emoji-shapes
 REG_GRID = (0.0, 0.3, 3.0, 30.0)
+# STAMINA's beta weighs the masks' mean density (1 when all open) against a diffusion loss of ~0.03-0.05: 0.1
+# outweighs the loss 2-3x even fully open (its hard masks then kept 0.2-0.4% of each update on the 10-concept row),
+# 0.01 is a fraction of it and still closed the soft masks to ~7% within one concept, 0.001 a few percent of it
+SPARSITY_GRID = (0.001, 0.01, 0.1)
 VALIDATION_FILE = "continual_t2i_validation.json"
 SMOKE = {"shots": 2, "steps": 3, "batch_size": 4, "warmup": 1, "samples": 4, "sample_steps": 2, "real": 4}
 log = logging.getLogger("continual_t2i")
@@ -215,6 +220,29 @@ def penalty_scale(row: dict[str, Any]) -> list[dict[str, float]]:
     return scale
 
 
+def mask_density(row: dict[str, Any]) -> list[float]:
+    """For a STAMINA row: per concept, the share of entries its folded hard masks kept, averaged over the adapted
+    layers (read from the run's adapter record: the mask behind each folded update)."""
+    tensors = load_file(str(Path(row["folder"]) / ADAPTER_FILE))
+    kept: dict[int, list[float]] = {}
+    for key, mask in tensors.items():
+        if key.startswith("history.") and key.endswith(".mask"):
+            kept.setdefault(int(key.split(".")[1]), []).append(float(mask.float().mean()))
+    return [sum(v) / len(v) for _, v in sorted(kept.items())]
+
+
+def masks_kept(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per STAMINA row whose run folder is here: how much of each update its hard masks let through."""
+    lines = []
+    for row in rows:
+        if row["settings"]["method"] == "stamina" and (Path(row["folder"]) / ADAPTER_FILE).is_file():
+            kept = mask_density(row)
+            lines.append(f"- {sequence(row['settings'])} {label(row)}: hard masks keep "
+                         f"{100 * sum(kept) / len(kept):.2f}% of each update's entries on average over "
+                         f"{len(kept)} concepts (per concept {100 * min(kept):.2f}-{100 * max(kept):.2f}%).")
+    return lines
+
+
 def _f(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
@@ -242,11 +270,34 @@ def _call(delta: float, sd: float) -> str:
     return f"Δ {delta:+.2f}, noise sd ~{sd:.2f}" + (": within noise" if abs(delta) < 2 * sd else "")
 
 
+def saturation(rows: list[dict[str, Any]], block: int = 10) -> list[str]:
+    """Saturation, read as the papers mean it (a method stops learning new concepts late in a long sequence): per row
+    of >= 2 * ``block`` concepts, the recognised fraction just after learning on its first ``block`` concepts vs its
+    last ``block``. The two blocks are different concepts, so a drop is read against the other methods' drops on the
+    same concepts, not alone."""
+    lines = []
+    for row in rows:
+        per = row["metrics"]["per_concept"]
+        if len(per) < 2 * block:
+            continue
+        samples = T2IContinualConfig(**row["settings"]).samples
+        first, last = (sum(p["after"]["recognised"] for p in part) / block for part in (per[:block], per[-block:]))
+        sd = _noise((first, block * samples), (last, block * samples))
+        lines.append(f"- {len(per)} concepts — {label(row)} learns new concepts late in the sequence "
+                     f"{'less' if last < first else 'no less'}: recognised just after learning, concepts 1-{block} "
+                     f"{_f(first, 2)} vs {len(per) - block + 1}-{len(per)} {_f(last, 2)} ({_call(last - first, sd)}).")
+    return lines
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """The claims of METHODS.md sections 8-9, read off plain rows (no plan override) of each sequence, each with the
     binomial noise of its difference (draws: concepts x samples per row; forgetting counts both of its terms)."""
     lines = []
-    plain = {(r["settings"]["concepts"], r["settings"]["method"]): r for r in rows if not r["overrides"]}
+    plain: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:  # rows without a plan override; one that took validation's setting over one that ran a default
+        key = (r["settings"]["concepts"], r["settings"]["method"])
+        if not r["overrides"] and (key not in plain or (r.get("tuned") and not plain[key].get("tuned"))):
+            plain[key] = r
     for count in sorted({c for c, _ in plain}, key=int):
         lora, clora, stamina = (plain.get((count, m)) for m in ("lora", "clora", "stamina"))
         if lora and clora:
@@ -254,10 +305,13 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             n = int(count) * T2IContinualConfig(**clora["settings"]).samples
             delta = a["forgetting"]["recognised"] - b["forgetting"]["recognised"]
             sd = _noise(*((m[k]["recognised"], n) for m in (a, b) for k in ("after", "final")))
+            final_call = _call(a["final"]["recognised"] - b["final"]["recognised"],
+                               _noise(*((m["final"]["recognised"], n) for m in (a, b))))
             lines.append(f"- {count} concepts — C-LoRA forgets {'less' if delta < 0 else 'not less'} than sequential "
                          f"LoRA (recognised after − final: {_f(a['forgetting']['recognised'], 2)} vs "
                          f"{_f(b['forgetting']['recognised'], 2)}, {_call(delta, sd)}; KID final − after: "
-                         f"{_f(a['forgetting']['kid'])} vs {_f(b['forgetting']['kid'])}).")
+                         f"{_f(a['forgetting']['kid'])} vs {_f(b['forgetting']['kid'])}; final recognised "
+                         f"{_f(a['final']['recognised'], 2)} vs {_f(b['final']['recognised'], 2)}, {final_call}).")
         if clora and stamina:
             a, b = stamina["metrics"]["mean"], clora["metrics"]["mean"]
             n = int(count) * T2IContinualConfig(**stamina["settings"]).samples
@@ -267,6 +321,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                          f"fidelity than C-LoRA at the end (recognised {_f(a['final']['recognised'], 2)} vs "
                          f"{_f(b['final']['recognised'], 2)}, {_call(delta, sd)}; KID {_f(a['final']['kid'])} vs "
                          f"{_f(b['final']['kid'])}).")
+    lines += saturation(list(plain.values()))
     floors = [(r["metrics"]["mean"]["floor"]["kid"], r["metrics"]["mean"]["base"]["kid"]) for r in rows]
     if floors:
         tells = all(f < 0.5 * b for f, b in floors)
@@ -303,16 +358,25 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     return figure_png(fig, dpi=110)
 
 
+def _setting(rows: list[dict[str, Any]], method: str, field: str) -> str:
+    """The value(s) of ``field`` that ``method``'s rows ran with unless their plan set it, and where they came from."""
+    mine = [r for r in rows if r["settings"]["method"] == method and field not in r["overrides"]]
+    tuned = sorted({r["tuned"][field] for r in mine if field in r.get("tuned", {})})
+    untuned = sorted({getattr(T2IContinualConfig(**r["settings"]), field) for r in mine
+                      if field not in r.get("tuned", {})}) or [getattr(T2IContinualConfig(), field)]
+    if not tuned:
+        return f"{' / '.join(f'{x:g}' for x in untuned)} (the default, not tuned on validation)"
+    return (f"{' / '.join(f'{x:g}' for x in tuned)} (chosen on the validation sequence, section below" + (
+        f"; rows without 'from validation' ran the earlier default {' / '.join(f'{x:g}' for x in untuned)})"
+        if any(field not in r.get("tuned", {}) for r in mine) else ")"))
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     first = rows[0]
     shared = {k: v for k, v in first["settings"].items() if k not in first["overrides"] and k not in
               first.get("tuned", {})}
     config = T2IContinualConfig(**shared)  # the settings every row shares unless its plan entry overrides them
-    lambdas = sorted({T2IContinualConfig(**r["settings"]).reg_weight for r in rows
-                      if r["settings"]["method"] == "clora" and "reg_weight" not in r["overrides"]})
-    tuned = any("reg_weight" in r.get("tuned", {}) for r in rows)
-    lam = (" / ".join(f"{x:g}" for x in lambdas) or f"{config.reg_weight:g}") + (
-        " (chosen on the validation sequence, section below)" if tuned else " (the default, not tuned on validation)")
+    lam, beta = _setting(rows, "clora", "reg_weight"), _setting(rows, "stamina", "sparsity")
     lines = [
         "## Continual text-to-image customisation: LoRA, C-LoRA, STAMINA (adapt)" + (" — SMOKE RUN" if args.smoke
                                                                                     else ""), "",
@@ -323,7 +387,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "held-out emoji (never seen in pretraining) one at a time, each "
         f"from {config.shots} renders under its own token (`a picture of <cN>`), {config.steps} steps per concept; "
         f"LoRA r = {config.rank}, α = {config.alpha} on `attn2.to_k` / `attn2.to_v` (cross-attention), folded after "
-        f"each concept; C-LoRA λ = {lam}; STAMINA β = {config.sparsity}, MLP token "
+        f"each concept; C-LoRA λ = {lam}; STAMINA β = {beta}, MLP token "
         f"({config.token_hidden} hidden). Tokens: random input embeddings at the word embeddings' scale "
         "(`token_init=word`: from the embedding of 'object').", "",
         *table(rows), "",
@@ -337,6 +401,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "sd of ~3 points at 15%). train s: seconds of the training steps while 1-4 rows shared the 2 cores, not a "
         "speed comparison.", "",
         "### The claims, read off these rows", "", *verdicts(rows), "",
+        "Mechanism: STAMINA's update is ΔW = M ⊙ (B A) with a hard mask M, so how much of it the masks let "
+        "through says whether its adapters or its MLP token carry a concept:", "", *masks_kept(rows), "",
         "![fidelity per concept](results/continual_t2i.png)", "",
         "Sample grids (rows: concepts in order; columns: noise seeds): "
         + ", ".join(f"[{r['settings']['concepts']} {label(r)}](results/continual_t2i/{row_name(r['settings'])}.png)"
@@ -356,14 +422,17 @@ def validation_markdown(rows: list[dict[str, Any]]) -> str:
              "fraction after the whole sequence, ties broken by the lower final KID.", "",
              "| method | setting | recognised after → final | forgetting (recognised) | KID after → final | "
              "train s | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(rows, key=lambda r: (r["settings"]["method"], sorted((k, str(v)) if isinstance(v, str) else
-                                                                          (k, v) for k, v in r["overrides"].items()))):
+    rows = sorted(rows, key=lambda r: (r["settings"]["method"], sorted((k, str(v)) if isinstance(v, str) else
+                                                                      (k, v) for k, v in r["overrides"].items())))
+    for row in rows:
         m = row["metrics"]["mean"]
         setting = ", ".join(_kv(k, v) for k, v in sorted(row["overrides"].items())) or "defaults"
         mark = "**yes**" if chosen.get(row["settings"]["method"]) == row["overrides"] else ""
         lines.append(f"| {row['settings']['method']} | {setting} | {_f(m['after']['recognised'], 2)} → "
                      f"{_f(m['final']['recognised'], 2)} | {_f(m['forgetting']['recognised'], 2)} | "
                      f"{_f(m['after']['kid'])} → {_f(m['final']['kid'])} | {row['train_seconds']:.0f} | {mark} |")
+    if any(r["settings"]["method"] == "stamina" for r in rows):
+        lines += ["", "STAMINA's hard masks (share of each update they let through):", "", *masks_kept(rows)]
     free = [r for r in rows if r["settings"]["method"] == "clora"
             and not T2IContinualConfig(**r["settings"]).reg_weight]
     if free:
@@ -386,7 +455,8 @@ def render(args: argparse.Namespace) -> None:
     if rows:
         order = {m: i for i, m in enumerate(("lora", "clora", "stamina"))}
         rows.sort(key=lambda r: (int(r["settings"]["concepts"]), order.get(r["settings"]["method"], 9),
-                                 len(r["overrides"]), json.dumps(r["overrides"], sort_keys=True)))
+                                 len(r["overrides"]), json.dumps(r["overrides"], sort_keys=True),
+                                 len(r.get("tuned", {}))))
         atomic_write_bytes(args.results / "continual_t2i.png", plot(rows))
         parts.append(markdown(rows, args))
     else:
@@ -412,8 +482,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny random base and classifier made on the fly, tiny rows; writes under --runs")
     parser.add_argument("--validate", action="store_true",
-                        help="run the validation rows (default: C-LoRA's lambda over REG_GRID on held-out emoji "
-                             "31-40) instead of the test plan")
+                        help="run the validation rows (default: C-LoRA's lambda over REG_GRID and STAMINA's beta "
+                             "over SPARSITY_GRID on held-out emoji 31-40) instead of the test plan")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_quiet(True)
@@ -421,7 +491,8 @@ def main() -> None:
     home = leanfm_home()
     args.runs = args.runs or home / "bench" / ("continual_t2i-smoke" if args.smoke else "continual_t2i")
     if args.validate and not args.plan:
-        args.plan = [f"val:clora@reg_weight={x:g}" for x in REG_GRID]
+        args.plan = ([f"val:clora@reg_weight={x:g}" for x in REG_GRID]
+                     + [f"val:stamina@sparsity={x:g}" for x in SPARSITY_GRID])
     args.plan = args.plan or list(SMOKE_PLAN if args.smoke else PLAN)
     if args.smoke:  # never the repository's results: a smoke row means nothing
         args.base = smoke_base(args.runs / "base")

@@ -1,0 +1,67 @@
+"""The continual t2i benchmark's own logic: which validation row wins, and the penalty scale that placed the grid."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling t2i_pretrain as a top-level module
+    try:
+        yield importlib.import_module("continual_t2i")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _row(method: str, recognised: float, kid: float, **overrides) -> dict:
+    return {"settings": {"method": method, **overrides}, "overrides": overrides,
+            "metrics": {"mean": {"final": {"recognised": recognised, "kid": kid}}}}
+
+
+def test_the_winner_per_method_is_the_best_final_recognition_then_the_lower_kid(bench):
+    rows = [_row("clora", 0.10, 1.0, reg_weight=0.0), _row("clora", 0.20, 5.0, reg_weight=3.0),
+            _row("clora", 0.20, 4.0, reg_weight=30.0), _row("clora", 0.15, 0.5, reg_weight=0.3),
+            _row("stamina", 0.05, 9.0, sparsity=0.1), _row("stamina", 0.30, 9.5, sparsity=0.01)]
+    assert bench.winners(rows) == {"clora": {"reg_weight": 30.0}, "stamina": {"sparsity": 0.01}}
+    # order of the rows does not matter
+    assert bench.winners(rows[::-1]) == {"clora": {"reg_weight": 30.0}, "stamina": {"sparsity": 0.01}}
+    assert bench.winners([]) == {}
+
+
+def test_penalty_scale_is_the_loss_over_the_raw_clora_penalty_against_the_sum_of_earlier_updates(bench, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    layers = ("down.attn2.to_k", "down.attn2.to_v")
+    tensors = {f"history.{t}.{name}.{m}": torch.randn(shape, generator=gen)
+               for t in range(3) for name in layers for m, shape in (("A", (2, 5)), ("B", (4, 2)))}
+    save_file(tensors, str(tmp_path / bench.ADAPTER_FILE))
+    row = {"folder": str(tmp_path), "training": [{"final_mse": 0.5}, {"final_mse": 0.04}, {"final_mse": 0.03}]}
+
+    def delta(t: int, name: str) -> torch.Tensor:
+        return tensors[f"history.{t}.{name}.B"] @ tensors[f"history.{t}.{name}.A"]
+
+    expected = []
+    for t in (1, 2):
+        reg = sum(float(((sum(delta(p, n) for p in range(t)).abs() * delta(t, n)) ** 2).sum()) for n in layers)
+        expected.append((t + 1, reg, row["training"][t]["final_mse"] / reg))
+    got = bench.penalty_scale(row)
+    assert [(s["concept"], s["reg"], s["lambda_matching"]) for s in got] == [
+        (c, pytest.approx(r, rel=1e-5), pytest.approx(x, rel=1e-5)) for c, r, x in expected]
+
+
+def test_mask_density_is_the_kept_share_per_concept_averaged_over_layers(bench, tmp_path):
+    masks = {"history.0.a.attn2.to_k.mask": torch.tensor([[True, False], [False, False]]),  # 1/4
+             "history.0.a.attn2.to_v.mask": torch.tensor([[True, True], [False, False]]),  # 2/4
+             "history.1.a.attn2.to_k.mask": torch.zeros(2, 2, dtype=torch.bool),
+             "history.1.a.attn2.to_v.mask": torch.ones(2, 2, dtype=torch.bool),
+             "history.0.a.attn2.to_k.A": torch.ones(2, 2)}  # not a mask: ignored
+    save_file(masks, str(tmp_path / bench.ADAPTER_FILE))
+    assert bench.mask_density({"folder": str(tmp_path)}) == [pytest.approx(0.375), pytest.approx(0.5)]
