@@ -363,12 +363,12 @@ def _setting(rows: list[dict[str, Any]], method: str, field: str) -> str:
     mine = [r for r in rows if r["settings"]["method"] == method and field not in r["overrides"]]
     tuned = sorted({r["tuned"][field] for r in mine if field in r.get("tuned", {})})
     untuned = sorted({getattr(T2IContinualConfig(**r["settings"]), field) for r in mine
-                      if field not in r.get("tuned", {})}) or [getattr(T2IContinualConfig(), field)]
+                      if field not in r.get("tuned", {})})
+    defaults = " / ".join(f"{x:g}" for x in untuned or [getattr(T2IContinualConfig(), field)])
     if not tuned:
-        return f"{' / '.join(f'{x:g}' for x in untuned)} (the default, not tuned on validation)"
-    return (f"{' / '.join(f'{x:g}' for x in tuned)} (chosen on the validation sequence, section below" + (
-        f"; rows without 'from validation' ran the earlier default {' / '.join(f'{x:g}' for x in untuned)})"
-        if any(field not in r.get("tuned", {}) for r in mine) else ")"))
+        return f"{defaults} (the default, not tuned on validation)"
+    earlier = f"; rows without 'from validation' ran the earlier default {defaults}" if untuned else ""
+    return f"{' / '.join(f'{x:g}' for x in tuned)} (chosen on the validation sequence, section below{earlier})"
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
