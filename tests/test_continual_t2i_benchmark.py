@@ -65,3 +65,38 @@ def test_mask_density_is_the_kept_share_per_concept_averaged_over_layers(bench, 
              "history.0.a.attn2.to_k.A": torch.ones(2, 2)}  # not a mask: ignored
     save_file(masks, str(tmp_path / bench.ADAPTER_FILE))
     assert bench.mask_density({"folder": str(tmp_path)}) == [pytest.approx(0.375), pytest.approx(0.5)]
+
+
+def _steps_row(method: str, steps: int, after: float, final: float, overrides: dict) -> dict:
+    return {"settings": {"method": method, "steps": steps, "samples": 16}, "overrides": overrides,
+            "metrics": {"mean": {k: {"recognised": v} for k, v in (("after", after), ("final", final))},
+                        "per_concept": [{}] * 10}}
+
+
+def test_fewer_steps_compares_only_stamina_rows_that_override_steps_below_clora(bench):
+    clora = _steps_row("clora", 300, 0.15, 0.13, {})
+    rows = [clora, _steps_row("stamina", 100, 0.10, 0.01, {"steps": 100}),  # 0.01 vs 0.13 over 160 draws
+            _steps_row("stamina", 150, 0.14, 0.12, {"steps": 150}),
+            _steps_row("stamina", 300, 0.5, 0.5, {"steps": 300}),  # not fewer steps
+            _steps_row("stamina", 150, 0.5, 0.5, {"steps": 150, "sparsity": 0.1}),  # a second override
+            _steps_row("lora", 150, 0.5, 0.5, {"steps": 150})]
+    lines = bench.fewer_steps(clora, rows)
+    assert len(lines) == 2
+    assert lines[0].startswith("- 10 concepts, 150 steps per concept (plain rows: 300)")  # longest budget first
+    assert "STAMINA at 150 vs C-LoRA at 300: 0.12 vs 0.13" in lines[0] and "within noise" in lines[0]
+    assert "0.01 vs 0.13, Δ -0.12" in lines[1] and "within noise" not in lines[1]
+    assert all(line.endswith("not run, so the claim is not read.") for line in lines)
+
+
+@pytest.mark.parametrize(("clora_short", "reading"), [
+    (0.12, "not told apart at the same budget: the claim is not supported here"),
+    (0.01, "STAMINA keeps more at the same budget: the claim holds here"),
+    (0.40, "STAMINA keeps less at the same budget: the claim fails here")])
+def test_fewer_steps_reads_the_claim_against_clora_at_the_same_short_budget(bench, clora_short, reading):
+    clora = _steps_row("clora", 300, 0.15, 0.13, {})
+    rows = [clora, _steps_row("stamina", 150, 0.14, 0.12, {"steps": 150}),
+            _steps_row("clora", 150, 0.14, clora_short, {"steps": 150})]
+    (line,) = bench.fewer_steps(clora, rows)
+    assert line.endswith(f"{reading}.")
+    assert f"C-LoRA at 150 vs at 300: {clora_short:.2f} vs 0.13" in line
+    assert f"both at 150: 0.12 vs {clora_short:.2f}" in line
