@@ -68,8 +68,9 @@ from t2i_pretrain import ARTIFACT, CLASSIFIER
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ARTIFACT  # what benchmarks/t2i_pretrain.py exports
-PLAN = ("10:lora", "10:clora", "10:stamina", "10:clora@token_init=word", "30:lora", "30:clora", "30:stamina")
-SMOKE_PLAN = ("2:lora", "2:clora", "2:stamina", "3:clora")
+PLAN = ("10:lora", "10:clora", "10:stamina", "10:ti", "10:clora@token_init=word", "30:lora", "30:clora",
+        "30:stamina", "30:ti")
+SMOKE_PLAN = ("2:lora", "2:clora", "2:stamina", "2:ti", "3:clora")
 VALIDATION = ",".join(HELD_OUT[30:])  # held-out emoji 31-40: in neither test sequence
 # C-LoRA's lambda: 0 first; the others placed around the measured scale, lambda ~ loss / raw penalty = 1.0-11.7
 # (median 2.9) over concepts 2-10 of the lambda = 0 validation row on artifacts/t2i-emoji-shapes
@@ -325,6 +326,24 @@ def fewer_steps(clora: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def against_tokens(ti: dict[str, Any], adapted: list[dict[str, Any]]) -> str:
+    """The papers' token-only comparator: Textual Inversion never changes the U-Net, so it forgets nothing; the
+    adapter methods earn their place only by keeping more of each concept at the end than it does."""
+    n = len(ti["metrics"]["per_concept"]) * T2IContinualConfig(**ti["settings"]).samples
+    base = ti["metrics"]["mean"]["final"]["recognised"]
+    parts, better = [], []
+    for row in adapted:
+        p = row["metrics"]["mean"]["final"]["recognised"]
+        sd = _noise((p, n), (base, n))
+        parts.append(f"{row['settings']['method']} {_f(p, 2)} ({_call(p - base, sd)})")
+        better += [row["settings"]["method"]] if p - base > 2 * sd else []
+    verdict = (f"{', '.join(better)} keep{'s' if len(better) == 1 else ''} more than the token alone" if better
+               else "no adapter method keeps more than the token alone by more than the noise")
+    return (f"- {len(ti['metrics']['per_concept'])} concepts — against Textual Inversion (the token only; the U-Net "
+            f"never changes: forgetting {_f(ti['metrics']['mean']['forgetting']['recognised'], 2)}, final recognised "
+            f"{_f(base, 2)}): final recognised {'; '.join(parts)}: {verdict}.")
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """The claims of METHODS.md sections 8-9, read off plain rows (no plan override) of each sequence, each with the
     binomial noise of its difference (draws: concepts x samples per row; forgetting counts both of its terms)."""
@@ -361,6 +380,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                          f"KID {_f(a['final']['kid'])} vs {_f(b['final']['kid'])}).")
         if clora:
             lines += fewer_steps(clora, [r for r in rows if r["settings"]["concepts"] == count])
+        if ti := plain.get((count, "ti")):
+            lines.append(against_tokens(ti, [r for r in (lora, clora, stamina) if r]))
     lines += saturation(list(plain.values()))
     floors = [(r["metrics"]["mean"]["floor"]["kid"], r["metrics"]["mean"]["base"]["kid"]) for r in rows]
     if floors:
@@ -430,8 +451,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"from {config.shots} renders under its own token (`a picture of <cN>`), {config.steps} steps per concept; "
         f"LoRA r = {config.rank}, α = {config.alpha} on `attn2.to_k` / `attn2.to_v` (cross-attention), folded after "
         f"each concept; C-LoRA λ = {lam}; STAMINA β = {beta}, MLP token "
-        f"({config.token_hidden} hidden). Tokens: random input embeddings at the word embeddings' scale "
-        "(`token_init=word`: from the embedding of 'object').", "",
+        f"({config.token_hidden} hidden); ti: Textual Inversion, the papers' token-only comparator (the token "
+        "learns at the same rate, the U-Net never changes). Tokens: random input embeddings at the word embeddings' "
+        "scale (`token_init=word`: from the embedding of 'object').", "",
         *table(rows), "",
         f"Judge: the concept classifier of `leanfm.eval.t2i` (`{shown(args.classifier)}`), trained on real renders "
         "of every pretraining concept and the 40 held-out emoji; KID (cubic kernel) and MMD (Gaussian, median "
@@ -496,7 +518,7 @@ def render(args: argparse.Namespace) -> None:
     validation = load_rows(args.results / VALIDATION_FILE)
     parts = []
     if rows:
-        order = {m: i for i, m in enumerate(("lora", "clora", "stamina"))}
+        order = {m: i for i, m in enumerate(("lora", "clora", "stamina", "ti"))}
         rows.sort(key=lambda r: (int(r["settings"]["concepts"]), order.get(r["settings"]["method"], 9),
                                  len(r["overrides"]), json.dumps(r["overrides"], sort_keys=True),
                                  len(r.get("tuned", {}))))

@@ -100,3 +100,17 @@ def test_fewer_steps_reads_the_claim_against_clora_at_the_same_short_budget(benc
     assert line.endswith(f"{reading}.")
     assert f"C-LoRA at 150 vs at 300: {clora_short:.2f} vs 0.13" in line
     assert f"both at 150: 0.12 vs {clora_short:.2f}" in line
+
+
+def test_against_tokens_names_only_the_methods_that_beat_textual_inversion_beyond_noise(bench):
+    def row(method: str, final: float) -> dict:
+        row = _steps_row(method, 300, final, final, {})
+        row["metrics"]["mean"]["forgetting"] = {"recognised": 0.0}
+        return row
+
+    ti = row("ti", 0.10)  # 160 draws each: sd of a difference ~0.03 to 0.05 here
+    line = bench.against_tokens(ti, [row("lora", 0.12), row("clora", 0.30)])
+    assert "lora 0.12 (Δ +0.02" in line and "clora 0.30 (Δ +0.20" in line
+    assert line.endswith("clora keeps more than the token alone.")
+    line = bench.against_tokens(ti, [row("stamina", 0.11), row("clora", 0.04)])  # one tie, one worse
+    assert line.endswith("no adapter method keeps more than the token alone by more than the noise.")

@@ -217,6 +217,18 @@ def test_a_learned_and_folded_concept_reproduces_its_samples_after_save_and_load
 
 
 @pytest.mark.training
+def test_textual_inversion_learns_only_the_tokens_so_it_cannot_forget(home, base, tmp_path):
+    summary, saved = _run(tiny_config(base, method="ti", lr=1e-2), tmp_path)
+    unet = tiny_model().unet.state_dict()
+    assert all(torch.equal(saved[k], unet[k]) for k in unet)  # every fold added exactly nothing
+    start = torch.Generator().manual_seed(0 * 7_919 + 0)  # where <c1> started (_learn's generator, seed 0)
+    init = seq._init_vector(captions(), tiny_config(base, method="ti"), start)
+    assert not torch.allclose(saved["token.<c1>"], init)  # the token did learn
+    assert torch.equal(saved["samples.after"], saved["samples.final"])  # nothing later changed an earlier concept
+    assert [len(h) for h in summary["histories"]] == [4, 4] and "reg" not in summary["histories"][1][-1]
+
+
+@pytest.mark.training
 def test_resume_of_a_sequence_equals_an_uninterrupted_one(home, base, tmp_path, monkeypatch):
     config = tiny_config(base, method="stamina")
     straight, weights = _run(config, tmp_path / "straight")

@@ -1,5 +1,6 @@
 r"""Continual text-to-image customisation: a sequence of new concepts taught one at a time to the small diffusion
-model (:mod:`leanfm.models.t2i`) with sequential LoRA, C-LoRA or STAMINA (METHODS.md sections 8-9).
+model (:mod:`leanfm.models.t2i`) with sequential LoRA, C-LoRA or STAMINA (METHODS.md sections 8-9), or with the
+papers' token-only comparator, Textual Inversion.
 
 Setting (C-LoRA's and STAMINA's headline experiment, at our scale): the pretrained U-Net learns the held-out emoji
 of :func:`leanfm.data.t2i.held_out_concepts` (fixed order, never seen in pretraining) one after another, each from
@@ -19,8 +20,11 @@ renders:
 - ``stamina``: :math:`\Delta_t = s M_t \odot (B_t A_t)` with a hard mask from a low-rank MLP (straight-through
   Gumbel-sigmoid, our reading in :mod:`leanfm.models.lora`) and the sparsity penalty
   :math:`\beta\,\overline{\sigma(L)}`;
+- ``ti`` (Textual Inversion, the comparator in C-LoRA's and STAMINA's tables): :math:`\Delta_t = 0` — only the
+  token learns, the U-Net is never changed, so nothing learned earlier can be forgotten; what it costs is fidelity
+  (a new word can only point at what the frozen model already draws);
 - **the concept token**: a new input embedding of the frozen caption encoder (:class:`leanfm.models.t2i.TokenCaptions`
-  says why the input side). ``lora`` and ``clora`` learn the vector itself, initialised at random (C-LoRA) —
+  says why the input side). ``lora``, ``clora`` and ``ti`` learn the vector itself, initialised at random (C-LoRA) —
   our reading of "random": a draw from a normal with the per-dimension mean and spread of the encoder's word
   embeddings, so it starts at the scale of a real word — or, with ``token_init word``, from a real word's
   embedding (``init_word``; the custom-token initialisation variants). ``stamina`` learns STAMINA's **MLP token**:
@@ -97,7 +101,7 @@ __all__ = ["METHODS", "ConceptToken", "T2IContinualConfig", "evaluate_run", "fid
            "parse_concepts", "train_t2i_continual"]
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "clora", "stamina")
+METHODS = ("lora", "clora", "stamina", "ti")
 TOKEN_INITS = ("random", "word")
 TRAIN_SEED, REAL_SEED, REAL2_SEED = 100, 101, 102  # render seeds (module docstring)
 RESULT_FILE, SAMPLES_FILE, ADAPTER_FILE, GRID_FILE = ("continual_t2i.json", "samples.safetensors",
@@ -112,8 +116,8 @@ class T2IContinualConfig(MethodConfig):
     RESUMABLE = ("checkpoint_every", "device")
 
     base: str = option("artifacts/t2i-emoji-shapes", "folder of the pretrained model ('leanfm t2i pretrain')")
-    method: str = option("clora", "lora (sequential), clora (+ self-regulariser) or stamina (masked + MLP token)",
-                         choices=METHODS)
+    method: str = option("clora", "lora (sequential), clora (+ self-regulariser), stamina (masked + MLP token) or "
+                                  "ti (Textual Inversion: the token only)", choices=METHODS)
     concepts: str = option("10", "held-out concepts in order: a count N (the first N of the fixed 40) or "
                                  "comma-separated names (penguin,rocket,...)")
     shots: int = option(8, "renders each concept is learned from")
@@ -167,8 +171,10 @@ class T2IContinualConfig(MethodConfig):
             raise LeanfmError(f"targets '{self.targets}' name no layer; accepted: e.g. attn2.to_k,attn2.to_v")
 
     def adapter_settings(self) -> AdapterSettings:
-        """The adapter of the method: lambda only for clora, beta only for stamina."""
-        return settings_from(self, reg_weight=self.reg_weight if self.method == "clora" else 0.0,
+        """The adapter of the method: lambda only for clora, beta only for stamina; ti attaches plain LoRA factors
+        that never train (B stays 0, so each fold adds exactly nothing)."""
+        return settings_from(self, method="lora" if self.method == "ti" else self.method,
+                             reg_weight=self.reg_weight if self.method == "clora" else 0.0,
                              sparsity=self.sparsity if self.method == "stamina" else 0.0)
 
 
@@ -269,8 +275,12 @@ def _concept_task(model: T2IModel, adapter: ContinualAdapter, token: ConceptToke
         return total, {"loss": float(total.detach()), "mse": float(value.detach()), **parts}
 
     named = list(adapter.parameters().items())
-    groups: list[dict[str, Any]] = [{"params": [p for k, p in named if "lora_mask" not in k]},
+    if config.method == "ti":  # the token only: the factors stay as attached (B = 0), no gradient computed for them
+        for _, p in named:
+            p.requires_grad_(False)
+    groups: list[dict[str, Any]] = [{"params": [p for k, p in named if "lora_mask" not in k and p.requires_grad]},
                                     {"params": list(token.parameters()), "lr_scale": config.token_lr_scale}]
+    groups = [g for g in groups if g["params"]]
     masks = [p for k, p in named if "lora_mask" in k]
     groups += [{"params": masks, "lr_scale": config.mask_lr_scale}] if masks else []
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
