@@ -339,9 +339,12 @@ def against_tokens(ti: dict[str, Any], adapted: list[dict[str, Any]]) -> str:
         better += [row["settings"]["method"]] if p - base > 2 * sd else []
     verdict = (f"{', '.join(better)} keep{'s' if len(better) == 1 else ''} more than the token alone" if better
                else "no adapter method keeps more than the token alone by more than the noise")
+    after = ", ".join(f"{r['settings']['method']} {_f(r['metrics']['mean']['after']['recognised'], 2)}"
+                      for r in adapted)
     return (f"- {len(ti['metrics']['per_concept'])} concepts — against Textual Inversion (the token only; the U-Net "
             f"never changes: forgetting {_f(ti['metrics']['mean']['forgetting']['recognised'], 2)}, final recognised "
-            f"{_f(base, 2)}): final recognised {'; '.join(parts)}: {verdict}.")
+            f"{_f(base, 2)}): final recognised {'; '.join(parts)}: {verdict}. Just after learning: {after} vs "
+            f"{_f(ti['metrics']['mean']['after']['recognised'], 2)} for the token alone.")
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
