@@ -271,6 +271,14 @@ def _call(delta: float, sd: float) -> str:
     return f"Δ {delta:+.2f}, noise sd ~{sd:.2f}" + (": within noise" if abs(delta) < 2 * sd else "")
 
 
+def _final_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, float, float]:
+    """Rows ``a`` and ``b`` of one sequence: their recognised fractions at the end, ``a`` − ``b`` and its binomial sd
+    (draws: concepts x samples)."""
+    n = len(a["metrics"]["per_concept"]) * T2IContinualConfig(**a["settings"]).samples
+    p, q = (r["metrics"]["mean"]["final"]["recognised"] for r in (a, b))
+    return p, q, p - q, _noise((p, n), (q, n))
+
+
 def saturation(rows: list[dict[str, Any]], block: int = 10) -> list[str]:
     """Saturation, read as the papers mean it (a method stops learning new concepts late in a long sequence): per row
     of >= 2 * ``block`` concepts, the recognised fraction just after learning on its first ``block`` concepts vs its
@@ -299,11 +307,9 @@ def fewer_steps(clora: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         return T2IContinualConfig(**row["settings"]).steps
 
     def versus(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, str]:
-        """Final recognised fraction of ``a`` minus ``b``, its binomial sd, and the figures as shown."""
-        n = len(a["metrics"]["per_concept"]) * T2IContinualConfig(**a["settings"]).samples
-        p, q = a["metrics"]["mean"]["final"]["recognised"], b["metrics"]["mean"]["final"]["recognised"]
-        sd = _noise((p, n), (q, n))
-        return p - q, sd, f"{_f(p, 2)} vs {_f(q, 2)}, {_call(p - q, sd)}"
+        """:func:`_final_gap`'s difference and sd, and the figures as shown."""
+        p, q, delta, sd = _final_gap(a, b)
+        return delta, sd, f"{_f(p, 2)} vs {_f(q, 2)}, {_call(delta, sd)}"
 
     full = steps(clora)
     short = {steps(r): r for r in rows if r["settings"]["method"] == "clora" and set(r["overrides"]) == {"steps"}}
@@ -329,14 +335,12 @@ def fewer_steps(clora: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
 def against_tokens(ti: dict[str, Any], adapted: list[dict[str, Any]]) -> str:
     """The papers' token-only comparator: Textual Inversion never changes the U-Net, so it forgets nothing; the
     adapter methods earn their place only by keeping more of each concept at the end than it does."""
-    n = len(ti["metrics"]["per_concept"]) * T2IContinualConfig(**ti["settings"]).samples
     base = ti["metrics"]["mean"]["final"]["recognised"]
     parts, better = [], []
     for row in adapted:
-        p = row["metrics"]["mean"]["final"]["recognised"]
-        sd = _noise((p, n), (base, n))
-        parts.append(f"{row['settings']['method']} {_f(p, 2)} ({_call(p - base, sd)})")
-        better += [row["settings"]["method"]] if p - base > 2 * sd else []
+        p, _, delta, sd = _final_gap(row, ti)
+        parts.append(f"{row['settings']['method']} {_f(p, 2)} ({_call(delta, sd)})")
+        better += [row["settings"]["method"]] if delta > 2 * sd else []
     verdict = (f"{', '.join(better)} keep{'s' if len(better) == 1 else ''} more than the token alone" if better
                else "no adapter method keeps more than the token alone by more than the noise")
     after = ", ".join(f"{r['settings']['method']} {_f(r['metrics']['mean']['after']['recognised'], 2)}"
@@ -363,8 +367,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             n = int(count) * T2IContinualConfig(**clora["settings"]).samples
             delta = a["forgetting"]["recognised"] - b["forgetting"]["recognised"]
             sd = _noise(*((m[k]["recognised"], n) for m in (a, b) for k in ("after", "final")))
-            final_call = _call(a["final"]["recognised"] - b["final"]["recognised"],
-                               _noise(*((m["final"]["recognised"], n) for m in (a, b))))
+            final_call = _call(*_final_gap(clora, lora)[2:])
             call = "forgets less than" if delta < -2 * sd else "does not clearly forget less than"
             lines.append(f"- {count} concepts — C-LoRA {call} sequential LoRA (recognised after − final: "
                          f"{_f(a['forgetting']['recognised'], 2)} vs {_f(b['forgetting']['recognised'], 2)}, "
@@ -372,15 +375,12 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                          f"{_f(a['forgetting']['kid'])} vs {_f(b['forgetting']['kid'])}; final recognised "
                          f"{_f(a['final']['recognised'], 2)} vs {_f(b['final']['recognised'], 2)}, {final_call}).")
         if clora and stamina:
-            a, b = stamina["metrics"]["mean"], clora["metrics"]["mean"]
-            n = int(count) * T2IContinualConfig(**stamina["settings"]).samples
-            delta = a["final"]["recognised"] - b["final"]["recognised"]
-            sd = _noise((a["final"]["recognised"], n), (b["final"]["recognised"], n))
+            p, q, delta, sd = _final_gap(stamina, clora)
             call = ("as much fidelity as" if abs(delta) < 2 * sd
                     else "more fidelity than" if delta > 0 else "less fidelity than")
-            lines.append(f"- {count} concepts — STAMINA keeps {call} C-LoRA at the end (recognised "
-                         f"{_f(a['final']['recognised'], 2)} vs {_f(b['final']['recognised'], 2)}, {_call(delta, sd)}; "
-                         f"KID {_f(a['final']['kid'])} vs {_f(b['final']['kid'])}).")
+            lines.append(f"- {count} concepts — STAMINA keeps {call} C-LoRA at the end (recognised {_f(p, 2)} vs "
+                         f"{_f(q, 2)}, {_call(delta, sd)}; KID {_f(stamina['metrics']['mean']['final']['kid'])} vs "
+                         f"{_f(clora['metrics']['mean']['final']['kid'])}).")
         if clora:
             lines += fewer_steps(clora, [r for r in rows if r["settings"]["concepts"] == count])
         if ti := plain.get((count, "ti")):
